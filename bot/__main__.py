@@ -1,0 +1,203 @@
+"""The command line: run the bot, render locally, build the tiny test model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bot.config import Config, ModelConfig
+from bot.errors import BotError, ConfigError
+
+log = logging.getLogger("bot")
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sygil-bot`` command line and return its exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"sygil-bot: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BotError as exc:
+        print(f"sygil-bot: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sygil-bot", description="A Discord bot for Sygil Diffusion.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="connect to Discord and serve /imagine")
+    run.add_argument("--config", type=Path, default=Path("config.toml"), help="TOML settings (default: config.toml)")
+    run.add_argument("--verbose", action="store_true", help="log debug messages")
+    run.set_defaults(handler=_run)
+
+    imagine = commands.add_parser("imagine", help="render one prompt to a PNG, without Discord")
+    imagine.add_argument("prompt")
+    imagine.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    imagine.add_argument("--negative", default="", help="negative prompt")
+    imagine.add_argument("--seed", type=int, default=None, help="seed (random when left out)")
+    imagine.add_argument("--steps", type=int, default=None)
+    imagine.add_argument("--guidance", type=float, default=None)
+    imagine.add_argument("--width", type=int, default=512)
+    imagine.add_argument("--height", type=int, default=512)
+    imagine.add_argument("--model", default=None, help="hub id or local folder (default: the config's model.id)")
+    imagine.add_argument("--scheduler", default=None, help="dpm++, ddim or euler-a")
+    imagine.add_argument("--device", default=None, help="auto, cpu, cuda")
+    imagine.add_argument("--config", type=Path, default=None, help="take model and generation defaults from here")
+    imagine.set_defaults(handler=_imagine)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weights Sygil-shaped model (for tests)")
+    tiny.add_argument("directory", type=Path)
+    tiny.set_defaults(handler=_make_tiny_model)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = Config.load(args.config)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config))
+    return 0
+
+
+async def _serve(config: Config) -> None:
+    import discord
+
+    from bot.client import SygilBot
+    from bot.engine import Engine
+    from bot.scheduler import Scheduler
+    from bot.service import ImageService
+    from bot.storage import Database
+
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, main_task.cancel)
+
+    device, dtype = _resolve_device(config.model)
+    log.info("Loading %s on %s (%s)", config.model.id, device, dtype)
+    engine = await asyncio.to_thread(
+        Engine.load,
+        config.model.id,
+        device=device,
+        dtype=dtype,
+        scheduler=config.model.scheduler,
+        safety_checker=config.model.safety_checker,
+        attention_slicing=config.model.attention_slicing,
+    )
+    queue = config.queue
+    async with (
+        await Database.open(config.storage.path) as db,
+        Scheduler(
+            engine.render, max_batch=queue.max_batch, max_queue=queue.max_queue, max_per_user=queue.max_per_user
+        ) as scheduler,
+    ):
+        service = ImageService(
+            db=db,
+            scheduler=scheduler,
+            generation=config.generation,
+            model=config.model.id,
+            scheduler_name=config.model.scheduler,
+            count_tokens=engine.count_tokens,
+        )
+        async with SygilBot(config=config, service=service) as bot:
+            try:
+                await bot.start(config.token)
+            except discord.LoginFailure:
+                raise ConfigError("Discord refused the token in DISCORD_TOKEN: check it in the developer portal") from None
+            except asyncio.CancelledError:
+                log.info("Shutting down; unfinished jobs stay queued for the next start")
+
+
+def _resolve_device(model: ModelConfig) -> tuple[str, str]:
+    import torch
+
+    device = model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("model.device is cuda, but this machine has no CUDA GPU (set model.device = \"cpu\")")
+    dtype = model.dtype
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def _imagine(args: argparse.Namespace) -> int:
+    from bot.engine import Engine, ImageSpec, Settings
+    from bot.prompts import check_prompt
+    from bot.service import MAX_SEED, random_seed
+
+    config = Config.load(args.config, require_token=False) if args.config else None
+    model = config.model if config else ModelConfig()
+    generation = config.generation if config else None
+    steps = args.steps if args.steps is not None else (generation.default_steps if generation else 25)
+    guidance = args.guidance if args.guidance is not None else (generation.default_guidance if generation else 7.0)
+    try:
+        settings = Settings(steps=steps, guidance=guidance, width=args.width, height=args.height)
+    except ValueError as exc:
+        print(f"sygil-bot: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    seed = random_seed() if args.seed is None else args.seed
+    if not 0 <= seed <= MAX_SEED:
+        print(f"sygil-bot: --seed must be between 0 and {MAX_SEED}, got {seed}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.output.parent.is_dir():
+        print(f"sygil-bot: cannot write {args.output}: no folder {args.output.parent}", file=sys.stderr)
+        return EXIT_USAGE
+
+    device, dtype = _resolve_device(
+        ModelConfig(id=args.model or model.id, device=args.device or model.device, dtype=model.dtype)
+    )
+    engine = Engine.load(
+        args.model or model.id,
+        device=device,
+        dtype=dtype,
+        scheduler=args.scheduler or model.scheduler,
+        safety_checker=model.safety_checker,
+        attention_slicing=model.attention_slicing,
+    )
+    verdicts = [
+        check_prompt(args.prompt, count_tokens=engine.count_tokens),
+        check_prompt(args.negative, field_name="negative prompt", count_tokens=engine.count_tokens, allow_empty=True),
+    ]
+    for verdict in verdicts:
+        for warning in verdict.warnings:
+            print(f"note: {warning}", file=sys.stderr)
+        verdict.raise_for_errors()
+    spec = ImageSpec(prompt=verdicts[0].prompt, negative_prompt=verdicts[1].prompt, seed=seed, settings=settings)
+    (image,) = engine.render([spec])
+    args.output.write_bytes(image.png)
+    print(f"wrote {args.output} ({settings.width}x{settings.height}, seed {seed})")
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from bot.engine import make_tiny_model
+
+    make_tiny_model(args.directory)
+    print(f"wrote a tiny random-weights model to {args.directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

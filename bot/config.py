@@ -1,0 +1,265 @@
+"""Typed settings from a TOML file plus the environment; every error names the file and the key."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bot.errors import ConfigError
+
+T = TypeVar("T")
+
+DISCORD_API = "https://discord.com/api/v10"
+DISCORD_GATEWAY = "wss://gateway.discord.gg/"
+SCHEDULERS = ("dpm++", "ddim", "euler-a")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_SIZE = re.compile(r"(?P<width>\d+)x(?P<height>\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscordConfig:
+    api_base_url: str = DISCORD_API
+    gateway_url: str = DISCORD_GATEWAY
+    guild_ids: tuple[int, ...] = ()
+    guild_ready_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    id: str = "Sygil/Sygil-Diffusion"
+    device: str = "auto"
+    dtype: str = "auto"
+    scheduler: str = "dpm++"
+    safety_checker: bool = True
+    attention_slicing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationConfig:
+    default_steps: int = 25
+    max_steps: int = 50
+    default_guidance: float = 7.0
+    min_guidance: float = 1.0
+    max_guidance: float = 15.0
+    max_count: int = 4
+    default_count: int = 1
+    sizes: tuple[str, ...] = ("512x512", "512x768", "768x512", "640x640")
+    variation_strength: float = 0.6
+
+    def size(self, name: str) -> tuple[int, int]:
+        """Return (width, height) of a size preset such as ``512x768``."""
+        match = _SIZE.fullmatch(name)
+        if match is None:
+            raise ValueError(f"size must look like 512x768, got {name!r}")
+        return int(match["width"]), int(match["height"])
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    max_queue: int = 32
+    max_batch: int = 8
+    max_per_user: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    path: Path = Path("sygil.db")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    token: str = field(repr=False)
+    discord: DiscordConfig = DiscordConfig()
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    queue: QueueConfig = QueueConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @classmethod
+    def load(cls, path: Path, *, environ: Mapping[str, str] = os.environ, require_token: bool = True) -> Config:
+        """Read settings from ``path`` and the token from ``DISCORD_TOKEN``."""
+        try:
+            text = path.read_text("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file (copy config.example.toml to start one)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, source=str(path), environ=environ, require_token=require_token)
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str = "<config>",
+        environ: Mapping[str, str] = os.environ,
+        require_token: bool = True,
+    ) -> Config:
+        """Build settings from parsed TOML, naming ``source`` and the key in every error."""
+        reader = _Reader(source, data)
+        token = environ.get("DISCORD_TOKEN", "").strip()
+        if require_token and not token:
+            raise ConfigError("DISCORD_TOKEN is not set: export your bot token in the environment (never in the file)")
+        if "token" in data.get("discord", {}):
+            raise ConfigError(f"{source}: discord.token: the token must not be in the file; set DISCORD_TOKEN instead")
+        config = cls(
+            token=token,
+            discord=reader.section("discord", DiscordConfig, {"guild_ids": _guild_ids}),
+            model=reader.section("model", ModelConfig),
+            generation=reader.section("generation", GenerationConfig, {"sizes": _sizes}),
+            queue=reader.section("queue", QueueConfig),
+            storage=reader.section("storage", StorageConfig, {"path": _path}),
+        )
+        reader.finish()
+        _check(config, source)
+        return config
+
+
+class _Reader:
+    """Walk the TOML tables, converting each key to its field's type and remembering which keys were used."""
+
+    def __init__(self, source: str, data: Mapping[str, Any]) -> None:
+        self._source = source
+        self._data = data
+        self._unknown = [name for name in data if name not in _SECTIONS]
+
+    def section(
+        self,
+        name: str,
+        kind: Callable[..., T],
+        converters: Mapping[str, Callable[[Any], Any]] | None = None,
+    ) -> T:
+        table = self._data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{self._source}: {name}: must be a table ([{name}])")
+        known = {item.name: item for item in fields(kind)}  # type: ignore[arg-type]
+        values: dict[str, Any] = {}
+        for key, value in table.items():  # pyright: ignore[reportUnknownVariableType]
+            key = str(key)  # pyright: ignore[reportUnknownArgumentType]
+            if key not in known:
+                self._unknown.append(f"{name}.{key}")
+                continue
+            default = known[key].default
+            try:
+                if converters and key in converters:
+                    values[key] = converters[key](value)
+                else:
+                    values[key] = _convert(value, type(default))  # pyright: ignore[reportUnknownArgumentType]
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{self._source}: {name}.{key}: {exc}") from None
+        return kind(**values)
+
+    def finish(self) -> None:
+        if self._unknown:
+            raise ConfigError(f"{self._source}: unknown setting {self._unknown[0]} (see config.example.toml)")
+
+
+_SECTIONS = ("discord", "model", "generation", "queue", "storage")
+
+
+def _convert(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"must be a whole number, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"must be a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str) or not value.strip():
+            raise TypeError(f"must be a non-empty string, got {value!r}")
+        return value.strip()
+    raise TypeError(f"unsupported setting type {kind.__name__}")
+
+
+def _guild_ids(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"must be a list of guild ids, got {value!r}")
+    ids: list[int] = []
+    for item in value:  # pyright: ignore[reportUnknownVariableType]
+        if isinstance(item, bool) or not isinstance(item, int | str) or not str(item).isdigit():  # pyright: ignore[reportUnknownArgumentType]
+            raise TypeError(f"must be a list of numeric guild ids, got {item!r}")
+        ids.append(int(item))  # pyright: ignore[reportUnknownArgumentType]
+    return tuple(ids)
+
+
+def _sizes(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise TypeError(f'must be a non-empty list like ["512x512", "512x768"], got {value!r}')
+    sizes: list[str] = []
+    for item in value:  # pyright: ignore[reportUnknownVariableType]
+        match = _SIZE.fullmatch(str(item))  # pyright: ignore[reportUnknownArgumentType]
+        if match is None:
+            raise ValueError(f'each size must look like "512x768", got {item!r}')
+        width, height = int(match["width"]), int(match["height"])
+        if width % 8 or height % 8 or not (64 <= width <= 2048 and 64 <= height <= 2048):
+            raise ValueError(f"{item}: width and height must be multiples of 8 between 64 and 2048")
+        sizes.append(f"{width}x{height}")
+    if len(sizes) > 25:
+        raise ValueError("at most 25 sizes (Discord shows at most 25 choices)")
+    return tuple(sizes)
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(f"must be a file path, got {value!r}")
+    return Path(value).expanduser()
+
+
+def _check(config: Config, source: str) -> None:
+    """Reject combinations of values that would break at run time."""
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    for key, url, schemes in (
+        ("discord.api_base_url", config.discord.api_base_url, ("http://", "https://")),
+        ("discord.gateway_url", config.discord.gateway_url, ("ws://", "wss://")),
+    ):
+        if not url.startswith(schemes):
+            fail(key, f"must start with {' or '.join(schemes)}, got {url!r}")
+    if config.discord.guild_ready_timeout < 0:
+        fail("discord.guild_ready_timeout", "must not be negative")
+    if config.model.device not in DEVICES and not config.model.device.startswith("cuda:"):
+        fail("model.device", f"must be one of {', '.join(DEVICES)} (or cuda:N), got {config.model.device!r}")
+    if config.model.dtype not in DTYPES:
+        fail("model.dtype", f"must be one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
+    if config.model.scheduler not in SCHEDULERS:
+        fail("model.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {config.model.scheduler!r}")
+    gen = config.generation
+    if not 1 <= gen.max_steps <= 150:
+        fail("generation.max_steps", f"must be between 1 and 150, got {gen.max_steps}")
+    if not 1 <= gen.default_steps <= gen.max_steps:
+        fail("generation.default_steps", f"must be between 1 and generation.max_steps ({gen.max_steps})")
+    if not 0 <= gen.min_guidance <= gen.max_guidance <= 30:
+        fail("generation.min_guidance", "need 0 <= min_guidance <= max_guidance <= 30")
+    if not gen.min_guidance <= gen.default_guidance <= gen.max_guidance:
+        fail("generation.default_guidance", f"must be between {gen.min_guidance} and {gen.max_guidance}")
+    if not 1 <= gen.max_count <= 4:
+        fail("generation.max_count", f"must be between 1 and 4 (one row of buttons per image), got {gen.max_count}")
+    if not 1 <= gen.default_count <= gen.max_count:
+        fail("generation.default_count", f"must be between 1 and generation.max_count ({gen.max_count})")
+    if not 0 < gen.variation_strength <= 1:
+        fail("generation.variation_strength", f"must be in (0, 1], got {gen.variation_strength}")
+    queue = config.queue
+    if queue.max_batch < gen.max_count:
+        fail("queue.max_batch", f"must be at least generation.max_count ({gen.max_count}), got {queue.max_batch}")
+    if queue.max_queue < 1:
+        fail("queue.max_queue", f"must be at least 1, got {queue.max_queue}")
+    if queue.max_per_user < 1:
+        fail("queue.max_per_user", f"must be at least 1, got {queue.max_per_user}")

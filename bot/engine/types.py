@@ -1,0 +1,61 @@
+"""Plain data crossing the executor seam: settings in, PNG bytes out; no torch, no Discord."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Mode(enum.StrEnum):
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything that must match for images to share one pipeline call."""
+
+    steps: int = 25
+    guidance: float = 7.0
+    width: int = 512
+    height: int = 512
+    mode: Mode = Mode.TXT2IMG
+    strength: float = 0.6  # img2img only
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 150:
+            raise ValueError(f"steps must be between 1 and 150, got {self.steps}")
+        if not 0.0 <= self.guidance <= 30.0:
+            raise ValueError(f"guidance must be between 0 and 30, got {self.guidance}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 8 or value > 2048 or value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 between 8 and 2048, got {value}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    """One image to render."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    settings: Settings
+    init_image: bytes | None = field(default=None, repr=False)  # PNG, img2img only
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be between 0 and {2**32 - 1}, got {self.seed}")
+        if (self.settings.mode is Mode.IMG2IMG) != (self.init_image is not None):
+            raise ValueError("init_image is required for img2img and not allowed for txt2img")
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedImage:
+    """One finished image: PNG bytes with the prompt, seed and settings in its text chunks."""
+
+    png: bytes = field(repr=False)
+    seed: int
+    nsfw: bool = False

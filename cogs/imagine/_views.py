@@ -1,0 +1,193 @@
+"""The buttons on a result and the text around it; every button is a DynamicItem whose state is its custom_id."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Self
+
+import discord
+
+from bot.client import answer_error
+from bot.engine.types import Mode, RenderedImage
+from bot.errors import BotError
+from bot.storage import Job, JobKind, VoteTally
+
+if TYPE_CHECKING:
+    from bot.client import SygilBot
+    from cogs.imagine import Imagine
+
+log = logging.getLogger(__name__)
+
+_ID = r"(?P<job_id>[1-9][0-9]{0,17}):(?P<index>[0-9])"
+_ECHO_LIMIT = 600
+_VOTES = {"up": (1, "👍"), "down": (-1, "👎")}
+
+
+def filename(job_id: int, index: int) -> str:
+    return f"sygil_{job_id}_{index}.png"
+
+
+async def _guarded(interaction: discord.Interaction[SygilBot], action: Callable[[], Awaitable[None]]) -> None:
+    # Errors raised in a DynamicItem never reach the tree's handler: answer them here.
+    try:
+        await action()
+    except BotError as exc:
+        await answer_error(interaction, str(exc))
+    except Exception:
+        log.exception("Button %s failed", interaction.data and interaction.data.get("custom_id"))
+        await answer_error(interaction, "Something went wrong; it has been logged.")
+
+
+def _cog(interaction: discord.Interaction[SygilBot]) -> Imagine:
+    cog = interaction.client.get_cog("Imagine")
+    if cog is None:
+        raise BotError("Image generation is switched off right now.")
+    return cog  # type: ignore[return-value]
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:reroll:{_ID}"):
+    """Render the same prompt and settings again with a new seed."""
+
+    def __init__(self, job_id: int, index: int, *, count: int = 1) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=f"Reroll {index + 1}" if count > 1 else "Reroll",
+                emoji="🔁",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"imagine:reroll:{job_id}:{index}",
+                row=index,
+            )
+        )
+        self.job_id = job_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
+    ) -> Self:
+        return cls(int(match["job_id"]), int(match["index"]))
+
+    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
+        await _guarded(interaction, lambda: _cog(interaction).reroll(interaction, self.job_id, self.index))
+
+
+class VariationButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:variation:{_ID}"):
+    """Render a variation of one image (img2img with a new seed)."""
+
+    def __init__(self, job_id: int, index: int, *, count: int = 1) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=f"Variation {index + 1}" if count > 1 else "Variation",
+                emoji="🎨",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"imagine:variation:{job_id}:{index}",
+                row=index,
+            )
+        )
+        self.job_id = job_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
+    ) -> Self:
+        return cls(int(match["job_id"]), int(match["index"]))
+
+    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
+        await _guarded(interaction, lambda: _cog(interaction).variation(interaction, self.job_id, self.index))
+
+
+class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:vote:{_ID}:(?P<vote>up|down)"):
+    """Vote an image up or down; the same vote again withdraws it."""
+
+    def __init__(self, job_id: int, index: int, vote: str, *, tally: VoteTally | None = None) -> None:
+        count = 0 if tally is None else (tally.up if vote == "up" else tally.down)
+        super().__init__(
+            discord.ui.Button(
+                label=str(count) if count else None,
+                emoji=_VOTES[vote][1],
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"imagine:vote:{job_id}:{index}:{vote}",
+                row=index,
+            )
+        )
+        self.job_id = job_id
+        self.index = index
+        self.vote = vote
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
+    ) -> Self:
+        return cls(int(match["job_id"]), int(match["index"]), match["vote"])
+
+    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
+        await _guarded(interaction, lambda: _cog(interaction).vote(interaction, self.job_id, self.index, self.vote))
+
+
+DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton)
+
+
+def vote_value(vote: str) -> int:
+    return _VOTES[vote][0]
+
+
+def result_view(job_id: int, count: int, tallies: Sequence[VoteTally] | None = None) -> discord.ui.View:
+    """Return the buttons for a result: one row per image."""
+    # timeout=None and only dynamic items: a finite timeout would unregister the dynamic classes (discord.py 2.7.1).
+    view = discord.ui.View(timeout=None)
+    for index in range(count):
+        tally = tallies[index] if tallies else None
+        view.add_item(RerollButton(job_id, index, count=count))
+        view.add_item(VariationButton(job_id, index, count=count))
+        view.add_item(VoteButton(job_id, index, "up", tally=tally))
+        view.add_item(VoteButton(job_id, index, "down", tally=tally))
+    return view
+
+
+def _echo(text: str) -> str:
+    text = discord.utils.escape_markdown(text)
+    return text if len(text) <= _ECHO_LIMIT else text[: _ECHO_LIMIT - 1] + "…"
+
+
+def result_text(job: Job, images: Sequence[RenderedImage], notes: Sequence[str] = ()) -> str:
+    """Describe a finished job: the prompt echoed (it never pings: messages go out with no allowed mentions)."""
+    settings = job.settings
+    lines = [f"**{_echo(job.prompt)}**"]
+    if job.negative_prompt:
+        lines.append(f"Negative: {_echo(job.negative_prompt)}")
+    if job.kind is JobKind.REROLL and job.parent_index is not None:
+        lines.append(f"Reroll of image {job.parent_index + 1} from job {job.parent_job_id}")
+    elif job.kind is JobKind.VARIATION and job.parent_index is not None:
+        lines.append(f"Variation of image {job.parent_index + 1} from job {job.parent_job_id}")
+    seeds = ", ".join(str(image.seed) for image in images)
+    details = [
+        f"<@{job.user_id}>",
+        f"seed{'s' if len(images) > 1 else ''} {seeds}",
+        f"{settings.steps} steps",
+        f"guidance {settings.guidance:g}",
+        f"{settings.width}×{settings.height}",
+        job.scheduler,
+    ]
+    if settings.mode is Mode.IMG2IMG:
+        details.append(f"strength {settings.strength:g}")
+    details.append(f"job {job.id}")
+    lines.append("-# " + " · ".join(details))
+    withheld = [str(index + 1) for index, image in enumerate(images) if image.nsfw]
+    if withheld:
+        lines.append(f"⚠️ The safety checker withheld image {', '.join(withheld)}.")
+    lines.extend(f"ℹ️ {note}" for note in notes)
+    return "\n".join(lines)[:2000]
+
+
+def status_text(position: int | None, step: int, total_steps: int, notes: Sequence[str] = ()) -> str:
+    """Describe where a job is: waiting (with its place in line) or rendering (with its step)."""
+    if position is None or position == 0:
+        text = f"🎨 Rendering… step {step}/{total_steps}" if total_steps else "🎨 Rendering…"
+    elif position == 1:
+        text = "⏳ Queued: you are next in line."
+    else:
+        text = f"⏳ Queued: position {position} in line."
+    return "\n".join([text, *(f"ℹ️ {note}" for note in notes)])[:2000]

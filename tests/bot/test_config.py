@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import DISCORD_API, Config
+from bot.errors import ConfigError
+
+ENV = {"DISCORD_TOKEN": "abc.def"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, "utf-8")
+    return path
+
+
+def test_example_config_loads_with_defaults() -> None:
+    config = Config.load(Path(__file__).parents[2] / "config.example.toml", environ=ENV)
+    assert config.token == "abc.def"
+    assert config.discord.api_base_url == DISCORD_API
+    assert config.model.id == "Sygil/Sygil-Diffusion"
+    assert config.model.scheduler == "dpm++"
+    assert config.storage.path == Path("sygil.db")
+    assert config.generation.size("512x768") == (512, 768)
+
+
+def test_settings_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [discord]
+        api_base_url = "http://127.0.0.1:9999/api/v10"
+        gateway_url = "ws://127.0.0.1:9999/"
+        guild_ids = [123, "456"]
+        [model]
+        id = "/models/tiny"
+        scheduler = "euler-a"
+        [generation]
+        sizes = ["64x64", "64x96"]
+        max_count = 2
+        [storage]
+        path = "/tmp/x.db"
+        """,
+    )
+    config = Config.load(path, environ=ENV)
+    assert config.discord.guild_ids == (123, 456)
+    assert config.model.scheduler == "euler-a"
+    assert config.generation.sizes == ("64x64", "64x96")
+    assert config.storage.path == Path("/tmp/x.db")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[model]\nscheduler = 'karras'", "model.scheduler: must be one of dpm++, ddim, euler-a"),
+        ("[model]\nsafety_checker = 'yes'", "model.safety_checker: must be true or false"),
+        ("[generation]\nmax_steps = 'many'", "generation.max_steps: must be a whole number"),
+        ("[generation]\nsizes = ['512x500']", "generation.sizes: 512x500: width and height must be multiples of 8"),
+        ("[generation]\nmax_count = 9", "generation.max_count: must be between 1 and 4"),
+        ("[queue]\nmax_batch = 2", "queue.max_batch: must be at least generation.max_count"),
+        ("[discord]\nguild_ids = 5", "discord.guild_ids: must be a list"),
+        ("[discord]\ngateway_url = 'http://x'", "discord.gateway_url: must start with ws:// or wss://"),
+        ("[discord]\ntoken = 'secret'", "discord.token: the token must not be in the file"),
+        ("[modle]\nid = 'x'", "unknown setting modle"),
+        ("[model]\nidd = 'x'", "unknown setting model.idd"),
+        ("[model\nid = 'x'", "not valid TOML"),
+        ("model = 3", "model: must be a table"),
+    ],
+)
+def test_bad_settings_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        Config.load(path, environ=ENV)
+    message = str(caught.value)
+    assert message.startswith(str(path))
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        Config.load(tmp_path / "nope.toml", environ=ENV)
+
+
+def test_missing_token(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    with pytest.raises(ConfigError, match="DISCORD_TOKEN is not set"):
+        Config.load(path, environ={})
+    assert Config.load(path, environ={}, require_token=False).token == ""
