@@ -143,7 +143,7 @@ def _resolve_device(model: ModelConfig) -> tuple[str, str]:
 
 
 def _imagine(args: argparse.Namespace) -> int:
-    from bot.engine import Engine, ImageSpec, Settings
+    from bot.engine.types import ImageSpec, Settings
     from bot.prompts import check_prompt
     from bot.service import MAX_SEED, random_seed
 
@@ -164,6 +164,8 @@ def _imagine(args: argparse.Namespace) -> int:
     if not args.output.parent.is_dir():
         print(f"sygil-bot: cannot write {args.output}: no folder {args.output.parent}", file=sys.stderr)
         return EXIT_USAGE
+
+    from bot.engine import Engine
 
     device, dtype = _resolve_device(
         ModelConfig(id=args.model or model.id, device=args.device or model.device, dtype=model.dtype)

@@ -94,7 +94,7 @@ class Scheduler:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="gpu-scheduler")
 
     async def close(self) -> None:
-        """Stop the worker; jobs still waiting are cancelled (they stay queued in the database)."""
+        """Stop the worker and wait for the batch on the GPU; waiting jobs are cancelled (the database keeps them)."""
         unfinished = [*self._running, *self._iter_waiting()]
         if self._worker is not None:
             self._worker.cancel()
@@ -109,8 +109,9 @@ class Scheduler:
         self._waiting.clear()
         self._running.clear()
         if self._executor is not None:
-            # The GPU thread finishes the batch in hand; nothing waits for its result any more.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # Let the batch in hand finish: a pipeline must never be driven by two threads (a restart in the same
+            # process would otherwise start a second GPU thread on the same weights and scheduler state).
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
             self._executor = None
 
     # Queue

@@ -49,22 +49,27 @@ class Imagine(commands.Cog):
         self.bot.add_dynamic_items(*DYNAMIC_ITEMS)
         self.bot.tree.add_command(self._command)
         for queued in await self.service.restore():
-            self._spawn(self.deliver(queued, None))
+            self._spawn(queued, None)
 
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(*DYNAMIC_ITEMS)
         self.bot.tree.remove_command(self._command.name)
-        for task in self._tasks:
+        # Stop every delivery before the HTTP session closes; their jobs stay queued in the database.
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        async def guarded() -> None:
+    def _spawn(self, queued: Queued, interaction: discord.Interaction[SygilBot] | None) -> None:
+        """Deliver a job in the background: the command returns while the job waits its turn."""
+
+        async def deliver() -> None:
             try:
-                await coroutine
+                await self.deliver(queued, interaction)
             except Exception:
-                log.exception("Delivering a restored job failed")
+                log.exception("Delivering job %d failed", queued.job.id)
 
-        task = asyncio.get_running_loop().create_task(guarded())
+        task = asyncio.get_running_loop().create_task(deliver(), name=f"deliver-{queued.job.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -96,7 +101,7 @@ class Imagine(commands.Cog):
         )
         await interaction.response.defer(thinking=True)
         queued = await self.service.enqueue(request)
-        await self.deliver(queued, interaction)
+        self._spawn(queued, interaction)
 
     async def reroll(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int) -> None:
         request = await self.service.prepare_reroll(
@@ -108,7 +113,7 @@ class Imagine(commands.Cog):
         )
         await interaction.response.defer(thinking=True)
         queued = await self.service.enqueue(request)
-        await self.deliver(queued, interaction)
+        self._spawn(queued, interaction)
 
     async def variation(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int) -> None:
         request = await self.service.prepare_variation(
@@ -125,7 +130,7 @@ class Imagine(commands.Cog):
         except discord.HTTPException:
             raise BotError("I could not download that image from Discord; please try again.") from None
         queued = await self.service.enqueue(request, init_image=image)
-        await self.deliver(queued, interaction)
+        self._spawn(queued, interaction)
 
     async def vote(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int, vote: str) -> None:
         job = await self.bot.db.get_job(job_id=job_id)
@@ -157,14 +162,16 @@ class Imagine(commands.Cog):
                     self.service.scheduler.position(queued.job.id), ticket.step, ticket.total_steps, queued.warnings
                 )
                 if text != shown:
-                    await interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS)
+                    try:
+                        await interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS)
+                    except discord.HTTPException as exc:
+                        log.warning("Could not update the status of job %d: %s", queued.job.id, exc)
+                        break
                     shown = text
                 await asyncio.wait({finished}, timeout=STATUS_INTERVAL)
             images = await finished
         except asyncio.CancelledError:
             finished.cancel()
-            raise
-        except BotError:
             raise
         except Exception:
             log.exception("Job %d failed", queued.job.id)

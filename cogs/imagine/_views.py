@@ -25,6 +25,11 @@ _ECHO_LIMIT = 600
 _VOTES = {"up": (1, "👍"), "down": (-1, "👎")}
 
 
+def _row(index: int) -> int | None:
+    # A forged custom_id may carry any digit; only real buttons (at most 4 images) are laid out by row.
+    return index if index < 5 else None
+
+
 def filename(job_id: int, index: int) -> str:
     return f"sygil_{job_id}_{index}.png"
 
@@ -57,7 +62,7 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"i
                 emoji="🔁",
                 style=discord.ButtonStyle.secondary,
                 custom_id=f"imagine:reroll:{job_id}:{index}",
-                row=index,
+                row=_row(index),
             )
         )
         self.job_id = job_id
@@ -83,7 +88,7 @@ class VariationButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r
                 emoji="🎨",
                 style=discord.ButtonStyle.secondary,
                 custom_id=f"imagine:variation:{job_id}:{index}",
-                row=index,
+                row=_row(index),
             )
         )
         self.job_id = job_id
@@ -110,7 +115,7 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"ima
                 emoji=_VOTES[vote][1],
                 style=discord.ButtonStyle.secondary,
                 custom_id=f"imagine:vote:{job_id}:{index}:{vote}",
-                row=index,
+                row=_row(index),
             )
         )
         self.job_id = job_id

@@ -137,9 +137,11 @@ async def test_cancel_and_close() -> None:
     third = scheduler.submit(job_id=3, user_id=3, specs=specs("c"))
     assert scheduler.cancel(2) and second.result.cancelled()
     assert not scheduler.cancel(2)
+    # Closing waits for the batch on the GPU thread, then cancels what was left.
+    threading.Timer(0.2, render.gate.set).start()
     await scheduler.close()
-    render.gate.set()
     assert third.result.cancelled() and first.result.cancelled()
+    assert [[spec.prompt for spec in batch] for batch in render.batches] == [["a"]]
 
 
 async def test_bad_jobs_are_refused() -> None:

@@ -1,0 +1,327 @@
+"""/imagine through the real discord.py client, logged in to the fake Discord, with the tiny model on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.client import SygilBot
+from bot.config import Config, DiscordConfig, GenerationConfig
+from bot.engine import Engine
+from bot.engine.types import ImageSpec, Mode, RenderedImage
+from bot.scheduler import Progress, Scheduler
+from bot.service import ImageService
+from bot.storage import Database, JobKind, JobStatus
+from cogs.imagine._views import RerollButton, VariationButton, VoteButton
+from tests.fakediscord import FakeDiscord, FakeInteraction, Message, point_discord_at, run_bot
+
+GENERATION = GenerationConfig(default_steps=3, max_steps=8, sizes=("64x64", "64x96"), max_count=4)
+
+
+class GatedRender:
+    """The real engine behind a gate, so a test can hold the GPU while a queue builds up."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.open = threading.Event()
+        self.open.set()
+        self.batches: list[int] = []
+
+    def __call__(self, specs: Sequence[ImageSpec], progress: Progress | None = None, /) -> list[RenderedImage]:
+        self.open.wait(30)
+        self.batches.append(len(specs))
+        return self.engine.render(specs, progress)
+
+
+@dataclass
+class Harness:
+    server: FakeDiscord
+    database: Path
+    render: GatedRender
+
+    @contextlib.asynccontextmanager
+    async def bot(self) -> AsyncIterator[SygilBot]:
+        """Start a fresh bot process-alike (new client, scheduler and connection, same database file)."""
+        config = Config(
+            token=self.server.token,
+            discord=DiscordConfig(
+                api_base_url=self.server.api_base_url,
+                gateway_url=self.server.gateway_url,
+                guild_ids=(self.server.guild_id,),
+                guild_ready_timeout=0.1,
+            ),
+            generation=GENERATION,
+        )
+        async with (
+            await Database.open(self.database) as db,
+            Scheduler(self.render, max_batch=8, max_queue=8, max_per_user=3) as scheduler,
+        ):
+            service = ImageService(
+                db=db,
+                scheduler=scheduler,
+                generation=config.generation,
+                model="tiny",
+                scheduler_name="dpm++",
+                count_tokens=self.render.engine.count_tokens,
+            )
+            with point_discord_at(self.server):
+                bot = SygilBot(config=config, service=service)
+                async with run_bot(bot, self.server):
+                    yield bot
+
+
+@contextlib.contextmanager
+def fail_on_our_errors() -> Iterator[None]:
+    """Fail the test if the bot or a cog logged an error (discord.py's own are caught by run_bot)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger("bot"), logging.getLogger("cogs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert not records, [record.getMessage() for record in records]
+
+
+@pytest.fixture
+async def harness(engine: Engine, tmp_path: Path) -> AsyncIterator[Harness]:
+    with fail_on_our_errors():
+        async with FakeDiscord() as server:
+            yield Harness(server=server, database=tmp_path / "sygil.db", render=GatedRender(engine))
+            assert server.violations == []
+
+
+async def final_message(server: FakeDiscord, interaction: FakeInteraction, timeout: float = 60) -> Message:
+    return await server.wait_for_message(
+        lambda m: m.interaction_id == interaction.id and bool(m.attachments), timeout=timeout
+    )
+
+
+def pngs(message: Message) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(attachment.data)) for attachment in message.attachments]
+
+
+async def test_imagine_defers_then_posts_images_with_buttons(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot() as bot:
+        command = server.commands["imagine"]
+        options = {option["name"]: option for option in command["options"]}
+        assert options["steps"]["max_value"] == 8 and options["count"]["max_value"] == 4
+        assert [choice["value"] for choice in options["size"]["choices"]] == ["64x64", "64x96"]
+
+        interaction = await server.slash("imagine", {"prompt": "Species:Seal, studio:dc", "count": 2, "seed": 7})
+        await interaction.wait_response()
+        assert interaction.response_type == 5 and not interaction.ephemeral
+        assert interaction.response_delay is not None and interaction.response_delay < 3
+        message = await final_message(server, interaction)
+
+        images = pngs(message)
+        assert [image.size for image in images] == [(64, 64), (64, 64)]
+        assert images[0].tobytes() != images[1].tobytes()
+        assert "species:seal, studio:dc" in message.content and "seeds 7, 8" in message.content
+        assert message.allowed_mentions == {"parse": []}
+        job_id = int(message.attachments[0].filename.split("_")[1])
+        assert message.custom_ids == [
+            f"imagine:{action}:{job_id}:{index}{suffix}"
+            for index in range(2)
+            for action, suffix in (("reroll", ""), ("variation", ""), ("vote", ":up"), ("vote", ":down"))
+        ]
+        job = await bot.db.get_job(job_id=job_id)
+        assert job is not None and job.status is JobStatus.DONE and job.message_id == message.id
+        assert job.prompt == "species:seal, studio:dc" and job.user_id == server.user_id
+
+
+async def test_same_seed_gives_the_same_image(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot():
+        first = await server.slash("imagine", {"prompt": "species:seal", "seed": 123})
+        first_image = pngs(await final_message(server, first))[0]
+        second = await server.slash("imagine", {"prompt": "species:seal", "seed": 123})
+        second_image = pngs(await final_message(server, second))[0]
+    assert first_image.tobytes() == second_image.tobytes()
+
+
+async def test_unknown_namespace_is_refused_privately_with_a_suggestion(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot() as bot:
+        interaction = await server.slash("imagine", {"prompt": "speces:seal"})
+        response = await interaction.wait_response()
+        assert response["type"] == 4 and interaction.ephemeral
+        assert "`species:`" in response["data"]["content"]
+        assert await bot.db.unfinished_jobs() == []
+    assert harness.render.batches == []
+
+
+async def test_echoed_prompt_pings_no_one(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot():
+        interaction = await server.slash("imagine", {"prompt": "@everyone species:seal, @here <@123>"})
+        message = await final_message(server, interaction)
+    assert "@everyone" in message.content
+    assert message.allowed_mentions == {"parse": []}
+    edits = [r for r in server.requests if r.method == "PATCH" and "messages/@original" in r.path]
+    assert edits and all((r.json or {}).get("allowed_mentions") == {"parse": []} for r in edits)
+
+
+async def test_users_see_their_place_in_line_and_jobs_share_a_batch(harness: Harness) -> None:
+    server = harness.server
+    other = server.add_user("other")
+    third = server.add_user("third")
+    async with harness.bot():
+        harness.render.open.clear()
+        first = await server.slash("imagine", {"prompt": "species:seal"})
+        await server.wait_for_message(lambda m: m.interaction_id == first.id and "Rendering" in m.content)
+        second = await server.slash("imagine", {"prompt": "species:cat"}, user_id=other)
+        waiting = await server.wait_for_message(lambda m: m.interaction_id == second.id and "next in line" in m.content)
+        last = await server.slash("imagine", {"prompt": "species:dog"}, user_id=third)
+        await server.wait_for_message(lambda m: m.interaction_id == last.id and "position 2 in line" in m.content)
+        assert waiting.allowed_mentions == {"parse": []}
+        harness.render.open.set()
+        for interaction in (first, second, last):
+            await final_message(server, interaction)
+    # The two waiting jobs had the same settings: one GPU call rendered both.
+    assert harness.render.batches == [1, 2]
+
+
+async def test_reroll_and_variation_post_new_images(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot() as bot:
+        original = await final_message(server, await server.slash("imagine", {"prompt": "species:seal", "size": "64x96"}))
+        job_id = int(original.attachments[0].filename.split("_")[1])
+
+        reroll = await server.click(original.id, f"imagine:reroll:{job_id}:0")
+        rerolled = await final_message(server, reroll)
+        assert pngs(rerolled)[0].size == (64, 96)
+        assert "Reroll of image 1" in rerolled.content
+        assert pngs(rerolled)[0].tobytes() != pngs(original)[0].tobytes()
+
+        variation = await server.click(original.id, f"imagine:variation:{job_id}:0")
+        varied = await final_message(server, variation)
+        assert pngs(varied)[0].size == (64, 96)
+        assert "Variation of image 1" in varied.content
+
+        reroll_job = await bot.db.get_job(job_id=int(rerolled.attachments[0].filename.split("_")[1]))
+        variation_job = await bot.db.get_job(job_id=int(varied.attachments[0].filename.split("_")[1]))
+    assert reroll_job is not None and reroll_job.kind is JobKind.REROLL and reroll_job.parent_job_id == job_id
+    assert variation_job is not None and variation_job.settings.mode is Mode.IMG2IMG
+    assert variation_job.prompt == reroll_job.prompt == "species:seal"
+
+
+async def test_votes_land_in_sqlite_and_change_or_withdraw(harness: Harness) -> None:
+    server = harness.server
+    voter = server.add_user("voter")
+    async with harness.bot() as bot:
+        message = await final_message(server, await server.slash("imagine", {"prompt": "species:seal", "count": 2}))
+        job_id = int(message.attachments[0].filename.split("_")[1])
+
+        up = await server.click(message.id, f"imagine:vote:{job_id}:1:up", user_id=voter)
+        assert (await up.wait_response())["type"] == 7
+        assert (await bot.db.vote_tally(job_id=job_id, index=1, user_id=voter)).mine == 1
+        note = await server.wait_for_message(lambda m: m.interaction_id == up.id and m.ephemeral)
+        assert "👍 on image 2 is recorded" in note.content
+        button = next(c for row in server.message(message.id).components for c in row["components"]
+                      if c["custom_id"] == f"imagine:vote:{job_id}:1:up")  # fmt: skip
+        assert button["label"] == "1"
+
+        down = await server.click(message.id, f"imagine:vote:{job_id}:1:down", user_id=voter)
+        await down.wait_response()
+        tally = await bot.db.vote_tally(job_id=job_id, index=1, user_id=voter)
+        assert (tally.up, tally.down, tally.mine) == (0, 1, -1)
+
+        again = await server.click(message.id, f"imagine:vote:{job_id}:1:down", user_id=voter)
+        await server.wait_for_message(lambda m: m.interaction_id == again.id and "withdrawn" in m.content)
+        tally = await bot.db.vote_tally(job_id=job_id, index=1)
+        assert (tally.up, tally.down) == (0, 0)
+
+
+async def test_buttons_keep_working_after_a_restart(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot():
+        message = await final_message(server, await server.slash("imagine", {"prompt": "species:seal"}))
+    job_id = int(message.attachments[0].filename.split("_")[1])
+
+    async with harness.bot() as bot:
+        vote = await server.click(message.id, f"imagine:vote:{job_id}:0:up")
+        await vote.wait_response()
+        reroll = await server.click(message.id, f"imagine:reroll:{job_id}:0")
+        rerolled = await final_message(server, reroll)
+        tally = await bot.db.vote_tally(job_id=job_id, index=0)
+    assert tally.up == 1
+    assert pngs(rerolled)[0].size == (64, 64)
+
+
+async def test_jobs_queued_at_shutdown_are_delivered_after_a_restart(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot():
+        harness.render.open.clear()
+        first = await server.slash("imagine", {"prompt": "species:seal"})
+        await server.wait_for_message(lambda m: m.interaction_id == first.id and "Rendering" in m.content)
+        waiting = await server.slash("imagine", {"prompt": "species:cat, meadow"})
+        await server.wait_for_message(lambda m: m.interaction_id == waiting.id and "next in line" in m.content)
+        # Shutting down waits for the batch on the GPU: let it finish soon after the bot has stopped.
+        threading.Timer(0.5, harness.render.open.set).start()
+    assert not any(m.attachments for m in server.messages(server.channel_id))
+
+    async with harness.bot() as bot:
+        delivered = await server.wait_for_message(
+            lambda m: "species:cat, meadow" in m.content and bool(m.attachments), timeout=60
+        )
+        await server.wait_for_message(lambda m: "species:seal" in m.content and bool(m.attachments), timeout=60)
+        assert await bot.db.unfinished_jobs() == []
+    assert f"<@{server.user_id}>" in delivered.content and delivered.allowed_mentions == {"parse": []}
+
+
+async def test_forged_custom_ids_are_answered_not_crashed(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot():
+        message = await final_message(server, await server.slash("imagine", {"prompt": "species:seal"}))
+        job_id = int(message.attachments[0].filename.split("_")[1])
+        # A custom_id naming an image the job does not have: the fake only lets us click ids on the message,
+        # so forge one by editing the stored components, as a malicious client could send any id.
+        row = server.message(message.id).components[0]["components"]
+        row[0] = {**row[0], "custom_id": f"imagine:reroll:{job_id}:7"}
+        row[2] = {**row[2], "custom_id": "imagine:vote:999999:0:up"}
+        bad_reroll = await server.click(message.id, f"imagine:reroll:{job_id}:7")
+        response = await bad_reroll.wait_response()
+        assert bad_reroll.ephemeral and "no longer in the database" in response["data"]["content"]
+        bad_vote = await server.click(message.id, "imagine:vote:999999:0:up")
+        response = await bad_vote.wait_response()
+        assert bad_vote.ephemeral and "no longer in the database" in response["data"]["content"]
+
+
+def test_custom_ids_round_trip_through_their_templates() -> None:
+    for item in (RerollButton(12, 3), VariationButton(12, 0), VoteButton(12, 1, "down")):
+        match = type(item).__discord_ui_compiled_template__.fullmatch(item.custom_id)
+        assert match is not None and len(item.custom_id) <= 100
+    assert RerollButton.__discord_ui_compiled_template__.fullmatch("imagine:reroll:12:3:extra") is None
+    assert VoteButton.__discord_ui_compiled_template__.fullmatch("imagine:vote:12:1:sideways") is None
+
+
+async def test_queue_full_is_refused_privately(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot():
+        harness.render.open.clear()
+        tickets = [await server.slash("imagine", {"prompt": f"species:seal, {i}"}) for i in range(3)]
+        for interaction in tickets:
+            # Wait until each job is stored and queued: its status shows.
+            await server.wait_for_message(
+                lambda m, i=interaction: m.interaction_id == i.id and m.content.startswith(("⏳", "🎨"))
+            )
+        refused = await server.slash("imagine", {"prompt": "species:seal, 4"})
+        response = await refused.wait_response()
+        assert refused.ephemeral and "You already have 3 jobs" in response["data"]["content"]
+        harness.render.open.set()
+        await asyncio.gather(*(final_message(server, interaction) for interaction in tickets))

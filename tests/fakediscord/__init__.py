@@ -1,0 +1,54 @@
+"""An offline fake of Discord that the real discord.py client logs in to over sockets.
+
+``FakeDiscord`` is an aiohttp app on 127.0.0.1 (a free port) serving the REST routes a slash-command bot uses,
+the gateway websocket, and uploaded attachments. It works across processes: a bot in a subprocess can connect
+to a server living in the test process, as long as that test's event loop keeps running.
+
+Pointing a bot at it (both settings are process-global in discord.py):
+
+- ``discord.http.Route.BASE = server.api_base_url`` (a ``str``, ``http://127.0.0.1:PORT/api/v10``). Every
+  ``Route`` reads ``BASE`` when it is built, that is on each request, and the webhook adapter (interaction
+  callbacks, followups, ``@original`` edits) builds its routes from the same class, so set it any time before
+  ``login``/``start``. ``discord.http._set_api_version()`` overwrites ``BASE`` with ``https://discord.com/api/vN``;
+  discord.py 2.7.1 never calls it itself, so it only runs if the bot calls it: then set ``BASE`` after that call.
+- ``discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(server.gateway_url)`` (a ``yarl.URL``, not a
+  ``str``: discord.py calls ``.with_query`` on it). A plain ``Client.connect`` never asks ``GET /gateway/bot``;
+  ``AutoShardedClient`` does, and gets this URL and ``shards: 1``.
+- Build the client with a small ``guild_ready_timeout`` (for example 0.1): discord.py waits that long after the
+  last GUILD_CREATE before ``on_ready`` (default 2 s). Not 0, which races the GUILD_CREATE.
+
+In-process tests use ``point_discord_at(server)`` (restores both on exit) or ``run_bot(bot, server)``, which
+also logs the bot in, waits for ``on_ready``, fails on ERROR records of the ``discord`` logger
+(``capture_discord_errors``) and closes the bot before the server stops.
+
+Rules the fake enforces record a ``Violation`` in ``server.violations`` and answer with Discord's status and code:
+10062 (404) callback after ``ack_timeout`` (3 s) or to an unknown interaction; 40060 (400) second callback;
+10015 (404) webhook use before acknowledgement; 50027 (401) unknown or expired (``interaction_token_ttl``) token;
+50035 (400) content over 2,000 characters, over 10 embeds, over 5 rows or 5 items a row, custom_ids outside 1..100
+characters or duplicated, autocomplete over 25 choices or names/values over 100 characters, bad command
+definitions, a callback type invalid for the interaction; 50006 (400) empty message; 40005 (413) an attachment
+over ``attachment_size_limit`` (Discord answers too-large uploads with 413, not 50035). Routes the fake does not
+implement answer 404 and record a ``Violation`` with code 0.
+
+Discord behaviours it mimics: the first followup after a deferral (type 5) fills in the "thinking" message
+instead of posting a new one, keeping the deferral's ephemeral flag; type 6/7 callbacks make the clicked message
+the ``@original``; ephemeral messages are left out of ``server.messages(channel_id)`` unless asked for.
+"""
+
+from __future__ import annotations
+
+from ._harness import capture_discord_errors, point_discord_at, run_bot
+from ._models import Attachment, FakeInteraction, Message, RecordedRequest, Violation
+from ._server import FakeDiscord
+
+__all__ = [
+    "Attachment",
+    "FakeDiscord",
+    "FakeInteraction",
+    "Message",
+    "RecordedRequest",
+    "Violation",
+    "capture_discord_errors",
+    "point_discord_at",
+    "run_bot",
+]

@@ -1,0 +1,92 @@
+"""The ``sygil-bot`` command line, run as a user would run it: in a child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+def sygil(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"} | {"HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        capture_output=True,
+        text=True,
+        env=environ | (env or {}),
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_imagine_writes_a_png_with_its_settings_and_the_same_seed_gives_the_same_pixels(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    outputs = []
+    for name in ("a.png", "b.png"):
+        result = sygil(
+            "imagine", "Species:Seal, studio:dc", "--model", str(tiny_model_dir), "--width", "64", "--height", "64",
+            "--seed", "7", "--steps", "4", "-o", str(tmp_path / name),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        outputs.append(tmp_path / name)
+    first, second = (Image.open(path) for path in outputs)
+    assert first.size == (64, 64)
+    assert first.tobytes() == second.tobytes()
+    metadata = json.loads(first.text["sygil"])
+    assert metadata["prompt"] == "species:seal, studio:dc"
+    assert metadata["seed"] == 7 and metadata["steps"] == 4 and metadata["width"] == 64
+    assert "Seed: 7" in first.text["parameters"]
+
+
+def test_imagine_refuses_a_bad_prompt_without_a_traceback(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = sygil("imagine", "speces:seal", "--model", str(tiny_model_dir), "--width", "64", "--height", "64",
+                   "-o", str(tmp_path / "x.png"))  # fmt: skip
+    assert result.returncode == 1
+    assert "Did you mean `species:`?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_imagine_with_a_missing_model_says_what_to_do(tmp_path: Path) -> None:
+    result = sygil("imagine", "species:seal", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "make-tiny-model" in result.stderr
+
+
+@pytest.mark.parametrize("size", [("--width", "65"), ("--height", "0")])
+def test_imagine_rejects_bad_sizes(tmp_path: Path, size: tuple[str, str]) -> None:
+    result = sygil("imagine", "species:seal", *size, "-o", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert "multiple of 8" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_with_a_bad_config_says_which_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\nscheduler = "fastest"\n')
+    result = sygil("run", "--config", str(config), env={"DISCORD_TOKEN": "x"})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"sygil-bot: {config}: model.scheduler: must be one of dpm++, ddim, euler-a, got 'fastest'"]
+
+
+def test_run_without_a_token_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    result = sygil("run", "--config", str(config))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "DISCORD_TOKEN is not set" in lines[0]
+
+
+def test_run_with_a_missing_config_file(tmp_path: Path) -> None:
+    result = sygil("run", "--config", str(tmp_path / "missing.toml"), env={"DISCORD_TOKEN": "x"})
+    assert result.returncode == 2
+    assert "no such config file" in result.stderr and "Traceback" not in result.stderr
