@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sygil-bot`` command line and return its exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    # Read when transformers is first imported: some of its notices are printed at import time.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -93,6 +96,7 @@ async def _serve(config: Config) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, main_task.cancel)
 
+    _quiet_libraries()
     device, dtype = _resolve_device(config.model)
     log.info("Loading %s on %s (%s)", config.model.id, device, dtype)
     engine = await asyncio.to_thread(
@@ -123,9 +127,24 @@ async def _serve(config: Config) -> None:
             try:
                 await bot.start(config.token)
             except discord.LoginFailure:
-                raise ConfigError("Discord refused the token in DISCORD_TOKEN: check it in the developer portal") from None
+                raise ConfigError(
+                    "Discord refused the token in DISCORD_TOKEN: check it in the developer portal"
+                ) from None
             except asyncio.CancelledError:
                 log.info("Shutting down; unfinished jobs stay queued for the next start")
+
+
+def _quiet_libraries() -> None:
+    """Keep library progress bars and notices off the terminal; the bot's own log says what happens."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _resolve_device(model: ModelConfig) -> tuple[str, str]:
@@ -135,7 +154,7 @@ def _resolve_device(model: ModelConfig) -> tuple[str, str]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("model.device is cuda, but this machine has no CUDA GPU (set model.device = \"cpu\")")
+        raise ConfigError('model.device is cuda, but this machine has no CUDA GPU (set model.device = "cpu")')
     dtype = model.dtype
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
@@ -167,6 +186,7 @@ def _imagine(args: argparse.Namespace) -> int:
 
     from bot.engine import Engine
 
+    _quiet_libraries()
     device, dtype = _resolve_device(
         ModelConfig(id=args.model or model.id, device=args.device or model.device, dtype=model.dtype)
     )
@@ -196,6 +216,7 @@ def _imagine(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from bot.engine import make_tiny_model
 
+    _quiet_libraries()
     make_tiny_model(args.directory)
     print(f"wrote a tiny random-weights model to {args.directory}")
     return 0

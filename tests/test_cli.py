@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 
 def sygil(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -37,6 +38,7 @@ def test_imagine_writes_a_png_with_its_settings_and_the_same_seed_gives_the_same
         assert result.returncode == 0, result.stderr
         outputs.append(tmp_path / name)
     first, second = (Image.open(path) for path in outputs)
+    assert isinstance(first, PngImageFile)
     assert first.size == (64, 64)
     assert first.tobytes() == second.tobytes()
     metadata = json.loads(first.text["sygil"])

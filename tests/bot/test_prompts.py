@@ -17,7 +17,12 @@ def test_tags_are_parsed_and_normalised() -> None:
 
 @pytest.mark.parametrize(
     ("typo", "suggestion"),
-    [("speces:seal", "species:"), ("studoi:dc", "studio:"), ("charcter:link", "character:"), ("Specie:seal", "species:")],
+    [
+        ("speces:seal", "species:"),
+        ("studoi:dc", "studio:"),
+        ("charcter:link", "character:"),
+        ("Specie:seal", "species:"),
+    ],
 )
 def test_unknown_namespace_suggests_the_nearest(typo: str, suggestion: str) -> None:
     verdict = check_prompt(typo)

@@ -104,10 +104,8 @@ async def harness(engine: Engine, tmp_path: Path) -> AsyncIterator[Harness]:
             assert server.violations == []
 
 
-async def final_message(server: FakeDiscord, interaction: FakeInteraction, timeout: float = 60) -> Message:
-    return await server.wait_for_message(
-        lambda m: m.interaction_id == interaction.id and bool(m.attachments), timeout=timeout
-    )
+async def final_message(server: FakeDiscord, interaction: FakeInteraction) -> Message:
+    return await server.wait_for_message(lambda m: m.interaction_id == interaction.id and bool(m.attachments), 60)
 
 
 def pngs(message: Message) -> list[Image.Image]:
@@ -199,7 +197,9 @@ async def test_users_see_their_place_in_line_and_jobs_share_a_batch(harness: Har
 async def test_reroll_and_variation_post_new_images(harness: Harness) -> None:
     server = harness.server
     async with harness.bot() as bot:
-        original = await final_message(server, await server.slash("imagine", {"prompt": "species:seal", "size": "64x96"}))
+        original = await final_message(
+            server, await server.slash("imagine", {"prompt": "species:seal", "size": "64x96"})
+        )
         job_id = int(original.attachments[0].filename.split("_")[1])
 
         reroll = await server.click(original.id, f"imagine:reroll:{job_id}:0")

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny Stable Diffusion model built once per session, and an engine loaded from it."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports huggingface_hub, which reads these once: tests must never reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from bot.engine import Engine
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the tiny random-weights model once per test session."""
+    # Imported here so test sessions that never touch the engine don't pay for importing diffusers.
+    from bot.engine import make_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir: Path) -> Engine:
+    """Load the tiny model on the CPU in float32 with DPM-Solver++."""
+    from bot.engine import Engine
+
+    return Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", scheduler="dpm++")
