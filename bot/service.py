@@ -154,42 +154,30 @@ class ImageService:
             warnings=warnings,
         )
 
-    async def prepare_reroll(
-        self, *, job_id: int, index: int, user_id: int, guild_id: int | None, channel_id: int
+    async def prepare_remix(
+        self, *, kind: JobKind, job_id: int, index: int, user_id: int, guild_id: int | None, channel_id: int
     ) -> Request:
-        """Prepare the same prompt and settings as one image of a job, with a new seed."""
-        parent = await self._source(job_id, index)
-        self.scheduler.check_room(user_id)
-        return Request(
-            kind=JobKind.REROLL,
-            user_id=user_id,
-            guild_id=guild_id,
-            channel_id=channel_id,
-            prompt=parent.prompt,
-            negative=parent.negative_prompt,
-            seed=random_seed(),
-            count=1,
-            settings=parent.settings,
-            parent=(parent.id, index),
-        )
+        """Prepare a new job from one image of a job: a reroll (same prompt and settings, new seed) or a variation.
 
-    async def prepare_variation(
-        self, *, job_id: int, index: int, user_id: int, guild_id: int | None, channel_id: int
-    ) -> Request:
-        """Prepare an img2img variation of one image of a job with a new seed; the image itself comes later."""
+        A variation is img2img from that image (the caller supplies its PNG to ``enqueue``). A reroll is always
+        txt2img, also of a variation: the variation's own source image belongs to another message.
+        """
+        if kind not in (JobKind.REROLL, JobKind.VARIATION):
+            raise ValueError(f"a remix is a reroll or a variation, not {kind}")
         parent = await self._source(job_id, index)
         self.scheduler.check_room(user_id)
         source = parent.settings
+        variation = kind is JobKind.VARIATION
         settings = Settings(
             steps=source.steps,
             guidance=source.guidance,
             width=source.width,
             height=source.height,
-            mode=Mode.IMG2IMG,
-            strength=self.generation.variation_strength,
+            mode=Mode.IMG2IMG if variation else Mode.TXT2IMG,
+            strength=self.generation.variation_strength if variation else source.strength,
         )
         return Request(
-            kind=JobKind.VARIATION,
+            kind=kind,
             user_id=user_id,
             guild_id=guild_id,
             channel_id=channel_id,

@@ -16,7 +16,7 @@ from bot.config import GenerationConfig
 from bot.engine.types import RenderedImage
 from bot.errors import BotError
 from bot.service import MAX_SEED, Queued
-from bot.storage import Job
+from bot.storage import Job, JobKind
 from cogs.imagine._views import (
     DYNAMIC_ITEMS,
     filename,
@@ -103,32 +103,23 @@ class Imagine(commands.Cog):
         queued = await self.service.enqueue(request)
         self._spawn(queued, interaction)
 
-    async def reroll(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int) -> None:
-        request = await self.service.prepare_reroll(
+    async def remix(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int, kind: JobKind) -> None:
+        request = await self.service.prepare_remix(
+            kind=kind,
             job_id=job_id,
             index=index,
             user_id=interaction.user.id,
             guild_id=interaction.guild_id,
             channel_id=_channel_id(interaction),
         )
+        attachment = _attachment(interaction.message, filename(job_id, index)) if kind is JobKind.VARIATION else None
         await interaction.response.defer(thinking=True)
-        queued = await self.service.enqueue(request)
-        self._spawn(queued, interaction)
-
-    async def variation(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int) -> None:
-        request = await self.service.prepare_variation(
-            job_id=job_id,
-            index=index,
-            user_id=interaction.user.id,
-            guild_id=interaction.guild_id,
-            channel_id=_channel_id(interaction),
-        )
-        attachment = _attachment(interaction.message, filename(job_id, index))
-        await interaction.response.defer(thinking=True)
-        try:
-            image = await attachment.read()
-        except discord.HTTPException:
-            raise BotError("I could not download that image from Discord; please try again.") from None
+        image = None
+        if attachment is not None:
+            try:
+                image = await attachment.read()
+            except discord.HTTPException:
+                raise BotError("I could not download that image from Discord; please try again.") from None
         queued = await self.service.enqueue(request, init_image=image)
         self._spawn(queued, interaction)
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 _ID = r"(?P<job_id>[1-9][0-9]{0,17}):(?P<index>[0-9])"
 _ECHO_LIMIT = 600
 _VOTES = {"up": (1, "👍"), "down": (-1, "👎")}
+_REMIXES = {JobKind.REROLL: ("Reroll", "🔁"), JobKind.VARIATION: ("Variation", "🎨")}
 
 
 def _row(index: int) -> int | None:
@@ -52,56 +53,36 @@ def _cog(interaction: discord.Interaction[SygilBot]) -> Imagine:
     return cog  # type: ignore[return-value]
 
 
-class RerollButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:reroll:{_ID}"):
-    """Render the same prompt and settings again with a new seed."""
+class RemixButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:(?P<action>reroll|variation):{_ID}"
+):
+    """Make a new image from one image: a reroll (new seed) or a variation (img2img with a new seed)."""
 
-    def __init__(self, job_id: int, index: int, *, count: int = 1) -> None:
+    def __init__(self, job_id: int, index: int, kind: JobKind, *, count: int = 1) -> None:
+        if kind not in _REMIXES:
+            raise ValueError(f"a remix button is a reroll or a variation, not {kind}")
+        label, emoji = _REMIXES[kind]
         super().__init__(
             discord.ui.Button(
-                label=f"Reroll {index + 1}" if count > 1 else "Reroll",
-                emoji="🔁",
+                label=f"{label} {index + 1}" if count > 1 else label,
+                emoji=emoji,
                 style=discord.ButtonStyle.secondary,
-                custom_id=f"imagine:reroll:{job_id}:{index}",
+                custom_id=f"imagine:{kind.value}:{job_id}:{index}",
                 row=_row(index),
             )
         )
         self.job_id = job_id
         self.index = index
+        self.kind = kind
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
     ) -> Self:
-        return cls(int(match["job_id"]), int(match["index"]))
+        return cls(int(match["job_id"]), int(match["index"]), JobKind(match["action"]))
 
     async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        await _guarded(interaction, lambda: _cog(interaction).reroll(interaction, self.job_id, self.index))
-
-
-class VariationButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:variation:{_ID}"):
-    """Render a variation of one image (img2img with a new seed)."""
-
-    def __init__(self, job_id: int, index: int, *, count: int = 1) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label=f"Variation {index + 1}" if count > 1 else "Variation",
-                emoji="🎨",
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"imagine:variation:{job_id}:{index}",
-                row=_row(index),
-            )
-        )
-        self.job_id = job_id
-        self.index = index
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
-    ) -> Self:
-        return cls(int(match["job_id"]), int(match["index"]))
-
-    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        await _guarded(interaction, lambda: _cog(interaction).variation(interaction, self.job_id, self.index))
+        await _guarded(interaction, lambda: _cog(interaction).remix(interaction, self.job_id, self.index, self.kind))
 
 
 class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:vote:{_ID}:(?P<vote>up|down)"):
@@ -132,7 +113,7 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"ima
         await _guarded(interaction, lambda: _cog(interaction).vote(interaction, self.job_id, self.index, self.vote))
 
 
-DYNAMIC_ITEMS = (RerollButton, VariationButton, VoteButton)
+DYNAMIC_ITEMS = (RemixButton, VoteButton)
 
 
 def vote_value(vote: str) -> int:
@@ -145,8 +126,8 @@ def result_view(job_id: int, count: int, tallies: Sequence[VoteTally] | None = N
     view = discord.ui.View(timeout=None)
     for index in range(count):
         tally = tallies[index] if tallies else None
-        view.add_item(RerollButton(job_id, index, count=count))
-        view.add_item(VariationButton(job_id, index, count=count))
+        view.add_item(RemixButton(job_id, index, JobKind.REROLL, count=count))
+        view.add_item(RemixButton(job_id, index, JobKind.VARIATION, count=count))
         view.add_item(VoteButton(job_id, index, "up", tally=tally))
         view.add_item(VoteButton(job_id, index, "down", tally=tally))
     return view

@@ -85,7 +85,9 @@ def test_bad_prompts_are_refused_before_anything_is_stored(service: ImageService
 async def test_reroll_keeps_everything_but_the_seed(service: ImageService) -> None:
     parent = await service.enqueue(prepare(service, seed=5, count=2, steps=9))
     await service.finish(parent)
-    request = await service.prepare_reroll(job_id=parent.job.id, index=1, user_id=9, guild_id=2, channel_id=3)
+    request = await service.prepare_remix(
+        kind=JobKind.REROLL, job_id=parent.job.id, index=1, user_id=9, guild_id=2, channel_id=3
+    )
     assert request.kind is JobKind.REROLL and request.count == 1 and request.user_id == 9
     assert request.settings == parent.job.settings and request.prompt == parent.job.prompt
     assert request.parent == (parent.job.id, 1)
@@ -98,7 +100,9 @@ async def test_reroll_keeps_everything_but_the_seed(service: ImageService) -> No
 async def test_variation_is_img2img_from_the_image(service: ImageService) -> None:
     parent = await service.enqueue(prepare(service))
     await service.finish(parent)
-    request = await service.prepare_variation(job_id=parent.job.id, index=0, user_id=1, guild_id=2, channel_id=3)
+    request = await service.prepare_remix(
+        kind=JobKind.VARIATION, job_id=parent.job.id, index=0, user_id=1, guild_id=2, channel_id=3
+    )
     assert request.settings.mode is Mode.IMG2IMG and request.settings.strength == GENERATION.variation_strength
     with pytest.raises(ValueError, match="init image"):
         await service.enqueue(request)
@@ -106,14 +110,24 @@ async def test_variation_is_img2img_from_the_image(service: ImageService) -> Non
     (image,) = await service.finish(queued)
     assert image.png.endswith(b"img2img")
 
+    # A reroll of a variation is a plain txt2img render of the same prompt and size.
+    reroll = await service.prepare_remix(
+        kind=JobKind.REROLL, job_id=queued.job.id, index=0, user_id=1, guild_id=2, channel_id=3
+    )
+    assert reroll.settings.mode is Mode.TXT2IMG and reroll.settings.width == parent.job.settings.width
+    (image,) = await service.finish(await service.enqueue(reroll))
+    assert image.png.endswith(b"txt2img")
+
 
 async def test_buttons_on_unknown_images_are_refused(service: ImageService) -> None:
     with pytest.raises(JobNotFound):
-        await service.prepare_reroll(job_id=999, index=0, user_id=1, guild_id=None, channel_id=3)
+        await service.prepare_remix(kind=JobKind.REROLL, job_id=999, index=0, user_id=1, guild_id=None, channel_id=3)
     parent = await service.enqueue(prepare(service, count=1))
     await service.finish(parent)
     with pytest.raises(JobNotFound):
-        await service.prepare_variation(job_id=parent.job.id, index=3, user_id=1, guild_id=None, channel_id=3)
+        await service.prepare_remix(
+            kind=JobKind.VARIATION, job_id=parent.job.id, index=3, user_id=1, guild_id=None, channel_id=3
+        )
 
 
 async def test_per_user_limit_applies_before_storing(tmp_path: Path) -> None:

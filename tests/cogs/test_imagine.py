@@ -21,7 +21,7 @@ from bot.engine.types import ImageSpec, Mode, RenderedImage
 from bot.scheduler import Progress, Scheduler
 from bot.service import ImageService
 from bot.storage import Database, JobKind, JobStatus
-from cogs.imagine._views import RerollButton, VariationButton, VoteButton
+from cogs.imagine._views import RemixButton, VoteButton
 from tests.fakediscord import FakeDiscord, FakeInteraction, Message, point_discord_at, run_bot
 
 GENERATION = GenerationConfig(default_steps=3, max_steps=8, sizes=("64x64", "64x96"), max_count=4)
@@ -215,6 +215,11 @@ async def test_reroll_and_variation_post_new_images(harness: Harness) -> None:
 
         reroll_job = await bot.db.get_job(job_id=int(rerolled.attachments[0].filename.split("_")[1]))
         variation_job = await bot.db.get_job(job_id=int(varied.attachments[0].filename.split("_")[1]))
+        assert variation_job is not None
+
+        # The buttons of a variation work too; its reroll renders the prompt afresh at the same size.
+        again = await server.click(varied.id, f"imagine:reroll:{variation_job.id}:0")
+        assert pngs(await final_message(server, again))[0].size == (64, 96)
     assert reroll_job is not None and reroll_job.kind is JobKind.REROLL and reroll_job.parent_job_id == job_id
     assert variation_job is not None and variation_job.settings.mode is Mode.IMG2IMG
     assert variation_job.prompt == reroll_job.prompt == "species:seal"
@@ -303,10 +308,11 @@ async def test_forged_custom_ids_are_answered_not_crashed(harness: Harness) -> N
 
 
 def test_custom_ids_round_trip_through_their_templates() -> None:
-    for item in (RerollButton(12, 3), VariationButton(12, 0), VoteButton(12, 1, "down")):
+    for item in (RemixButton(12, 3, JobKind.REROLL), RemixButton(12, 0, JobKind.VARIATION), VoteButton(12, 1, "down")):
         match = type(item).__discord_ui_compiled_template__.fullmatch(item.custom_id)
         assert match is not None and len(item.custom_id) <= 100
-    assert RerollButton.__discord_ui_compiled_template__.fullmatch("imagine:reroll:12:3:extra") is None
+    assert RemixButton.__discord_ui_compiled_template__.fullmatch("imagine:reroll:12:3:extra") is None
+    assert RemixButton.__discord_ui_compiled_template__.fullmatch("imagine:imagine:12:3") is None
     assert VoteButton.__discord_ui_compiled_template__.fullmatch("imagine:vote:12:1:sideways") is None
 
 
