@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from bot.config import Config, ModelConfig
+from bot.config import Config, ModelConfig, PromptsConfig
 from bot.errors import BotError, ConfigError
+
+if TYPE_CHECKING:
+    from bot.prompts import Rules
 
 log = logging.getLogger("bot")
 
@@ -65,7 +70,21 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument("--scheduler", default=None, help="dpm++, ddim or euler-a")
     imagine.add_argument("--device", default=None, help="auto, cpu, cuda")
     imagine.add_argument("--config", type=Path, default=None, help="take model and generation defaults from here")
+    imagine.add_argument("--allow-rating", action="store_true", help="allow mature rating: tags")
     imagine.set_defaults(handler=_imagine)
+
+    prompt = commands.add_parser("prompt", help="work with prompts").add_subparsers(required=True, metavar="ACTION")
+    check = prompt.add_parser("check", help="check prompts against the tag language and the token budget")
+    check.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
+    check.add_argument("--file", type=Path, help="check one prompt per line of this file")
+    check.add_argument("--negative", default="", help="negative prompt checked with each prompt")
+    check.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    check.add_argument(
+        "--model", default=None, help="whose tokenizer counts (default: the config's model.id, else CLIP's)"
+    )
+    check.add_argument("--config", type=Path, default=None, help="take the model, blocklist and truncation from here")
+    check.add_argument("--allow-rating", action="store_true", help="check as in an age-restricted channel")
+    check.set_defaults(handler=_prompt_check)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weights Sygil-shaped model (for tests)")
     tiny.add_argument("directory", type=Path)
@@ -121,7 +140,8 @@ async def _serve(config: Config) -> None:
             generation=config.generation,
             model=config.model.id,
             scheduler_name=config.model.scheduler,
-            count_tokens=engine.count_tokens,
+            tokenizer=engine.tokenizer,
+            prompts=config.prompts,
         )
         async with SygilBot(config=config, service=service) as bot:
             try:
@@ -198,9 +218,12 @@ def _imagine(args: argparse.Namespace) -> int:
         safety_checker=model.safety_checker,
         attention_slicing=model.attention_slicing,
     )
+    rules = _rules(config, allow_rating=args.allow_rating)
     verdicts = [
-        check_prompt(args.prompt, count_tokens=engine.count_tokens),
-        check_prompt(args.negative, field_name="negative prompt", count_tokens=engine.count_tokens, allow_empty=True),
+        check_prompt(args.prompt, tokenizer=engine.tokenizer, rules=rules),
+        check_prompt(
+            args.negative, field_name="negative prompt", tokenizer=engine.tokenizer, rules=rules, allow_empty=True
+        ),
     ]
     for verdict in verdicts:
         for warning in verdict.warnings:
@@ -211,6 +234,62 @@ def _imagine(args: argparse.Namespace) -> int:
     args.output.write_bytes(image.png)
     print(f"wrote {args.output} ({settings.width}x{settings.height}, seed {seed})")
     return 0
+
+
+def _rules(config: Config | None, *, allow_rating: bool) -> Rules:
+    from bot.prompts import Blocklist, Rules
+
+    prompts = config.prompts if config else PromptsConfig()
+    return Rules(
+        allow_truncation=prompts.allow_truncation, allow_rating=allow_rating, blocklist=Blocklist(prompts.blocklist)
+    )
+
+
+def _prompt_check(args: argparse.Namespace) -> int:
+    from bot.prompts import check_prompt, load_tokenizer
+
+    if (args.prompt is None) == (args.file is None):
+        print("sygil-bot: give either a PROMPT or --file FILE", file=sys.stderr)
+        return EXIT_USAGE
+    if args.file is not None:
+        try:
+            prompts = args.file.read_text("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"sygil-bot: cannot read {args.file}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        prompts = [args.prompt]
+    config = Config.load(args.config, require_token=False) if args.config else None
+    model = args.model or (config.model.id if config else None)
+    tokenizer = load_tokenizer(model)
+    rules = _rules(config, allow_rating=args.allow_rating)
+    negative = check_prompt(
+        args.negative, field_name="negative prompt", tokenizer=tokenizer, rules=rules, allow_empty=True
+    )
+    refused = False
+    for text in prompts:
+        verdict = check_prompt(text, tokenizer=tokenizer, rules=rules)
+        report = verdict.as_dict()
+        report["errors"] += negative.as_dict()["errors"]  # type: ignore[operator]
+        report["warnings"] += list(negative.warnings)  # type: ignore[operator]
+        report["ok"] = verdict.ok and negative.ok
+        refused = refused or not report["ok"]
+        print(json.dumps(report, ensure_ascii=False) if args.json else _describe(report))
+    return EXIT_REFUSED if refused else 0
+
+
+def _describe(report: dict[str, Any]) -> str:
+    """Render a verdict for people: the verdict line, then tags, errors and notes."""
+    lines = [
+        f"{'ok' if report['ok'] else 'refused'}: {report['prompt']} ({report['tokens']}/{report['max_tokens']} tokens)"
+    ]
+    if report["tags"]:
+        lines.append("  tags: " + ", ".join(f"{tag['namespace']}:{tag['tag']}" for tag in report["tags"]))
+    for error in report["errors"]:
+        hint = f" (try {error['suggestion']})" if error["suggestion"] else ""
+        lines.append(f"  error [{error['code']}]: {error['message']}{hint}")
+    lines.extend(f"  note: {warning}" for warning in report["warnings"])
+    return "\n".join(lines)
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:

@@ -61,6 +61,13 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptsConfig:
+    blocklist: tuple[str, ...] = ()
+    allow_truncation: bool = False
+    rating_channels: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class QueueConfig:
     max_queue: int = 32
     max_batch: int = 8
@@ -78,6 +85,7 @@ class Config:
     discord: DiscordConfig = DiscordConfig()
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
+    prompts: PromptsConfig = PromptsConfig()
     queue: QueueConfig = QueueConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -114,9 +122,10 @@ class Config:
             raise ConfigError(f"{source}: discord.token: the token must not be in the file; set DISCORD_TOKEN instead")
         config = cls(
             token=token,
-            discord=reader.section("discord", DiscordConfig, {"guild_ids": _guild_ids}),
+            discord=reader.section("discord", DiscordConfig, {"guild_ids": _ids}),
             model=reader.section("model", ModelConfig),
             generation=reader.section("generation", GenerationConfig, {"sizes": _sizes}),
+            prompts=reader.section("prompts", PromptsConfig, {"blocklist": _terms, "rating_channels": _ids}),
             queue=reader.section("queue", QueueConfig),
             storage=reader.section("storage", StorageConfig, {"path": _path}),
         )
@@ -164,7 +173,7 @@ class _Reader:
             raise ConfigError(f"{self._source}: unknown setting {self._unknown[0]} (see config.example.toml)")
 
 
-_SECTIONS = ("discord", "model", "generation", "queue", "storage")
+_SECTIONS = ("discord", "model", "generation", "prompts", "queue", "storage")
 
 
 def _convert(value: Any, kind: type) -> Any:
@@ -187,15 +196,21 @@ def _convert(value: Any, kind: type) -> Any:
     raise TypeError(f"unsupported setting type {kind.__name__}")
 
 
-def _guild_ids(value: Any) -> tuple[int, ...]:
+def _ids(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list):
-        raise TypeError(f"must be a list of guild ids, got {value!r}")
+        raise TypeError(f"must be a list of Discord ids, got {value!r}")
     ids: list[int] = []
     for item in value:  # pyright: ignore[reportUnknownVariableType]
         if isinstance(item, bool) or not isinstance(item, int | str) or not str(item).isdigit():  # pyright: ignore[reportUnknownArgumentType]
-            raise TypeError(f"must be a list of numeric guild ids, got {item!r}")
+            raise TypeError(f"must be a list of numeric Discord ids, got {item!r}")
         ids.append(int(item))  # pyright: ignore[reportUnknownArgumentType]
     return tuple(ids)
+
+
+def _terms(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):  # pyright: ignore[reportUnknownVariableType]
+        raise TypeError(f'must be a list of non-empty strings, like ["term", "two words"], got {value!r}')
+    return tuple(str(item).strip() for item in value)  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
 
 
 def _sizes(value: Any) -> tuple[str, ...]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from bot.config import GenerationConfig
+from bot.config import GenerationConfig, PromptsConfig
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
-from bot.errors import BotError, JobNotFound
-from bot.prompts import check_prompt
+from bot.errors import BotError, JobNotFound, PromptRejected
+from bot.prompts import Blocklist, Rules, Tokenizer, check_prompt
 from bot.scheduler import Scheduler, Ticket
 from bot.storage import Database, Job, JobKind, JobStatus
 
@@ -80,14 +79,17 @@ class ImageService:
         generation: GenerationConfig,
         model: str,
         scheduler_name: str,
-        count_tokens: Callable[[str], int] | None = None,
+        tokenizer: Tokenizer | None = None,
+        prompts: PromptsConfig | None = None,
     ) -> None:
         self.db = db
         self.scheduler = scheduler
         self.generation = generation
         self.model = model
         self.scheduler_name = scheduler_name
-        self.count_tokens = count_tokens
+        self.tokenizer = tokenizer
+        self.prompts = prompts or PromptsConfig()
+        self.blocklist = Blocklist(self.prompts.blocklist)
 
     def check_settings(
         self, *, steps: int | None, guidance: float | None, size: str | None, count: int | None
@@ -111,15 +113,26 @@ class ImageService:
         width, height = gen.size(size)
         return Settings(steps=steps, guidance=guidance, width=width, height=height), count
 
-    def check_prompts(self, prompt: str, negative: str | None) -> tuple[str, str, tuple[str, ...]]:
-        """Return the normalised prompt and negative prompt and any notes, or raise PromptRejected."""
-        verdict = check_prompt(prompt, count_tokens=self.count_tokens)
-        verdict.raise_for_errors()
-        negative_verdict = check_prompt(
-            negative or "", field_name="negative prompt", count_tokens=self.count_tokens, allow_empty=True
+    def rules(self, *, channel_id: int | None = None, age_restricted: bool = False) -> Rules:
+        """Return the prompt rules of a channel: mature ratings only where it is age-restricted or listed."""
+        return Rules(
+            allow_truncation=self.prompts.allow_truncation,
+            allow_rating=age_restricted or channel_id in self.prompts.rating_channels,
+            blocklist=self.blocklist,
         )
-        negative_verdict.raise_for_errors()
-        return verdict.prompt, negative_verdict.prompt, verdict.warnings + negative_verdict.warnings
+
+    def check_prompts(self, prompt: str, negative: str | None, rules: Rules) -> tuple[str, str, tuple[str, ...]]:
+        """Return the normalised prompt and negative prompt and any notes, or raise PromptRejected."""
+        verdicts = [
+            check_prompt(prompt, tokenizer=self.tokenizer, rules=rules),
+            check_prompt(
+                negative or "", field_name="negative prompt", tokenizer=self.tokenizer, rules=rules, allow_empty=True
+            ),
+        ]
+        problems = [error.message for verdict in verdicts for error in verdict.errors]
+        if problems:
+            raise PromptRejected("\n".join(problems))
+        return verdicts[0].prompt, verdicts[1].prompt, verdicts[0].warnings + verdicts[1].warnings
 
     def prepare(
         self,
@@ -134,10 +147,12 @@ class ImageService:
         guidance: float | None = None,
         size: str | None = None,
         count: int | None = None,
+        age_restricted: bool = False,
     ) -> Request:
         """Validate a new request without waiting on anything, so a refusal can be answered at once."""
         settings, count = self.check_settings(steps=steps, guidance=guidance, size=size, count=count)
-        prompt, negative, warnings = self.check_prompts(prompt, negative)
+        rules = self.rules(channel_id=channel_id, age_restricted=age_restricted)
+        prompt, negative, warnings = self.check_prompts(prompt, negative, rules)
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}, not {seed}.")
         self.scheduler.check_room(user_id)

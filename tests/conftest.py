@@ -15,6 +15,7 @@ import pytest
 
 if TYPE_CHECKING:
     from bot.engine import Engine
+    from bot.prompts import Tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-model")
     make_tiny_model(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer() -> Tokenizer:
+    """Load the real CLIP ViT-L/14 tokenizer from the vocabulary open-clip-torch ships."""
+    from bot.prompts import load_tokenizer
+
+    return load_tokenizer()
 
 
 @pytest.fixture(scope="session")

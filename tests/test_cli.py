@@ -92,3 +92,75 @@ def test_run_with_a_missing_config_file(tmp_path: Path) -> None:
     result = sygil("run", "--config", str(tmp_path / "missing.toml"), env={"DISCORD_TOKEN": "x"})
     assert result.returncode == 2
     assert "no such config file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prompt_check_json_accepts_and_counts(tiny_model_dir: Path) -> None:
+    result = sygil("prompt", "check", "Species:Seal, artist:chris_rallis", "--json", "--model", str(tiny_model_dir))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == {
+        "ok": True,
+        "prompt": "species:seal, creator:chris rallis",
+        "tags": [{"namespace": "species", "tag": "seal"}, {"namespace": "creator", "tag": "chris rallis"}],
+        "tokens": 9,
+        "max_tokens": 75,
+        "errors": [],
+        "warnings": [report["warnings"][0]],
+    }
+    assert "`artist:` became `creator:`" in report["warnings"][0]
+
+
+def test_prompt_check_json_refuses_with_a_suggestion() -> None:
+    result = sygil("prompt", "check", "speces:seal", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["tokens"] == 4
+    assert report["errors"][0]["code"] == "unknown_namespace"
+    assert report["errors"][0]["suggestion"] == "species:"
+
+
+def test_prompt_check_file_prints_one_line_per_prompt_in_order(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("species:seal, studio:dc\ntitle:foo\nrating:explicit\n16:9, re:zero\n", "utf-8")
+    result = sygil("prompt", "check", "--file", str(prompts), "--json")
+    assert result.returncode == 1
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [report["ok"] for report in reports] == [True, False, False, True]
+    assert reports[1]["errors"][0]["code"] == "provenance_namespace"
+    assert reports[2]["errors"][0]["code"] == "rating_not_allowed"
+    allowed = sygil("prompt", "check", "rating:explicit", "--allow-rating", "--json")
+    assert allowed.returncode == 0 and json.loads(allowed.stdout)["ok"]
+
+
+def test_prompt_check_uses_the_configs_blocklist_and_truncation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[prompts]\nblocklist = ["forbidden"]\nallow_truncation = true\n[model]\nid = "{tiny_model_dir}"\n'
+    )
+    blocked = sygil("prompt", "check", "a f0rbidden seal", "--json", "--config", str(config))
+    assert blocked.returncode == 1
+    (error,) = json.loads(blocked.stdout)["errors"]
+    assert error["code"] == "blocked_term" and "rbidden" not in error["message"]
+    long = sygil("prompt", "check", "cat " * 80, "--json", "--config", str(config))
+    report = json.loads(long.stdout)
+    assert long.returncode == 0 and report["tokens"] == 80 and "left out" in report["warnings"][0]
+
+
+def test_prompt_check_negative_prompt_errors_are_reported() -> None:
+    result = sygil("prompt", "check", "species:seal", "--negative", "title:blurry", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert [error["code"] for error in report["errors"]] == ["provenance_namespace"]
+
+
+def test_prompt_check_for_people() -> None:
+    result = sygil("prompt", "check", "speces:seal")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == "refused: speces:seal (4/75 tokens)"
+    assert "Did you mean `species:`?" in result.stdout
+
+
+def test_prompt_check_needs_a_prompt_or_a_file(tmp_path: Path) -> None:
+    assert sygil("prompt", "check").returncode == 2
+    missing = sygil("prompt", "check", "--file", str(tmp_path / "none.txt"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr

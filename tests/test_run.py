@@ -43,7 +43,8 @@ path = "{database}"
 
 @contextlib.asynccontextmanager
 async def bot_process(config: Path, server: FakeDiscord, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    env = os.environ | {"DISCORD_TOKEN": server.token, "HF_HUB_OFFLINE": "1"}
+    # PYTHONFAULTHANDLER: a hung bot dumps every thread's stack into the log when it is aborted below.
+    env = os.environ | {"DISCORD_TOKEN": server.token, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     with log.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bot", "run", "--config", str(config), env=env, stdout=output, stderr=output
@@ -59,8 +60,13 @@ async def bot_process(config: Path, server: FakeDiscord, log: Path) -> AsyncIter
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(60):
+            try:
+                async with asyncio.timeout(30):
+                    await process.wait()
+            except TimeoutError:
+                process.send_signal(signal.SIGABRT)
                 await process.wait()
+                raise AssertionError(f"the bot did not stop on SIGTERM:\n{log.read_text()[-6000:]}") from None
 
 
 async def test_run_serves_imagine_and_old_buttons_work_after_a_restart(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from transformers import CLIPTokenizer
 
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import ModelError
+from bot.prompts.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class Engine:
 
     def count_tokens(self, text: str) -> int:
         """Return how many content tokens (without start and end) the model's tokenizer makes of text."""
-        return len(self.tokenizer.tokenize(text))
+        return count_tokens(self.tokenizer, text).tokens
 
     def render(
         self,

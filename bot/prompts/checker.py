@@ -1,23 +1,35 @@
-"""Parse, normalise and check prompts written in the namespaced INE tag language."""
+"""Parse, normalise and check prompts written in the namespaced INE tag language.
+
+A prompt is a comma-separated list of items. An item is ``namespace:tag`` when the text before its first colon
+is a namespace (tag values may hold more colons: ``series:monster hunter:world``), else free text in any
+language. Colons that are not namespaces stay text: ``16:9``, ``12:30``, URLs, ``re:zero``.
+
+Weights. ``(tag:1.2)`` and ``(species:seal:1.2)`` are accepted and kept as written, and a weighted tag keeps its
+namespace. The bot renders with plain diffusers, which does not apply weights: CLIP reads the brackets and the
+number as text, so a note says so. The old ``tag:1.2`` form (no brackets) is read the same way.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bot.errors import PromptRejected
-from bot.prompts.namespaces import ALIASES, CONTENT, KNOWN, PROVENANCE
+from bot.prompts.blocklist import Blocklist
+from bot.prompts.namespaces import ALIASES, CONTENT, KNOWN, PROVENANCE, SAFE_RATINGS
+from bot.prompts.tokens import MAX_TOKENS, Tokenizer, count_tokens
 
-MAX_TOKENS = 75  # CLIP reads 77 ids; the start and end ids take two.
-MAX_CHARS = 1500
+MAX_CHARS = 1500  # Discord's longest string option is 6000; nothing useful is longer than CLIP's 77 tokens anyway.
 
-# A namespace is one or two lowercase-able words before the first colon; anything else with a colon is text.
-_CANDIDATE = re.compile(r"(?P<open>\(*)\s*(?P<namespace>[A-Za-z][A-Za-z_ ]{0,19}?)\s*:(?P<rest>.*)", re.DOTALL)
-_WEIGHT = re.compile(r"\s*[+-]?\d+(\.\d+)?\s*\)*\s*")
-_TRAILING_WEIGHT = re.compile(r"(?P<tag>.*?)(?P<weight>\s*:\s*[+-]?\d+(\.\d+)?)?\s*$", re.DOTALL)
-_SPACES = re.compile(r"[\s_]+")
+_PREFIX = re.compile(r"(?P<open>\(*)\s*(?P<name>[^:()]*?)\s*:(?P<rest>.*)", re.DOTALL)
+_NAME = re.compile(r"[a-z]+(?: [a-z]+)?")
+_NUMBER = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*")
+_WEIGHT_SUFFIX = re.compile(r"(?P<body>.*?)\s*:\s*(?P<weight>[+-]?(\d+(\.\d*)?|\.\d+))\s*", re.DOTALL)
+_WEIGHTED_TEXT = re.compile(r"\(.*:\s*[\d.]+\s*\)")
+_EXAMPLES = {"species": "seal", "studio": "dc", "series": "star wars", "medium": "oil painting", "year": "1999"}
+_DESCRIBE_INSTEAD = {"title": "series", "pixiv work": "series", "category": "meta", "text": "meta"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +51,23 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True)
+class Rules:
+    """What the place a prompt is used in allows."""
+
+    max_tokens: int = MAX_TOKENS
+    allow_truncation: bool = False  # past the budget: warn and let CLIP cut, instead of refusing
+    allow_rating: bool = False  # mature `rating:` tags (an age-restricted channel, or a moderator's setting)
+    blocklist: Blocklist = field(default_factory=Blocklist)
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     prompt: str
     tags: tuple[Tag, ...] = ()
     tokens: int | None = None
     max_tokens: int = MAX_TOKENS
     errors: tuple[Problem, ...] = ()
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -56,122 +78,96 @@ class Verdict:
         if self.errors:
             raise PromptRejected("\n".join(problem.message for problem in self.errors))
 
+    def as_dict(self) -> dict[str, object]:
+        """Return the verdict as plain JSON-ready data (the `prompt check --json` format)."""
+        return {
+            "ok": self.ok,
+            "prompt": self.prompt,
+            "tags": [{"namespace": tag.namespace, "tag": tag.tag} for tag in self.tags],
+            "tokens": self.tokens,
+            "max_tokens": self.max_tokens,
+            "errors": [
+                {"code": error.code, "message": error.message, "suggestion": error.suggestion} for error in self.errors
+            ],
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    text: str  # normalised
+    tag: Tag | None = None
+    error: Problem | None = None
+    note: str | None = None
+    weighted: bool = False
+
+
+def normalise(text: str) -> str:
+    """Return the INE form of a prompt: items trimmed and comma-separated, tags lowercase with single spaces."""
+    return ", ".join(item.text for item in _items(text, field_name="prompt"))
+
 
 def check_prompt(
     text: str,
     *,
     field_name: str = "prompt",
-    count_tokens: Callable[[str], int] | None = None,
-    max_tokens: int = MAX_TOKENS,
+    tokenizer: Tokenizer | None = None,
+    rules: Rules | None = None,
     allow_empty: bool = False,
 ) -> Verdict:
-    """Normalise ``text`` and return the verdict; never raises for any input string."""
-    errors: list[Problem] = []
-    warnings: list[str] = []
-    tags: list[Tag] = []
-    cleaned = _clean(text)
-    if len(cleaned) > MAX_CHARS:
-        errors.append(
-            Problem("too_long", f"The {field_name} is {len(cleaned)} characters; at most {MAX_CHARS} are accepted.")
+    """Normalise ``text`` and judge it under ``rules``; any string gets a verdict, never an exception."""
+    rules = rules or Rules()
+    items = _items(text, field_name=field_name)
+    prompt = ", ".join(item.text for item in items)
+    errors = [item.error for item in items if item.error is not None]
+    warnings = list(dict.fromkeys(item.note for item in items if item.note is not None))
+    tags = tuple(item.tag for item in items if item.tag is not None)
+    if any(item.weighted for item in items):
+        warnings.append(
+            "Weights like `(tag:1.2)` are not applied by this bot: the model reads the brackets and numbers as text."
         )
-        return Verdict(prompt=cleaned[:MAX_CHARS], errors=tuple(errors), max_tokens=max_tokens)
-    items: list[str] = []
-    for raw in cleaned.split(","):
-        item = _SPACES.sub(" ", raw).strip()
-        if not item:
-            continue
-        items.append(_check_item(item, field_name, tags, errors, warnings))
-    prompt = ", ".join(items)
     if not prompt and not allow_empty:
         errors.append(Problem("empty", f"The {field_name} is empty: describe the image, e.g. `species:seal, beach`."))
-    tokens = None
-    if count_tokens is not None and prompt:
-        tokens = count_tokens(prompt)
-        if tokens > max_tokens:
+    if len(prompt) > MAX_CHARS:
+        errors.append(
+            Problem("too_long", f"The {field_name} is {len(prompt)} characters long; at most {MAX_CHARS} are accepted.")
+        )
+    for tag in tags:
+        if tag.namespace == "rating" and tag.tag not in SAFE_RATINGS and not rules.allow_rating:
             errors.append(
                 Problem(
-                    "too_many_tokens",
-                    f"The {field_name} is {tokens} tokens long; the model reads only {max_tokens}. "
-                    "Remove some tags or words.",
+                    "rating_not_allowed",
+                    f"`{tag}` steers towards mature content, which is allowed only in age-restricted channels "
+                    "(or where a moderator allows it). Remove it, or use it in such a channel.",
+                    suggestion="rating:safe",
                 )
             )
+    if rules.blocklist and (rules.blocklist.matches(prompt) or (text != prompt and rules.blocklist.matches(text))):
+        # Never echo the term: the message may be seen by others, and repeating it defeats the list.
+        errors.append(
+            Problem("blocked_term", f"The {field_name} contains a term this server does not allow. Please rephrase it.")
+        )
+    tokens = None
+    if tokenizer is not None and prompt and len(prompt) <= MAX_CHARS:
+        counted = count_tokens(tokenizer, prompt, rules.max_tokens)
+        tokens = counted.tokens
+        if counted.overflow:
+            summary = (
+                f"The {field_name} is {counted.tokens} tokens long and the model reads only {rules.max_tokens}, "
+                f"so this part would be cut off: `{_shorten(counted.overflow)}`"
+            )
+            if rules.allow_truncation:
+                warnings.append(summary + ". It was left out.")
+            else:
+                errors.append(Problem("too_many_tokens", summary + ". Remove some tags or words."))
     return Verdict(
         prompt=prompt,
-        tags=tuple(tags),
+        tags=tags,
         tokens=tokens,
-        max_tokens=max_tokens,
+        max_tokens=rules.max_tokens,
         errors=tuple(errors),
         warnings=tuple(warnings),
     )
-
-
-def _clean(text: str) -> str:
-    """Drop control and format characters (zero-width tricks) and apply NFKC, keeping newlines as separators."""
-    text = unicodedata.normalize("NFKC", text)
-    return "".join(
-        " " if char in "\n\r\t" else char for char in text if char in "\n\r\t" or unicodedata.category(char)[0] != "C"
-    )
-
-
-def _check_item(item: str, field_name: str, tags: list[Tag], errors: list[Problem], warnings: list[str]) -> str:
-    """Return the normalised item, recording its tag, or why it is refused."""
-    match = _CANDIDATE.fullmatch(item)
-    if match is None:
-        return item
-    namespace = _SPACES.sub(" ", match["namespace"]).strip().lower()
-    rest = match["rest"]
-    if rest.startswith("//"):  # a URL
-        return item
-    opening = match["open"]
-    suffix = ""
-    if opening:
-        # `(species:seal:1.2)` is a weighted tag: the weight and the closing brackets are not part of the tag.
-        closing = len(rest) - len(rest.rstrip().rstrip(")"))
-        closing = min(closing, len(opening))
-        body = rest.rstrip()[: len(rest.rstrip()) - closing] if closing else rest
-        weighted = _TRAILING_WEIGHT.fullmatch(body)
-        assert weighted is not None
-        rest = weighted["tag"]
-        suffix = (weighted["weight"] or "").replace(" ", "") + ")" * closing
-    tag = _SPACES.sub(" ", rest).strip().lower()
-    if namespace in ALIASES:
-        canonical = ALIASES[namespace]
-        warnings.append(f"`{namespace}:` is written `{canonical}:` in Sygil's tags; changed `{namespace}:{tag}`.")
-        namespace = canonical
-    if namespace not in KNOWN:
-        suggestion = nearest_namespace(namespace)
-        if suggestion is None or _WEIGHT.fullmatch(rest):
-            return item  # plain text with a colon, such as `re:zero` or a `(word:1.2)` weight
-        errors.append(
-            Problem(
-                "unknown_namespace",
-                f"`{namespace}:` is not a namespace Sygil knows. Did you mean `{suggestion}:`?",
-                suggestion=f"{suggestion}:",
-            )
-        )
-        return item
-    if not tag or (_WEIGHT.fullmatch(rest) and namespace != "year"):
-        errors.append(
-            Problem(
-                "empty_tag",
-                f"`{namespace}:` needs a tag after the colon, e.g. `{namespace}:{_EXAMPLES.get(namespace, 'seal')}`.",
-            )
-        )
-        return item
-    if namespace in PROVENANCE:
-        errors.append(
-            Problem(
-                "provenance_namespace",
-                f"`{namespace}:` records where a training image came from, not what it shows, so it cannot steer "
-                f"the picture. Describe what it shows instead, e.g. with `{_NEAREST_CONTENT.get(namespace, 'meta')}:`.",
-            )
-        )
-    tags.append(Tag(namespace, tag))
-    return f"{opening}{namespace}:{tag}{suffix}"
-
-
-_EXAMPLES = {"species": "seal", "studio": "dc", "series": "star wars", "medium": "oil painting", "year": "1999"}
-_NEAREST_CONTENT = {"title": "series", "category": "meta", "text": "meta"}
 
 
 def nearest_namespace(word: str) -> str | None:
@@ -179,21 +175,129 @@ def nearest_namespace(word: str) -> str | None:
     word = word.lower().strip()
     if len(word) < 3:
         return None
-    best: tuple[int, str] | None = None
-    for candidate in sorted(CONTENT | ALIASES.keys()):
-        distance = _edit_distance(word, candidate)
-        if best is None or distance < best[0]:
-            best = (distance, candidate)
-    assert best is not None
-    distance, candidate = best
-    limit = 1 if len(word) <= 4 else 2
-    if distance > limit:
+    best = min(sorted(CONTENT | ALIASES.keys()), key=lambda candidate: _edit_distance(word, candidate))
+    if _edit_distance(word, best) > (1 if len(word) <= 4 else 2):
         return None
-    return ALIASES.get(candidate, candidate)
+    return ALIASES.get(best, best)
+
+
+def _items(text: str, *, field_name: str) -> list[_Item]:
+    items: list[_Item] = []
+    for raw in _clean(text).split(","):
+        item = " ".join(raw.split())
+        if item:
+            items.append(_item(item, field_name))
+    return items
+
+
+def _clean(text: str) -> str:
+    """Apply NFKC, turn line breaks and tabs into separators and drop other control and format characters."""
+    text = unicodedata.normalize("NFKC", text)
+    if text.isprintable():  # no control, format or unassigned characters: the common case, done in C
+        return text
+    kept: list[str] = []
+    for char in text:
+        if char in "\n\r":
+            kept.append(",")
+        elif char == "\t":
+            kept.append(" ")
+        elif unicodedata.category(char) not in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            kept.append(char)
+    return "".join(kept)
+
+
+def _words(text: str) -> str:
+    """Lowercase a tag, with spaces for underscores (INE writes `cloudy sky`, boorus `cloudy_sky`)."""
+    text = " ".join(text.replace("_", " ").split()).lower()
+    return text if text.isascii() else unicodedata.normalize("NFKC", text)
+
+
+# Prompts reuse the same tags over and over; an item's reading depends on nothing but its text.
+@functools.lru_cache(maxsize=65_536)
+def _item(item: str, field_name: str) -> _Item:
+    """Read one comma-separated item."""
+    match = _PREFIX.fullmatch(item) if ":" in item else None
+    if match is None:
+        return _plain(item)
+    opening, rest = match["open"], match["rest"]
+    name = _words(match["name"])
+    if rest.startswith("//") or not _NAME.fullmatch(name):
+        return _plain(item)  # a URL, a time, a ratio, text in another script
+    weighted = bool(opening)
+    closing = ""
+    if opening:
+        # `(species:seal:1.2)`: the brackets and the weight belong to the weighting, not to the tag.
+        stripped = rest.rstrip()
+        count = min(len(stripped) - len(stripped.rstrip(")")), len(opening))
+        rest, closing = stripped[: len(stripped) - count], ")" * count
+    weight = ""
+    suffix = _WEIGHT_SUFFIX.fullmatch(rest)
+    if suffix is not None and name != "year":
+        rest, weight, weighted = suffix["body"], f":{suffix['weight']}", True
+    note = None
+    if name in ALIASES:
+        canonical = ALIASES[name]
+        note = f"`{name}:` is written `{canonical}:` in Sygil's tags, so `{name}:` became `{canonical}:`."
+        name = canonical
+    if name not in KNOWN:
+        if rest[:1].isspace():
+            return _plain(item)  # `note: hello` is prose; INE never puts a space after the colon
+        if _NUMBER.fullmatch(rest) and not weight:
+            return _plain(item, weighted=True)  # the old `word:1.2` weight form
+        suggestion = nearest_namespace(name)
+        if suggestion is None and (len(name) < 3 or " " in name):
+            return _plain(item)  # `re:zero`, `a:b`: not a namespace, just a colon in text
+        hint = (
+            f" Did you mean `{suggestion}:`?" if suggestion else " Write it without the colon if you meant plain text."
+        )
+        return _Item(
+            text=_plain(item).text,
+            error=Problem(
+                "unknown_namespace",
+                f"`{name}:` is not a namespace Sygil knows.{hint}",
+                suggestion=f"{suggestion}:" if suggestion else None,
+            ),
+        )
+    tag = _words(rest)
+    text = f"{opening}{name}:{tag}{weight}{closing}"
+    if not tag:
+        return _Item(
+            text=text,
+            error=Problem(
+                "empty_tag",
+                f"`{name}:` in the {field_name} needs a tag after the colon, "
+                f"e.g. `{name}:{_EXAMPLES.get(name, 'seal')}`.",
+            ),
+        )
+    if name in PROVENANCE:
+        instead = _DESCRIBE_INSTEAD.get(name, "meta")
+        return _Item(
+            text=text,
+            tag=Tag(name, tag),
+            error=Problem(
+                "provenance_namespace",
+                f"`{name}:` records where a training image came from, not what it shows, so it cannot steer the "
+                f"picture. Describe what it shows instead, e.g. with `{instead}:`.",
+                suggestion=f"{instead}:",
+            ),
+        )
+    return _Item(text=text, tag=Tag(name, tag), note=note, weighted=weighted)
+
+
+def _plain(item: str, *, weighted: bool = False) -> _Item:
+    """Free text: kept as written, with underscores read as spaces where it has words."""
+    if "_" in item and any(char.isalpha() for char in item):
+        item = " ".join(item.replace("_", " ").split())
+    return _Item(text=item, weighted=weighted or ("(" in item and _WEIGHTED_TEXT.search(item) is not None))
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    text = text.replace("`", "'")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _edit_distance(a: str, b: str) -> int:
-    """Count insertions, deletions, substitutions and swaps of neighbours (Damerau-Levenshtein, restricted)."""
+    """Count insertions, deletions, substitutions and swaps of neighbours (restricted Damerau-Levenshtein)."""
     previous2: list[int] = []
     previous = list(range(len(b) + 1))
     for i, char_a in enumerate(a, 1):

@@ -33,3 +33,6 @@ PROVENANCE = frozenset(
 ALIASES = {"artist": "creator", "copyright": "series", "franchise": "series"}
 
 KNOWN = CONTENT | PROVENANCE
+
+# `rating:` values that steer away from mature content; any other rating needs an age-restricted channel.
+SAFE_RATINGS = frozenset({"safe", "general", "sfw"})

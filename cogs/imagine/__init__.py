@@ -15,6 +15,8 @@ from discord.ext import commands
 from bot.config import GenerationConfig
 from bot.engine.types import RenderedImage
 from bot.errors import BotError
+from bot.prompts import SAFE_RATINGS
+from bot.prompts.vocabulary import Vocabulary
 from bot.service import MAX_SEED, Queued
 from bot.storage import Job, JobKind
 from cogs.imagine._views import (
@@ -42,6 +44,7 @@ class Imagine(commands.Cog):
     def __init__(self, bot: SygilBot) -> None:
         self.bot = bot
         self.service = bot.service
+        self.vocabulary = Vocabulary.load()
         self._command = _imagine_command(self, bot.config.generation)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -98,10 +101,22 @@ class Imagine(commands.Cog):
             guidance=guidance,
             size=size,
             count=count,
+            age_restricted=_age_restricted(interaction),
         )
         await interaction.response.defer(thinking=True)
         queued = await self.service.enqueue(request)
         self._spawn(queued, interaction)
+
+    async def complete_tags(
+        self, interaction: discord.Interaction[SygilBot], current: str
+    ) -> list[app_commands.Choice[str]]:
+        """Suggest how to finish the tag being typed: namespaces, then tags within one."""
+        rules = self.service.rules(channel_id=interaction.channel_id, age_restricted=_age_restricted(interaction))
+        return [
+            app_commands.Choice(name=value, value=value)
+            for value in self.vocabulary.complete(current)
+            if rules.allow_rating or not _mature_rating(value.rsplit(",", 1)[-1])
+        ]
 
     async def remix(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int, kind: JobKind) -> None:
         request = await self.service.prepare_remix(
@@ -216,6 +231,16 @@ def _channel_id(interaction: discord.Interaction[SygilBot]) -> int:
     return interaction.channel_id
 
 
+def _mature_rating(item: str) -> bool:
+    namespace, _, tag = item.strip().lstrip("(").partition(":")
+    return namespace == "rating" and tag not in SAFE_RATINGS
+
+
+def _age_restricted(interaction: discord.Interaction[SygilBot]) -> bool:
+    channel = interaction.channel
+    return bool(channel is not None and getattr(channel, "nsfw", False))
+
+
 def _token_alive(interaction: discord.Interaction[SygilBot]) -> bool:
     age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
     return age < 15 * 60 - _TOKEN_MARGIN
@@ -266,6 +291,7 @@ def _imagine_command(cog: Imagine, gen: GenerationConfig) -> app_commands.Comman
     }
     sizes = [app_commands.Choice(name=size.replace("x", "×"), value=size) for size in gen.sizes]
     callback: Callable[..., Coroutine[Any, Any, None]] = app_commands.choices(size=sizes)(imagine)
+    callback = app_commands.autocomplete(prompt=cog.complete_tags, negative=cog.complete_tags)(callback)
     callback = app_commands.describe(
         prompt="What to draw: tags like species:seal, studio:dc and plain words, separated by commas",
         negative="What to keep out of the image",

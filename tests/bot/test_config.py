@@ -40,6 +40,10 @@ def test_settings_are_read(tmp_path: Path) -> None:
         [generation]
         sizes = ["64x64", "64x96"]
         max_count = 2
+        [prompts]
+        blocklist = ["bad", "two words"]
+        allow_truncation = true
+        rating_channels = [42]
         [storage]
         path = "/tmp/x.db"
         """,
@@ -49,6 +53,8 @@ def test_settings_are_read(tmp_path: Path) -> None:
     assert config.model.scheduler == "euler-a"
     assert config.generation.sizes == ("64x64", "64x96")
     assert config.storage.path == Path("/tmp/x.db")
+    assert config.prompts.blocklist == ("bad", "two words")
+    assert config.prompts.allow_truncation and config.prompts.rating_channels == (42,)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +67,8 @@ def test_settings_are_read(tmp_path: Path) -> None:
         ("[generation]\nmax_count = 9", "generation.max_count: must be between 1 and 4"),
         ("[queue]\nmax_batch = 2", "queue.max_batch: must be at least generation.max_count"),
         ("[discord]\nguild_ids = 5", "discord.guild_ids: must be a list"),
+        ("[prompts]\nblocklist = 'bad'", "prompts.blocklist: must be a list of non-empty strings"),
+        ("[prompts]\nrating_channels = ['general']", "prompts.rating_channels: must be a list of numeric"),
         ("[discord]\ngateway_url = 'http://x'", "discord.gateway_url: must start with ws:// or wss://"),
         ("[discord]\ntoken = 'secret'", "discord.token: the token must not be in the file"),
         ("[modle]\nid = 'x'", "unknown setting modle"),

@@ -1,18 +1,58 @@
 from __future__ import annotations
 
+import string
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.errors import PromptRejected
-from bot.prompts import Tag, check_prompt, nearest_namespace
+from bot.prompts import Blocklist, Rules, Tag, Tokenizer, check_prompt, nearest_namespace, normalise
+from bot.prompts.tokens import count_tokens
 
 
-def test_tags_are_parsed_and_normalised() -> None:
-    verdict = check_prompt("  Species:Seal ,studio:DC,  cloudy_sky, creator:chris   rallis ")
+def codes(text: str, **kwargs: object) -> list[str]:
+    return [error.code for error in check_prompt(text, **kwargs).errors]  # type: ignore[arg-type]
+
+
+# Normalising
+
+
+def test_tags_are_parsed_and_normalised_to_the_ine_form() -> None:
+    verdict = check_prompt("  Species:Seal ,studio:DC,  cloudy_sky, creator:chris   rallis,,\tSpecies:Red_Panda ")
     assert verdict.ok
-    assert verdict.prompt == "species:seal, studio:dc, cloudy sky, creator:chris rallis"
-    assert verdict.tags == (Tag("species", "seal"), Tag("studio", "dc"), Tag("creator", "chris rallis"))
+    assert verdict.prompt == "species:seal, studio:dc, cloudy sky, creator:chris rallis, species:red panda"
+    assert verdict.tags == (
+        Tag("species", "seal"),
+        Tag("studio", "dc"),
+        Tag("creator", "chris rallis"),
+        Tag("species", "red panda"),
+    )
+
+
+def test_free_text_in_any_language_is_kept() -> None:
+    verdict = check_prompt("una foca en la playa, 海豹, アザラシ, Mona Lisa")
+    assert verdict.ok and verdict.prompt == "una foca en la playa, 海豹, アザラシ, Mona Lisa"
+    assert verdict.tags == ()
+
+
+def test_line_breaks_separate_items_and_fullwidth_forms_fold() -> None:
+    assert check_prompt("species:seal\nｓｔｕｄｉｏ：ｄｃ").prompt == "species:seal, studio:dc"
+
+
+def test_normalising_is_idempotent_on_examples() -> None:
+    for text in [
+        "(Species:Seal:1.2) ,  a__b",
+        "artist:X_Y",
+        "re:zero,16:9",
+        "ＳＰＥＣＩＥＳ：ＳＥＡＬ",
+        "İstanbul_sky",
+    ]:
+        once = normalise(text)
+        assert normalise(once) == once
+
+
+# Namespaces
 
 
 @pytest.mark.parametrize(
@@ -24,61 +64,163 @@ def test_tags_are_parsed_and_normalised() -> None:
         ("Specie:seal", "species:"),
     ],
 )
-def test_unknown_namespace_suggests_the_nearest(typo: str, suggestion: str) -> None:
-    verdict = check_prompt(typo)
-    assert not verdict.ok
-    (error,) = verdict.errors
+def test_unknown_namespace_names_it_and_suggests_the_nearest(typo: str, suggestion: str) -> None:
+    (error,) = check_prompt(typo).errors
     assert error.code == "unknown_namespace"
     assert error.suggestion == suggestion
-    assert typo.split(":")[0].lower() in error.message and suggestion in error.message
+    assert f"`{typo.split(':')[0].lower()}:`" in error.message and suggestion in error.message
+
+
+def test_unknown_namespace_far_from_any_gets_no_suggestion() -> None:
+    (error,) = check_prompt("style:anime").errors
+    assert error.code == "unknown_namespace" and error.suggestion is None
+    assert "`style:`" in error.message and "without the colon" in error.message
 
 
 @pytest.mark.parametrize(
     "text",
-    ["a poster, 16:9", "meeting at 12:30", "https://example.com/a:b", "re:zero", "(cat:1.2), dog", "ratio 4:3"],
+    [
+        "a poster, 16:9",
+        "meeting at 12:30",
+        "https://example.com/a:b",
+        "http://x.y/z",
+        "re:zero",
+        "(cat:1.2), dog",
+        "cat:1.2",
+        "ratio 4:3",
+        "note: remember the sea",
+        "monster hunter:world",
+        "日本語:テキスト",
+        ":3, :d",
+    ],
 )
-def test_colons_that_are_not_namespaces_pass(text: str) -> None:
+def test_colons_that_are_not_namespaces_are_text(text: str) -> None:
     verdict = check_prompt(text)
     assert verdict.ok, verdict.errors
     assert verdict.tags == ()
 
 
-def test_tag_values_may_contain_colons_and_brackets() -> None:
+def test_tag_values_keep_their_colons_and_brackets() -> None:
     verdict = check_prompt("series:monster hunter:world, species:star (sky)")
     assert verdict.tags == (Tag("series", "monster hunter:world"), Tag("species", "star (sky)"))
 
 
-def test_weighted_tags_keep_their_namespace() -> None:
-    verdict = check_prompt("(species:seal:1.2), (studio:dc)")
-    assert verdict.ok
-    assert verdict.tags == (Tag("species", "seal"), Tag("studio", "dc"))
-    assert verdict.prompt == "(species:seal:1.2), (studio:dc)"
-
-
 def test_aliases_are_rewritten_with_a_note() -> None:
-    verdict = check_prompt("artist:chris rallis, franchise:star wars")
+    verdict = check_prompt("artist:chris rallis, franchise:star wars, copyright:dc")
     assert verdict.ok
-    assert verdict.prompt == "creator:chris rallis, series:star wars"
-    assert len(verdict.warnings) == 2 and "creator:" in verdict.warnings[0]
+    assert verdict.prompt == "creator:chris rallis, series:star wars, series:dc"
+    assert len(verdict.warnings) == 3
+    assert "`artist:` became `creator:`" in verdict.warnings[0]
 
 
-def test_provenance_namespaces_are_refused_with_the_reason() -> None:
-    verdict = check_prompt("species:seal, subreddit:aww")
-    assert [error.code for error in verdict.errors] == ["provenance_namespace"]
-    assert "where a training image came from" in verdict.errors[0].message
+@pytest.mark.parametrize("namespace", ["title", "subreddit", "uploader", "booru", "category", "text", "pixiv work"])
+def test_provenance_namespaces_are_refused_with_the_reason(namespace: str) -> None:
+    (error,) = check_prompt(f"species:seal, {namespace}:something").errors
+    assert error.code == "provenance_namespace"
+    assert f"`{namespace}:`" in error.message and "where a training image came from" in error.message
+
+
+def test_mature_ratings_need_a_channel_that_allows_them() -> None:
+    (error,) = check_prompt("species:seal, rating:explicit").errors
+    assert error.code == "rating_not_allowed" and "age-restricted" in error.message
+    assert check_prompt("species:seal, rating:explicit", rules=Rules(allow_rating=True)).ok
+    assert check_prompt("species:seal, rating:safe").ok
 
 
 def test_empty_prompt_and_empty_tag() -> None:
-    assert [e.code for e in check_prompt(" , ,").errors] == ["empty"]
-    assert [e.code for e in check_prompt("species:").errors] == ["empty_tag"]
+    assert codes(" , ,") == ["empty"]
+    assert codes("species:") == ["empty_tag"]
     assert check_prompt("", allow_empty=True).ok
 
 
-def test_token_budget_uses_the_given_counter() -> None:
-    verdict = check_prompt("species:seal", count_tokens=lambda text: 80)
-    assert verdict.tokens == 80
-    assert [e.code for e in verdict.errors] == ["too_many_tokens"]
-    assert "80 tokens" in verdict.errors[0].message
+# Weights
+
+
+def test_weighted_tags_keep_their_namespace_and_weight() -> None:
+    verdict = check_prompt("(species:seal:1.2), (Studio:DC), species:cat:0.8")
+    assert verdict.ok
+    assert verdict.tags == (Tag("species", "seal"), Tag("studio", "dc"), Tag("species", "cat"))
+    assert verdict.prompt == "(species:seal:1.2), (studio:dc), species:cat:0.8"
+    assert any("not applied" in warning for warning in verdict.warnings)
+
+
+def test_a_weight_never_hides_a_bad_namespace() -> None:
+    assert codes("(speces:seal:1.2)") == ["unknown_namespace"]
+    assert codes("(title:x:1.1)") == ["provenance_namespace"]
+
+
+def test_year_tags_are_numbers_not_weights() -> None:
+    assert check_prompt("year:1999").tags == (Tag("year", "1999"),)
+
+
+# Blocklist
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "species:seal, Forbidden",
+        "FORBIDDEN fruit",
+        "for\u200bbidden",  # zero-width space
+        "ｆｏｒｂｉｄｄｅｎ",  # fullwidth
+        "f\u043erbidd\u0435n",  # Cyrillic o and e
+        "f0rb1dden",  # digits for letters
+        "f o r b i d d e n",
+        "fórbídden",
+        "a very bad thing",
+        "very-bad",
+    ],
+)
+def test_blocked_terms_are_refused_without_repeating_them(text: str) -> None:
+    rules = Rules(blocklist=Blocklist(["forbidden", "Very Bad"]))
+    (error,) = check_prompt(text, rules=rules).errors
+    assert error.code == "blocked_term"
+    assert "forbidden" not in error.message.lower() and "bad" not in error.message.lower()
+
+
+@pytest.mark.parametrize("text", ["forbiddenness", "unforbidden", "very good, bad", "species:seal"])
+def test_blocked_terms_match_whole_words_only(text: str) -> None:
+    assert check_prompt(text, rules=Rules(blocklist=Blocklist(["forbidden", "very bad"]))).ok
+
+
+# Token budget
+
+
+def test_token_count_is_the_clip_tokenizers(clip_tokenizer: Tokenizer) -> None:
+    verdict = check_prompt("species:seal", tokenizer=clip_tokenizer)
+    assert verdict.tokens == 3 and verdict.max_tokens == 75
+    assert check_prompt("a photo of a cat", tokenizer=clip_tokenizer).tokens == 5
+    prompt = "species:seal, studio:dc, cloudy sky, star (sky), medium:oil painting"
+    assert check_prompt(prompt, tokenizer=clip_tokenizer).tokens == len(
+        clip_tokenizer.encode(prompt, add_special_tokens=False)
+    )
+
+
+def test_too_long_prompts_are_refused_showing_what_would_be_cut(clip_tokenizer: Tokenizer) -> None:
+    prompt = ", ".join(["species:seal"] * 20) + ", final words here"
+    verdict = check_prompt(prompt, tokenizer=clip_tokenizer)
+    (error,) = verdict.errors
+    assert error.code == "too_many_tokens"
+    assert verdict.tokens == 20 * 4 - 1 + 4
+    assert f"{verdict.tokens} tokens" in error.message and "only 75" in error.message
+    assert "final words here" in error.message
+
+
+def test_truncation_setting_turns_the_refusal_into_a_warning(clip_tokenizer: Tokenizer) -> None:
+    prompt = ", ".join(["species:seal"] * 20) + ", final words here"
+    verdict = check_prompt(prompt, tokenizer=clip_tokenizer, rules=Rules(allow_truncation=True))
+    assert verdict.ok
+    assert any("final words here" in warning and "left out" in warning for warning in verdict.warnings)
+
+
+def test_exactly_75_tokens_fit(clip_tokenizer: Tokenizer) -> None:
+    assert check_prompt("cat " * 75, tokenizer=clip_tokenizer).ok
+    assert not check_prompt("cat " * 76, tokenizer=clip_tokenizer).ok
+
+
+def test_the_negative_prompt_is_named_in_its_errors(clip_tokenizer: Tokenizer) -> None:
+    verdict = check_prompt("cat " * 80, field_name="negative prompt", tokenizer=clip_tokenizer)
+    assert "The negative prompt is 80 tokens" in verdict.errors[0].message
 
 
 def test_raise_for_errors_names_the_problem() -> None:
@@ -91,19 +233,72 @@ def test_mentions_are_kept_as_text() -> None:
     assert verdict.ok and "@everyone" in verdict.prompt
 
 
-def test_zero_width_characters_are_removed() -> None:
-    assert check_prompt("spe\u200bcies:seal").tags == (Tag("species", "seal"),)
-
-
-def test_far_words_get_no_suggestion() -> None:
+def test_nearest_namespace() -> None:
     assert nearest_namespace("re") is None
     assert nearest_namespace("banana") is None
     assert nearest_namespace("artst") == "creator"
+    assert nearest_namespace("SPECIE") == "species"
 
 
-@given(st.text(max_size=3000))
-def test_any_text_gets_a_verdict(text: str) -> None:
-    verdict = check_prompt(text)
-    again = check_prompt(verdict.prompt)
-    if verdict.ok:
-        assert again.prompt == verdict.prompt
+def test_verdict_as_dict_is_the_json_format() -> None:
+    data = check_prompt("speces:seal").as_dict()
+    assert data == {
+        "ok": False,
+        "prompt": "speces:seal",
+        "tags": [],
+        "tokens": None,
+        "max_tokens": 75,
+        "errors": [
+            {
+                "code": "unknown_namespace",
+                "message": "`speces:` is not a namespace Sygil knows. Did you mean `species:`?",
+                "suggestion": "species:",
+            }
+        ],
+        "warnings": [],
+    }
+
+
+# Any input at all
+
+_nasty = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",))
+    | st.sampled_from(["\u202e", "\u200b", "\u200d", "\x00", "\x1b", ":", ",", "(", ")", "_", " ", "🦭", "ｓ", "ا"]),
+    max_size=400,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_nasty)
+def test_any_text_gets_a_verdict_and_normalising_twice_changes_nothing(text: str) -> None:
+    verdict = check_prompt(text, rules=Rules(blocklist=Blocklist(["forbidden"])))
+    assert isinstance(verdict.ok, bool)
+    assert normalise(verdict.prompt) == verdict.prompt
+
+
+@settings(max_examples=20, deadline=None)
+@given(_nasty.filter(bool).map(lambda part: (part * (10_000 // len(part) + 1))[:10_000]))
+def test_ten_thousand_characters_get_a_verdict(clip_tokenizer: Tokenizer, text: str) -> None:
+    verdict = check_prompt(text, tokenizer=clip_tokenizer)
+    assert len(text) == 10_000
+    assert verdict.ok is (not verdict.errors)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_nasty)
+def test_any_text_gets_a_token_count(clip_tokenizer: Tokenizer, text: str) -> None:
+    verdict = check_prompt(text, tokenizer=clip_tokenizer)
+    if verdict.prompt:
+        assert verdict.tokens is not None and verdict.tokens >= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet=st.sampled_from(string.printable[:-5]), max_size=300)
+    | st.lists(st.sampled_from(["species:seal", "Don't", "'S", "a1b2", "<|endoftext|>", "(x:1.2)", ",,", "!!?"])).map(
+        " ".join
+    )
+    | _nasty
+)
+def test_token_counts_equal_the_tokenizers_own(clip_tokenizer: Tokenizer, text: str) -> None:
+    assert count_tokens(clip_tokenizer, text).tokens == len(clip_tokenizer.encode(text, add_special_tokens=False))

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import GenerationConfig
+from bot.config import GenerationConfig, PromptsConfig
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobNotFound, PromptRejected, QueueFull
+from bot.prompts import Tokenizer
 from bot.scheduler import Progress, Scheduler
 from bot.service import ImageService, InvalidRequest
 from bot.storage import Database, JobKind, JobStatus
@@ -23,10 +24,15 @@ def render(specs: Sequence[ImageSpec], progress: Progress | None = None, /) -> l
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[ImageService]:
+async def service(tmp_path: Path, clip_tokenizer: Tokenizer) -> AsyncIterator[ImageService]:
     async with await Database.open(tmp_path / "sygil.db") as db, Scheduler(render, max_per_user=2) as scheduler:
         yield ImageService(
-            db=db, scheduler=scheduler, generation=GENERATION, model="tiny", scheduler_name="dpm++", count_tokens=len
+            db=db,
+            scheduler=scheduler,
+            generation=GENERATION,
+            model="tiny",
+            scheduler_name="dpm++",
+            tokenizer=clip_tokenizer,
         )
 
 
@@ -79,7 +85,7 @@ def test_bad_prompts_are_refused_before_anything_is_stored(service: ImageService
     with pytest.raises(PromptRejected, match="Did you mean `species:`"):
         prepare(service, prompt="speces:seal")
     with pytest.raises(PromptRejected, match="negative prompt"):
-        prepare(service, negative="x" * 80)  # len() is the token counter here
+        prepare(service, negative="cat " * 80)
 
 
 async def test_reroll_keeps_everything_but_the_seed(service: ImageService) -> None:
@@ -175,3 +181,18 @@ async def test_restore_requeues_unfinished_jobs(tmp_path: Path) -> None:
         images = [await service.finish(queued) for queued in restored]
         assert [image.seed for image in images[0]] == [100, 101]
         assert await db.unfinished_jobs() == []
+
+
+async def test_mature_ratings_depend_on_the_channel(tmp_path: Path, clip_tokenizer: Tokenizer) -> None:
+    prompts = PromptsConfig(rating_channels=(77,), blocklist=("forbidden",))
+    async with await Database.open(tmp_path / "sygil.db") as db, Scheduler(render) as scheduler:
+        service = ImageService(
+            db=db, scheduler=scheduler, generation=GENERATION, model="tiny", scheduler_name="dpm++",
+            tokenizer=clip_tokenizer, prompts=prompts,
+        )  # fmt: skip
+        with pytest.raises(PromptRejected, match="age-restricted"):
+            prepare(service, prompt="species:seal, rating:explicit")
+        assert prepare(service, prompt="species:seal, rating:explicit", age_restricted=True).prompt
+        assert prepare(service, prompt="species:seal, rating:explicit", channel_id=77).prompt
+        with pytest.raises(PromptRejected, match="does not allow"):
+            prepare(service, prompt="species:seal", negative="Forbidden things")

@@ -8,14 +8,14 @@ import io
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bot.client import SygilBot
-from bot.config import Config, DiscordConfig, GenerationConfig
+from bot.config import Config, DiscordConfig, GenerationConfig, PromptsConfig
 from bot.engine import Engine
 from bot.engine.types import ImageSpec, Mode, RenderedImage
 from bot.scheduler import Progress, Scheduler
@@ -47,6 +47,7 @@ class Harness:
     server: FakeDiscord
     database: Path
     render: GatedRender
+    prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(blocklist=("forbidden",)))
 
     @contextlib.asynccontextmanager
     async def bot(self) -> AsyncIterator[SygilBot]:
@@ -60,6 +61,7 @@ class Harness:
                 guild_ready_timeout=0.1,
             ),
             generation=GENERATION,
+            prompts=self.prompts,
         )
         async with (
             await Database.open(self.database) as db,
@@ -71,7 +73,8 @@ class Harness:
                 generation=config.generation,
                 model="tiny",
                 scheduler_name="dpm++",
-                count_tokens=self.render.engine.count_tokens,
+                tokenizer=self.render.engine.tokenizer,
+                prompts=config.prompts,
             )
             with point_discord_at(self.server):
                 bot = SygilBot(config=config, service=service)
@@ -331,3 +334,74 @@ async def test_queue_full_is_refused_privately(harness: Harness) -> None:
         assert refused.ephemeral and "You already have 3 jobs" in response["data"]["content"]
         harness.render.open.set()
         await asyncio.gather(*(final_message(server, interaction) for interaction in tickets))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("species:seal, subreddit:aww", "`subreddit:` records where a training image came from"),
+        ("style:anime", "`style:` is not a namespace Sygil knows"),
+        ("species:seal, rating:explicit", "age-restricted"),
+        ("species:seal, f0rbidden", "a term this server does not allow"),
+        (", ".join(["species:seal"] * 20) + ", last words", "82 tokens long and the model reads only 75"),
+    ],
+)
+async def test_prompt_refusals_are_private_and_specific(harness: Harness, prompt: str, expected: str) -> None:
+    server = harness.server
+    async with harness.bot() as bot:
+        interaction = await server.slash("imagine", {"prompt": prompt})
+        response = await interaction.wait_response()
+        assert response["type"] == 4 and interaction.ephemeral
+        assert expected in response["data"]["content"]
+        assert "rbidden" not in response["data"]["content"]
+        assert await bot.db.unfinished_jobs() == []
+
+
+async def test_negative_prompt_follows_the_same_rules(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot():
+        interaction = await server.slash("imagine", {"prompt": "species:seal", "negative": "speces:cat"})
+        response = await interaction.wait_response()
+        assert interaction.ephemeral and "Did you mean `species:`?" in response["data"]["content"]
+
+
+async def test_mature_ratings_render_in_age_restricted_channels(harness: Harness) -> None:
+    server = harness.server
+    nsfw = server.add_channel("after-dark", nsfw=True)
+    async with harness.bot():
+        interaction = await server.slash("imagine", {"prompt": "species:seal, rating:explicit"}, channel_id=nsfw)
+        message = await final_message(server, interaction)
+    assert message.channel_id == nsfw and "rating:explicit" in message.content
+
+
+async def test_notes_reach_the_user(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot():
+        interaction = await server.slash("imagine", {"prompt": "artist:chris_rallis, species:seal"})
+        message = await final_message(server, interaction)
+    assert "creator:chris rallis, species:seal" in message.content
+    assert "`artist:` became `creator:`" in message.content
+
+
+async def test_autocomplete_suggests_namespaces_and_tags(harness: Harness) -> None:
+    server = harness.server
+    nsfw = server.add_channel("after-dark", nsfw=True)
+    async with harness.bot():
+        namespaces = await server.autocomplete("imagine", {"prompt": "spe"}, focused="prompt")
+        tags = await server.autocomplete("imagine", {"prompt": "a beach, species:se"}, focused="prompt")
+        negative = await server.autocomplete("imagine", {"prompt": "x", "negative": "stu"}, focused="negative")
+        ratings = await server.autocomplete("imagine", {"prompt": "rating:"}, focused="prompt")
+        mature = await server.autocomplete("imagine", {"prompt": "rating:"}, focused="prompt", channel_id=nsfw)
+        nothing = await server.autocomplete("imagine", {"prompt": "speces:"}, focused="prompt")
+    assert namespaces[0]["value"] == "species:"
+    assert "a beach, species:seal" in [choice["value"] for choice in tags]
+    assert all(choice["value"].startswith("a beach, species:se") for choice in tags)
+    assert negative[0]["value"] == "studio:"
+    assert [choice["value"] for choice in ratings] == ["rating:safe"]
+    assert "rating:explicit" in [choice["value"] for choice in mature]
+    assert nothing == []
+    for choices in (namespaces, tags, negative, mature):
+        assert 0 < len(choices) <= 25
+        assert all(len(choice["name"]) <= 100 and len(choice["value"]) <= 100 for choice in choices)
+    answered = [i for i in server.interactions if i.kind == "autocomplete"]
+    assert all(i.response_delay is not None and i.response_delay < 0.5 for i in answered)
