@@ -11,7 +11,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY cogs ./cogs
-RUN pip install ".[xformers]"
+# The base image's CUDA torch satisfies the project's torch requirement, so pip keeps it. xformers is left out:
+# its wheels pin one torch release and would pull another; PyTorch's own SDPA attention is used instead.
+RUN pip install .
 COPY --chown=sygil config.example.toml /app/config.example.toml
 
 USER sygil

@@ -211,6 +211,25 @@ class Engine:
             raise ValueError(f"unknown dtype {dtype!r}; valid names: {', '.join(DTYPES)}")
 
         pipe = _load_pipeline(model_id, DTYPES[dtype], safety_checker)
+        engine = cls.from_pipeline(
+            pipe, model_id=model_id, device=device, scheduler=scheduler, attention_slicing=attention_slicing
+        )
+        log.info("loaded %s on %s as %s with %s", model_id, device, dtype, scheduler)
+        return engine
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe: StableDiffusionPipeline,
+        *,
+        model_id: str,
+        device: str = "cpu",
+        scheduler: str = "dpm++",
+        attention_slicing: bool = False,
+    ) -> Engine:
+        """Serve a pipeline already in memory (``load`` reads one; benchmarks build one with random weights)."""
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; valid names: {', '.join(SCHEDULERS)}")
         pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
         try:
             pipe = pipe.to(device)
@@ -231,7 +250,6 @@ class Engine:
             **pipe.components, requires_safety_checker=bool(pipe.config.get("requires_safety_checker", False))
         )
         img2img.set_progress_bar_config(disable=True)
-        log.info("loaded %s on %s as %s with %s", model_id, device, dtype, scheduler)
         return cls(pipe, img2img, model_id=model_id, scheduler_name=scheduler)
 
     @property

@@ -1,0 +1,28 @@
+"""The benchmarks run and print the JSON they promise (their figures are read by people, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_prompt_benchmark_prints_json() -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/prompts.py", "--prompts", "300"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["benchmark"] == "prompts" and report["prompts"] == 300
+    assert 0 < report["accepted"] <= 300
+    assert report["prompts_per_second"] > 0 and report["baseline_tokenize_only_per_second"] > 0
