@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,8 @@ from bot.config import Config, ModelConfig, PromptsConfig
 from bot.errors import BotError, ConfigError
 
 if TYPE_CHECKING:
+    from discord.ext import commands
+
     from bot.prompts import Rules
 
 log = logging.getLogger("bot")
@@ -111,9 +113,15 @@ async def _serve(config: Config) -> None:
     main_task = asyncio.current_task()
     assert main_task is not None
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, main_task.cancel)
+
+    def on_signal(stop: Callable[[], object]) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop)
+
+    # While loading, a signal cancels the load; once the bot runs, it closes the bot, which ends `bot.start`
+    # cleanly (a cancellation can be swallowed inside a reconnect loop, and then the process would never stop).
+    on_signal(main_task.cancel)
 
     _quiet_libraries()
     device, dtype = _resolve_device(config.model)
@@ -144,14 +152,20 @@ async def _serve(config: Config) -> None:
             prompts=config.prompts,
         )
         async with SygilBot(config=config, service=service) as bot:
+            closing: set[asyncio.Task[None]] = set()  # keeps the closing task alive until it is done
+
+            def close() -> None:
+                task = loop.create_task(_close(bot))
+                closing.add(task)
+                task.add_done_callback(closing.discard)
+
+            on_signal(close)
             try:
                 await bot.start(config.token)
             except discord.LoginFailure:
                 raise ConfigError(
                     "Discord refused the token in DISCORD_TOKEN: check it in the developer portal"
                 ) from None
-            except asyncio.CancelledError:
-                log.info("Shutting down; unfinished jobs stay queued for the next start")
 
 
 def _quiet_libraries() -> None:
@@ -165,6 +179,11 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
+
+
+async def _close(bot: commands.Bot) -> None:
+    log.info("Shutting down; unfinished jobs stay queued for the next start")
+    await bot.close()
 
 
 def _resolve_device(model: ModelConfig) -> tuple[str, str]:
