@@ -39,7 +39,9 @@ _SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 # SD 1.5's UNet (reference/sd15-configs/unet) with the same blocks and tiny channels. Plain dicts like the
-# reference JSON, because diffusers annotates these tuple parameters as one-element tuples.
+# reference JSON, because diffusers annotates these tuple parameters as one-element tuples. One layer per block
+# and one attention head keep full-resolution self-attention cheap: 512 px renders in seconds on a CPU, not a
+# minute, so the tiny model also serves someone trying the bot with the default sizes.
 _UNET_CONFIG: dict[str, Any] = {
     "sample_size": 8,  # 64 px / 8
     "in_channels": 4,
@@ -47,8 +49,8 @@ _UNET_CONFIG: dict[str, Any] = {
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 32, 64, 64],
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
+    "layers_per_block": 1,
+    "attention_head_dim": 1,
     "cross_attention_dim": _TEXT_HIDDEN,
     "norm_num_groups": 32,
     "norm_eps": 1e-5,
