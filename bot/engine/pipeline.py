@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 SCHEDULERS = ("dpm++", "ddim", "euler-a")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# diffusers renamed from_pretrained's torch_dtype to dtype (huggingface/diffusers#14205, 2026) and warns on the old
-# name; releases before the rename reject dtype. Where the probe fails, torch_dtype still works there.
+# diffusers 0.42 renamed from_pretrained's torch_dtype to dtype and warns on the old name; releases before the
+# rename reject dtype. Where the probe fails, torch_dtype still works there.
 _DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
 _MAKE_TINY_HINT = "build a tiny test model with `sygil-bot make-tiny-model DIR`, or check `model.id`"
 
