@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import io
 import json
@@ -192,6 +193,11 @@ class Engine:
         self._img2img = img2img
         self.model_id = model_id
         self.scheduler_name = scheduler_name
+        # PNG encoding is zlib work that releases the GIL: a batch's images are encoded side by side, so the GPU
+        # waits for one image's encoding, not eight in a row (about 50 ms each at 512 px).
+        self._encoders = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png"
+        )
 
     @classmethod
     def load(
@@ -296,12 +302,17 @@ class Engine:
             raise TypeError(f"diffusers returned {type(output).__name__}, expected StableDiffusionPipelineOutput")
 
         flags = output.nsfw_content_detected or [False] * len(specs)
-        rendered = []
-        for spec, image, nsfw in zip(specs, output.images, flags, strict=True):
-            info = PngInfo()
-            info.add_text("parameters", _parameters_text(spec, self.scheduler_name, self.model_id))
-            info.add_text("sygil", _sygil_json(spec, self.scheduler_name, self.model_id))
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", pnginfo=info)
-            rendered.append(RenderedImage(png=buffer.getvalue(), seed=spec.seed, nsfw=bool(nsfw)))
-        return rendered
+        pngs = self._encoders.map(self._encode, specs, output.images)
+        return [
+            RenderedImage(png=png, seed=spec.seed, nsfw=bool(nsfw))
+            for spec, png, nsfw in zip(specs, pngs, flags, strict=True)
+        ]
+
+    def _encode(self, spec: ImageSpec, image: Image.Image) -> bytes:
+        """Return the image as PNG bytes whose text chunks hold its prompt, seed and settings."""
+        info = PngInfo()
+        info.add_text("parameters", _parameters_text(spec, self.scheduler_name, self.model_id))
+        info.add_text("sygil", _sygil_json(spec, self.scheduler_name, self.model_id))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=info)
+        return buffer.getvalue()
