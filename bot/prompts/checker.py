@@ -28,7 +28,23 @@ _NAME = re.compile(r"[a-z]+(?: [a-z]+)?")
 _NUMBER = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*")
 _WEIGHT_SUFFIX = re.compile(r"(?P<body>.*?)\s*:\s*(?P<weight>[+-]?(\d+(\.\d*)?|\.\d+))\s*", re.DOTALL)
 _WEIGHTED_TEXT = re.compile(r"\(.*:\s*[\d.]+\s*\)")
-_EXAMPLES = {"species": "seal", "studio": "dc", "series": "star wars", "medium": "oil painting", "year": "1999"}
+_EXAMPLES = {
+    "species": "seal",
+    "studio": "dc",
+    "series": "star wars",
+    "character": "link",
+    "creator": "chris rallis",
+    "medium": "oil painting",
+    "meta": "highres",
+    "clothing": "hat",
+    "gender": "female",
+    "rating": "safe",
+    "genre": "fantasy",
+    "action": "running",
+    "bodypart": "hands",
+    "year": "1999",
+}
+_GLUED = re.compile(r"\s(?P<namespace>" + "|".join(sorted(KNOWN | ALIASES.keys(), key=len, reverse=True)) + r"):\S")
 _DESCRIBE_INSTEAD = {"title": "series", "pixiv work": "series", "category": "meta", "text": "meta"}
 
 
@@ -266,7 +282,7 @@ def _item(item: str, field_name: str) -> _Item:
             error=Problem(
                 "empty_tag",
                 f"`{name}:` in the {field_name} needs a tag after the colon, "
-                f"e.g. `{name}:{_EXAMPLES.get(name, 'seal')}`.",
+                f"e.g. `{name}:{_EXAMPLES.get(name, 'something')}`.",
             ),
         )
     if name in PROVENANCE:
@@ -281,6 +297,9 @@ def _item(item: str, field_name: str) -> _Item:
                 suggestion=f"{instead}:",
             ),
         )
+    glued = _GLUED.search(tag)
+    if glued is not None and note is None:
+        note = f"`{text}` is read as one tag; put a comma before `{glued['namespace']}:` if you meant two."
     return _Item(text=text, tag=Tag(name, tag), note=note, weighted=weighted)
 
 

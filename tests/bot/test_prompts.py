@@ -302,3 +302,16 @@ def test_any_text_gets_a_token_count(clip_tokenizer: Tokenizer, text: str) -> No
 )
 def test_token_counts_equal_the_tokenizers_own(clip_tokenizer: Tokenizer, text: str) -> None:
     assert count_tokens(clip_tokenizer, text).tokens == len(clip_tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_two_tags_without_a_comma_get_a_note() -> None:
+    verdict = check_prompt("species:seal species:cat")
+    assert verdict.ok and verdict.tags == (Tag("species", "seal species:cat"),)
+    assert verdict.warnings == (
+        "`species:seal species:cat` is read as one tag; put a comma before `species:` if you meant two.",
+    )
+    assert check_prompt("series:monster hunter:world").warnings == ()
+
+
+def test_an_empty_tag_gets_an_example_from_its_namespace() -> None:
+    assert "`creator:chris rallis`" in check_prompt("artist:").errors[0].message
