@@ -119,7 +119,7 @@ async def through_scheduler(engine: Engine, images: Sequence[ImageSpec], max_bat
     batches: list[Batch] = []
     async with Scheduler(engine.render, max_batch=max_batch, max_queue=len(images), on_batch=batches.append) as sched:
         started = time.perf_counter()
-        tickets = [sched.submit(job_id=i, user_id=i, specs=[spec]) for i, spec in enumerate(images)]
+        tickets = [sched.submit(job_id=i, user_id=i, guild_id=None, specs=[spec]) for i, spec in enumerate(images)]
         await asyncio.gather(*(ticket.result for ticket in tickets))
         synchronize()
         seconds = time.perf_counter() - started

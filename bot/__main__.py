@@ -18,8 +18,6 @@ from bot.config import Config, ModelConfig, PromptsConfig
 from bot.errors import BotError, ConfigError
 
 if TYPE_CHECKING:
-    from discord.ext import commands
-
     from bot.prompts import Rules
 
 log = logging.getLogger("bot")
@@ -107,7 +105,7 @@ async def _serve(config: Config) -> None:
     from bot.client import SygilBot
     from bot.engine import Engine
     from bot.scheduler import Scheduler
-    from bot.service import ImageService
+    from bot.service import open_service
     from bot.storage import Database
 
     main_task = asyncio.current_task()
@@ -138,26 +136,19 @@ async def _serve(config: Config) -> None:
     queue = config.queue
     async with (
         await Database.open(config.storage.path) as db,
-        Scheduler(
-            engine.render, max_batch=queue.max_batch, max_queue=queue.max_queue, max_per_user=queue.max_per_user
-        ) as scheduler,
+        Scheduler(engine.render, max_batch=queue.max_batch, max_queue=queue.max_queue) as scheduler,
     ):
-        service = ImageService(
-            db=db,
-            scheduler=scheduler,
-            generation=config.generation,
-            model=config.model.id,
-            scheduler_name=config.model.scheduler,
-            tokenizer=engine.tokenizer,
-            prompts=config.prompts,
+        service = await open_service(
+            config, db=db, scheduler=scheduler, model=config.model.id, tokenizer=engine.tokenizer
         )
         async with SygilBot(config=config, service=service) as bot:
             closing: set[asyncio.Task[None]] = set()  # keeps the closing task alive until it is done
 
             def close() -> None:
-                task = loop.create_task(_close(bot))
+                if closing:
+                    return  # already stopping; a second signal changes nothing
+                task = loop.create_task(bot.shut_down(queue.shutdown_grace))
                 closing.add(task)
-                task.add_done_callback(closing.discard)
 
             on_signal(close)
             try:
@@ -179,11 +170,6 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
-
-
-async def _close(bot: commands.Bot) -> None:
-    log.info("Shutting down; unfinished jobs stay queued for the next start")
-    await bot.close()
 
 
 def _resolve_device(model: ModelConfig) -> tuple[str, str]:

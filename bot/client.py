@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import discord
@@ -13,11 +14,12 @@ from discord.ext import commands
 
 from bot.config import Config, DiscordConfig
 from bot.errors import BotError
-from bot.service import ImageService
+from bot.service import ImageService, Requester
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine",)
+EXTENSIONS = ("cogs.imagine", "cogs.moderation", "cogs.stats")
+_CLOSE_MARGIN = 5.0  # seconds of the shutdown grace kept for closing the connection, the queue and the database
 
 
 def use_endpoints(config: DiscordConfig) -> None:
@@ -43,15 +45,36 @@ class Tree(app_commands.CommandTree["SygilBot"]):
 
 
 async def answer_error(interaction: discord.Interaction[SygilBot], message: str) -> None:
-    """Tell the user what went wrong: privately if nothing was sent yet, else in place of the "thinking" message."""
+    """Tell the user what went wrong, privately, also after a public "thinking" deferral (which is removed)."""
     none = discord.AllowedMentions.none()
     if not interaction.response.is_done():
         await interaction.response.send_message(message, ephemeral=True, allowed_mentions=none)
-    elif interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
-        # The first followup after a deferral would take the place of the public "thinking" message anyway.
-        await interaction.edit_original_response(content=f"❌ {message}", allowed_mentions=none)
-    else:
-        await interaction.followup.send(message, ephemeral=True, allowed_mentions=none)
+        return
+    if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+        # The first followup after a deferral would take the place of the public "thinking" message and be public
+        # too: remove that message first, so the error is seen by its user alone.
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException as exc:
+            log.warning("Could not remove the thinking message of a failed interaction: %s", exc)
+    await interaction.followup.send(message, ephemeral=True, allowed_mentions=none)
+
+
+def requester(interaction: discord.Interaction[SygilBot]) -> Requester:
+    """Read who asks, and where, off an interaction."""
+    if interaction.channel_id is None:
+        raise BotError("This works only in a channel.")
+    channel = interaction.channel
+    user = interaction.user
+    roles = tuple(role.id for role in user.roles) if isinstance(user, discord.Member) else ()
+    return Requester(
+        user_id=user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        parent_channel_id=getattr(channel, "parent_id", None),
+        role_ids=roles,
+        age_restricted=bool(channel is not None and getattr(channel, "nsfw", False)),
+    )
 
 
 class SygilBot(commands.Bot):
@@ -88,6 +111,39 @@ class SygilBot(commands.Bot):
             self.tree.copy_global_to(guild=guild)
             synced = await self.tree.sync(guild=guild)
             log.info("Synced %d commands to guild %d", len(synced), guild_id)
+
+    def is_moderator(self, interaction: discord.Interaction[SygilBot]) -> bool:
+        """Return whether the member may moderate: Manage Server, or a role listed in ``moderation.roles``."""
+        if interaction.guild_id is None or not isinstance(interaction.user, discord.Member):
+            return False
+        if interaction.permissions.manage_guild:
+            return True
+        wanted = self.config.moderation.roles
+        ids = {role for role in wanted if isinstance(role, int)}
+        names = {role.casefold() for role in wanted if isinstance(role, str)}
+        return any(role.id in ids or role.name.casefold() in names for role in interaction.user.roles)
+
+    async def shut_down(self, grace: float) -> None:
+        """Stop accepting, let the batch on the GPU finish and its images be posted, then close, within ``grace``.
+
+        A batch that would take longer is stopped; its jobs, like every waiting one, stay queued in the database
+        and run after the next start.
+        """
+        log.info("Shutting down: no new jobs; finishing the batch on the GPU (up to %.0f s)", grace)
+        self.service.accepting = False
+        scheduler = self.service.scheduler
+        scheduler.drain()
+        try:
+            async with asyncio.timeout(max(grace - _CLOSE_MARGIN, grace / 2)):
+                await scheduler.wait_idle()
+                imagine = self.get_cog("Imagine")
+                if imagine is not None:
+                    await imagine.settle()  # type: ignore[attr-defined]
+        except TimeoutError:
+            log.warning("The batch on the GPU did not finish in time; it stays queued for the next start")
+            scheduler.stop_rendering()
+        log.info("Closing; unfinished jobs stay queued for the next start")
+        await self.close()
 
     async def on_ready(self) -> None:
         assert self.user is not None

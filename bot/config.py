@@ -72,6 +72,14 @@ class QueueConfig:
     max_queue: int = 32
     max_batch: int = 8
     max_per_user: int = 3
+    images_per_hour: int = 60
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationConfig:
+    # Role ids (numbers) or role names (text) whose members may use /mod besides those with Manage Server.
+    roles: tuple[int | str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,7 @@ class Config:
     generation: GenerationConfig = GenerationConfig()
     prompts: PromptsConfig = PromptsConfig()
     queue: QueueConfig = QueueConfig()
+    moderation: ModerationConfig = ModerationConfig()
     storage: StorageConfig = StorageConfig()
 
     @classmethod
@@ -127,6 +136,7 @@ class Config:
             generation=reader.section("generation", GenerationConfig, {"sizes": _sizes}),
             prompts=reader.section("prompts", PromptsConfig, {"blocklist": _terms, "rating_channels": _ids}),
             queue=reader.section("queue", QueueConfig),
+            moderation=reader.section("moderation", ModerationConfig, {"roles": _roles}),
             storage=reader.section("storage", StorageConfig, {"path": _path}),
         )
         reader.finish()
@@ -173,7 +183,7 @@ class _Reader:
             raise ConfigError(f"{self._source}: unknown setting {self._unknown[0]} (see config.example.toml)")
 
 
-_SECTIONS = ("discord", "model", "generation", "prompts", "queue", "storage")
+_SECTIONS = ("discord", "model", "generation", "prompts", "queue", "moderation", "storage")
 
 
 def _convert(value: Any, kind: type) -> Any:
@@ -205,6 +215,18 @@ def _ids(value: Any) -> tuple[int, ...]:
             raise TypeError(f"must be a list of numeric Discord ids, got {item!r}")
         ids.append(int(item))  # pyright: ignore[reportUnknownArgumentType]
     return tuple(ids)
+
+
+def _roles(value: Any) -> tuple[int | str, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f'must be a list of role ids or names, like [123456789012345678, "Moderators"], got {value!r}')
+    roles: list[int | str] = []
+    for item in value:  # pyright: ignore[reportUnknownVariableType]
+        if isinstance(item, bool) or not isinstance(item, int | str) or not str(item).strip():  # pyright: ignore[reportUnknownArgumentType]
+            raise TypeError(f"each role must be a role id (a number) or a role name (text), got {item!r}")
+        text = str(item).strip()  # pyright: ignore[reportUnknownArgumentType]
+        roles.append(int(text) if text.isdigit() else text)
+    return tuple(roles)
 
 
 def _terms(value: Any) -> tuple[str, ...]:
@@ -278,3 +300,7 @@ def _check(config: Config, source: str) -> None:
         fail("queue.max_queue", f"must be at least 1, got {queue.max_queue}")
     if queue.max_per_user < 1:
         fail("queue.max_per_user", f"must be at least 1, got {queue.max_per_user}")
+    if queue.images_per_hour < 0:
+        fail("queue.images_per_hour", f"must not be negative (0 lets nobody generate), got {queue.images_per_hour}")
+    if not 0 < queue.shutdown_grace <= 3600:
+        fail("queue.shutdown_grace", f"must be between 0 and 3600 seconds, got {queue.shutdown_grace}")

@@ -25,3 +25,11 @@ class JobNotFound(BotError):
 
 class ModelError(ConfigError):
     """The model could not be loaded from the configured place."""
+
+
+class JobCancelled(BotError):
+    """A job was withdrawn before its images were delivered; the message says by whom and why."""
+
+
+class Refused(BotError):
+    """A request broke a rule of the server: a ban, a channel rule, a pause or a limit."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import struct
 import sys
 import textwrap
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +26,8 @@ from tests.fakediscord import FakeDiscord, capture_discord_errors, point_discord
 
 ACK_TIMEOUT = 0.3
 TOKEN_TTL = 0.6
+MANAGE_GUILD = 1 << 5
+ADMINISTRATOR = 1 << 3
 
 
 def _png(width: int, height: int) -> bytes:
@@ -79,7 +83,8 @@ class Bot(commands.Bot):
         )
         self.choice_count = 3
         self.errors: list[discord.HTTPException] = []
-        for command in (imagine, secret, retouch, misbehave, crash, settings):
+        self.seen: dict[str, Any] = {}
+        for command in (imagine, secret, retouch, misbehave, crash, settings, inspect, whoami):
             self.tree.add_command(command)
 
     async def setup_hook(self) -> None:
@@ -130,6 +135,35 @@ async def settings_show(interaction: discord.Interaction[Bot], page: int = 1) ->
     roles = [r.name for r in member.roles[1:]] if isinstance(member, discord.Member) else []
     where = channel.name if isinstance(channel, discord.TextChannel) else "?"
     await interaction.response.send_message(f"page {page} for {member.name} {roles} in #{where}", ephemeral=True)
+
+
+@app_commands.command()
+async def inspect(
+    interaction: discord.Interaction[Bot],
+    member: discord.Member,
+    user: discord.User,
+    role: discord.Role,
+    channel: discord.TextChannel,
+    where: app_commands.AppCommandChannel,
+    target: discord.Member | discord.Role | None = None,
+    note: str | None = None,
+) -> None:
+    """Keep what discord.py made of user, role, channel and mentionable options."""
+    interaction.client.seen.update(member=member, user=user, role=role, channel=channel, where=where, target=target)
+    await interaction.response.send_message("seen", ephemeral=True)
+
+
+@inspect.autocomplete("note")
+async def _inspect_note(interaction: discord.Interaction[Bot], current: str) -> list[app_commands.Choice[str]]:
+    interaction.client.seen["typed_member"] = interaction.namespace.member
+    return []
+
+
+@app_commands.command()
+async def whoami(interaction: discord.Interaction[Bot]) -> None:
+    """Keep the invoker's permissions and member object."""
+    interaction.client.seen.update(permissions=interaction.permissions, invoker=interaction.user)
+    await interaction.response.send_message("seen", ephemeral=True)
 
 
 @app_commands.command()
@@ -227,7 +261,16 @@ async def test_login_sync_and_guild(server: FakeDiscord, bot: Bot) -> None:
     assert guild is not None and guild.get_channel(server.channel_id) is not None
     assert guild.me is not None  # other members are cached only with the members intent
     assert server.command_syncs == 1
-    assert set(server.commands) == {"imagine", "secret", "retouch", "misbehave", "crash", "settings"}
+    assert set(server.commands) == {
+        "imagine",
+        "secret",
+        "retouch",
+        "misbehave",
+        "crash",
+        "settings",
+        "inspect",
+        "whoami",
+    }
     options = {o["name"]: o for o in server.commands["imagine"]["options"]}
     assert options["prompt"]["autocomplete"] is True and options["count"]["max_value"] == 4
     assert [r.path for r in server.requests[:2]] == ["/users/@me", "/oauth2/applications/@me"]
@@ -437,4 +480,220 @@ async def test_bot_in_another_process(server: FakeDiscord) -> None:
     finally:
         process.terminate()
         await process.wait()
+    server.assert_no_violations()
+
+
+async def test_user_role_and_channel_options_resolve(server: FakeDiscord, bot: Bot) -> None:
+    manager = server.add_role("manager", MANAGE_GUILD)
+    alice = server.add_user("alice", roles=[manager])
+    art = server.add_channel("art")
+    voice = server.add_channel("lounge", type=2)
+    values = {"member": alice, "user": alice, "role": manager, "channel": art, "where": voice, "target": manager}
+    interaction = await server.slash("inspect", values)
+    await interaction.wait_message()
+
+    data = interaction.payload["data"]
+    assert {o["name"]: (o["type"], o["value"]) for o in data["options"]} == {
+        "member": (6, str(alice)),
+        "user": (6, str(alice)),
+        "role": (8, str(manager)),
+        "channel": (7, str(art)),
+        "where": (7, str(voice)),
+        "target": (9, str(manager)),
+    }
+    resolved = data["resolved"]
+    assert set(resolved) == {"users", "members", "roles", "channels"}
+    assert resolved["users"][str(alice)]["username"] == "alice"
+    member = resolved["members"][str(alice)]
+    assert not {"user", "deaf", "mute"} & set(member) and member["roles"] == [str(manager)]
+    assert int(member["permissions"]) & MANAGE_GUILD and member["joined_at"]
+    assert resolved["roles"][str(manager)]["name"] == "manager"
+    tester_permissions = interaction.payload["member"]["permissions"]
+    assert {k: resolved["channels"][str(art)][k] for k in ("id", "name", "type", "permissions")} == {
+        "id": str(art),
+        "name": "art",
+        "type": 0,
+        "permissions": tester_permissions,  # the invoker's permissions there, not the member option's
+    }
+
+    member, user, role, channel, where = (bot.seen[k] for k in ("member", "user", "role", "channel", "where"))
+    assert isinstance(member, discord.Member) and (member.id, member.name) == (alice, "alice")
+    assert [r.name for r in member.roles] == ["@everyone", "manager"] and member.guild_permissions.manage_guild
+    assert member.resolved_permissions is not None and member.resolved_permissions.manage_guild
+    assert isinstance(user, discord.Member) and user.id == alice  # a discord.User parameter gets a Member
+    assert isinstance(role, discord.Role) and (role.id, role.name) == (manager, "manager")
+    assert role.permissions.manage_guild and not role.permissions.administrator
+    assert isinstance(channel, discord.TextChannel) and (channel.id, channel.name) == (art, "art")
+    assert isinstance(where, app_commands.AppCommandChannel) and (where.id, where.name) == (voice, "lounge")
+    assert where.type is discord.ChannelType.voice and where.permissions.value == int(tester_permissions)
+    assert isinstance(bot.seen["target"], discord.Role) and bot.seen["target"].id == manager
+
+    values |= {"target": alice}
+    await (await server.slash("inspect", values)).wait_message()
+    assert isinstance(bot.seen["target"], discord.Member) and bot.seen["target"].id == alice
+    assert set(server.interactions[-1].payload["data"]["resolved"]) == {"users", "members", "roles", "channels"}
+
+    assert await server.autocomplete("inspect", {"member": alice, "note": "x"}, focused="note") == []
+    assert "resolved" not in server.interactions[-1].payload["data"]  # Discord resolves nothing for autocomplete
+    typed = bot.seen["typed_member"]
+    assert type(typed) is discord.Object and typed.id == alice
+    server.assert_no_violations()
+
+
+async def test_user_role_and_channel_options_are_checked(server: FakeDiscord, bot: Bot) -> None:
+    role = server.add_role("role")
+    voice = server.add_channel("lounge", type=2)
+    category = server.add_channel("stuff", type=4)
+    user_id, channel_id = server.user_id, server.channel_id
+    good = {"member": user_id, "user": user_id, "role": role, "channel": channel_id, "where": category}
+    await (await server.slash("inspect", good)).wait_message()
+    assert bot.seen["where"].type is discord.ChannelType.category and bot.seen["target"] is None
+    assert server.commands["inspect"]["options"][3]["channel_types"] == [0, 5]
+    for bad, match in [
+        ({"member": 12345}, "no user 12345"),
+        ({"user": role}, f"no user {role}"),
+        ({"role": server.user_id}, f"no role {server.user_id}"),
+        ({"channel": voice}, r"type 2, not in \[0, 5\]"),
+        ({"where": 999}, "no channel 999"),
+        ({"target": server.channel_id}, "no user or role"),
+        ({"member": "alice"}, "takes the id of a user"),
+        ({"role": True}, "takes the id of a role"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            await server.slash("inspect", good | bad)
+    with pytest.raises(ValueError, match="type 7"):
+        server.add_channel("odd", type=7)
+    with pytest.raises(ValueError, match="unknown roles"):
+        server.add_user("ghost", roles=[424242])
+    assert len(server.interactions) == 1
+
+
+async def test_role_permissions_reach_interactions(server: FakeDiscord, bot: Bot) -> None:
+    manager = server.add_role("manager", MANAGE_GUILD)
+    boss = server.add_user("boss", roles=["manager"])
+    plain = server.add_user("plain")
+    admin = server.add_user("admin", roles=[server.add_role("admins", ADMINISTRATOR)])
+    cases = [
+        (boss, True, ["manager"]),
+        (plain, False, []),
+        (admin, True, ["admins"]),
+        (server.user_id, False, []),  # the default tester is an ordinary member
+        (server.owner_id, True, []),
+    ]
+    for user_id, manages, roles in cases:
+        await (await server.slash("whoami", user_id=user_id)).wait_message()
+        permissions, invoker = bot.seen["permissions"], bot.seen["invoker"]
+        assert isinstance(invoker, discord.Member) and invoker.id == user_id
+        assert permissions.manage_guild is manages, invoker.name
+        assert [r.name for r in invoker.roles[1:]] == roles
+        assert permissions == invoker.guild_permissions  # what Discord computed and what discord.py computes agree
+    assert bot.seen["permissions"] == discord.Permissions.all()  # the owner's
+    await (await server.slash("whoami", user_id=admin)).wait_message()
+    assert bot.seen["permissions"] == discord.Permissions.all()
+
+    server.set_roles(plain, [manager, "artist"])
+    await (await server.slash("whoami", user_id=plain)).wait_message()
+    assert bot.seen["permissions"].manage_guild and [r.name for r in bot.seen["invoker"].roles[1:]] == [
+        "manager",
+        "artist",
+    ]
+    server.set_roles(boss, [])
+    await (await server.slash("whoami", user_id=boss)).wait_message()
+    assert not bot.seen["permissions"].manage_guild and bot.seen["invoker"].roles[1:] == []
+    with pytest.raises(LookupError):
+        server.set_roles(12345, [])
+
+
+async def test_set_roles_updates_the_member_cache(server: FakeDiscord) -> None:
+    manager = server.add_role("manager", MANAGE_GUILD)
+    plain = server.add_user("plain")
+    intents = discord.Intents.default()
+    intents.members = True
+    client = discord.Client(intents=intents, guild_ready_timeout=0.1)
+    updates: list[tuple[discord.Member, discord.Member]] = []
+
+    @client.event
+    async def on_member_update(before: discord.Member, after: discord.Member) -> None:
+        updates.append((before, after))
+
+    async with run_bot(client, server):
+        guild = client.get_guild(server.guild_id)
+        assert guild is not None
+        member = guild.get_member(plain)
+        assert member is not None and not member.guild_permissions.manage_guild
+        server.set_roles(plain, [manager])
+        await _eventually(lambda: updates)
+        [(before, after)] = updates
+        assert before.roles == [guild.default_role] and after.roles == [guild.default_role, guild.get_role(manager)]
+        assert after is member and member.guild_permissions.manage_guild
+        server.set_roles(server.bot_user_id, ["manager"])  # the bot's own member is cached with any intents
+        await _eventually(lambda: guild.me.guild_permissions.manage_guild)
+
+
+async def test_message_nonce_is_enforced(server: FakeDiscord, bot: Bot) -> None:
+    channel = bot.get_channel(server.channel_id)
+    assert isinstance(channel, discord.TextChannel)
+    first = await channel.send("once", nonce="retry-1")
+    again = await channel.send("once", nonce="retry-1")
+    assert again.id == first.id and first.nonce == again.nonce == "retry-1"
+    assert [m.id for m in server.messages(server.channel_id)] == [first.id]
+    assert server.message(first.id).nonce == "retry-1"
+    posts = [r for r in server.requests if r.method == "POST" and r.path == f"/channels/{server.channel_id}/messages"]
+    assert [(r.json["nonce"], r.json["enforce_nonce"], r.status) for r in posts] == [("retry-1", True, 200)] * 2
+
+    other = await channel.send("twice", nonce="retry-2")
+    elsewhere_id = server.add_channel("elsewhere")
+    await _eventually(lambda: bot.get_channel(elsewhere_id))
+    elsewhere = bot.get_channel(elsewhere_id)
+    assert isinstance(elsewhere, discord.TextChannel)
+    moved = await elsewhere.send("once", nonce="retry-1")  # the same nonce in another channel is another message
+    server.nonce_ttl = 0
+    expired = await channel.send("once", nonce="retry-1")
+    assert len({first.id, other.id, moved.id, expired.id}) == 4
+    assert len(server.messages(server.channel_id)) == 3
+    with pytest.raises(discord.HTTPException) as raised:
+        await channel.send("long", nonce="x" * 26)
+    assert raised.value.code == 50035
+
+
+_KILLED_BOT = textwrap.dedent(
+    """
+    import sys, discord, yarl
+
+    discord.http.Route.BASE = sys.argv[1]
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(sys.argv[2])
+    client = discord.Client(intents=discord.Intents.default(), guild_ready_timeout=0.1)
+    client.run(sys.argv[3], log_handler=None)
+    """
+)
+
+
+async def test_bot_killed_with_sigkill_then_another_connects(
+    server: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_BOT, server.api_base_url, server.gateway_url, server.token
+    )
+    try:
+        await server.wait_until_connected(timeout=20)
+        process.kill()
+        # Block the loop while the process dies, so the server writes to the dropped socket before it notices.
+        time.sleep(0.3)  # noqa: ASYNC251
+        for n in range(3):
+            server.add_user(f"during-{n}")
+            await asyncio.sleep(0)
+        await process.wait()
+        server.add_channel("after")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == -9
+    async with run_bot(Bot(), server) as bot:
+        assert bot.get_guild(server.guild_id) is not None
+        interaction = await server.slash("secret")
+        assert (await interaction.wait_message()).content == "hush"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    ended = [session.writer for session in server._sessions if session.writer.done()]
+    assert not [w.exception() for w in ended if not w.cancelled() and w.exception() is not None]
     server.assert_no_violations()

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
-from bot.storage.database import Database, ImageRecord, Job, JobKind, JobStatus, VoteTally
+from bot.storage.database import (
+    AuditEntry,
+    Database,
+    GuildRules,
+    ImageRecord,
+    Job,
+    JobKind,
+    JobStatus,
+    Reply,
+    VoteTally,
+)
 
-__all__ = ["Database", "ImageRecord", "Job", "JobKind", "JobStatus", "VoteTally"]
+__all__ = ["AuditEntry", "Database", "GuildRules", "ImageRecord", "Job", "JobKind", "JobStatus", "Reply", "VoteTally"]

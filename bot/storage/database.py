@@ -9,7 +9,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +18,7 @@ from typing import Any, Self
 import aiosqlite
 
 from bot.engine.types import Mode, Settings
+from bot.limits import Charge, Limits, Scope, standard_images
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ class JobStatus(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The interaction a job answers: its token lives 15 minutes from ``at``; ``message_id`` shows the job."""
+
+    token: str
+    message_id: int
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,7 @@ class Job:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    reply: Reply | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +92,37 @@ class VoteTally:
     mine: int
 
 
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One change a moderator made: what, to whom, old → new, and why; ``id`` and ``at`` are set when stored."""
+
+    guild_id: int
+    moderator_id: int
+    action: str
+    target: str
+    old: str | None = None
+    new: str | None = None
+    reason: str | None = None
+    id: int = 0
+    at: float = 0.0
+
+
+@dataclass(slots=True)
+class GuildRules:
+    """Everything a server's moderators set, as stored."""
+
+    guild_id: int
+    server: Limits = field(default_factory=Limits)
+    roles: dict[int, Limits] = field(default_factory=dict[int, Limits])
+    users: dict[int, Limits] = field(default_factory=dict[int, Limits])
+    terms: set[str] = field(default_factory=set[str])
+    allowed: set[int] = field(default_factory=set[int])
+    denied: set[int] = field(default_factory=set[int])
+    bans: dict[int, str | None] = field(default_factory=dict[int, str | None])
+    paused: bool = False
+    pause_reason: str | None = None
+
+
 def migrations() -> list[tuple[int, str]]:
     """Return the numbered migration scripts shipped with the package, in order."""
     found: list[tuple[int, str]] = []
@@ -96,7 +138,7 @@ def migrations() -> list[tuple[int, str]]:
 
 
 class Database:
-    """SQLite storage for jobs, images and votes; use ``async with Database.open(path)``."""
+    """SQLite storage for jobs, images, votes and moderation; use ``async with Database.open(path)``."""
 
     def __init__(self, connection: aiosqlite.Connection) -> None:
         self._db = connection
@@ -106,13 +148,27 @@ class Database:
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncGenerator[None]:
         async with self._transaction_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+            await self._execute("BEGIN IMMEDIATE")
             try:
                 yield
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                await self._execute("ROLLBACK")
                 raise
-            await self._db.execute("COMMIT")
+            await self._execute("COMMIT")
+
+    async def _execute(self, sql: str, parameters: tuple[object, ...] = ()) -> tuple[int, int | None]:
+        """Run one statement and return its row count and last row id.
+
+        Every cursor is closed here, on the connection's thread: a cursor left to the garbage collector is
+        finalised on the event loop's thread, which can reset a statement while the connection's thread runs
+        another (seen as "bad parameter or other API misuse" under load).
+        """
+        async with self._db.execute(sql, parameters) as cursor:
+            return cursor.rowcount, cursor.lastrowid
+
+    async def _execute_many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        async with self._db.executemany(sql, rows):
+            pass
 
     @classmethod
     async def open(cls, path: Path | str) -> Self:
@@ -122,10 +178,9 @@ class Database:
         connection = await aiosqlite.connect(path, isolation_level=None)
         try:
             connection.row_factory = aiosqlite.Row
-            await connection.execute("PRAGMA journal_mode = WAL")
-            await connection.execute("PRAGMA foreign_keys = ON")
-            await connection.execute("PRAGMA busy_timeout = 5000")
             database = cls(connection)
+            for pragma in ("journal_mode = WAL", "foreign_keys = ON", "busy_timeout = 5000"):
+                await database._execute(f"PRAGMA {pragma}")
             await database.migrate()
         except BaseException:
             await connection.close()
@@ -155,7 +210,8 @@ class Database:
             if number <= current:
                 continue
             log.info("Applying database migration %04d", number)
-            await self._db.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+            async with self._db.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;"):
+                pass
             current = number
         return current
 
@@ -177,39 +233,46 @@ class Database:
         scheduler: str,
         parent_job_id: int | None = None,
         parent_index: int | None = None,
+        init_image: bytes | None = None,
+        reply: Reply | None = None,
     ) -> Job:
-        """Store a new queued job and return it."""
-        cursor = await self._db.execute(
-            """
-            INSERT INTO jobs (kind, parent_job_id, parent_index, user_id, guild_id, channel_id, prompt,
-                              negative_prompt, seed, count, steps, guidance, width, height, mode, strength,
-                              model, scheduler, status, created_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)
-            """,
-            (
-                kind.value,
-                parent_job_id,
-                parent_index,
-                user_id,
-                guild_id,
-                channel_id,
-                prompt,
-                negative_prompt,
-                seed,
-                count,
-                settings.steps,
-                settings.guidance,
-                settings.width,
-                settings.height,
-                settings.mode.value,
-                settings.strength,
-                model,
-                scheduler,
-                time.time(),
-            ),
-        )
-        job_id = cursor.lastrowid
-        assert job_id is not None
+        """Store a new queued job, with what it needs to run again after a restart, and return it."""
+        async with self._transaction():
+            _, job_id = await self._execute(
+                """
+                INSERT INTO jobs (kind, parent_job_id, parent_index, user_id, guild_id, channel_id, prompt,
+                                  negative_prompt, seed, count, steps, guidance, width, height, mode, strength,
+                                  model, scheduler, status, created_at, reply_token, reply_message_id, reply_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)
+                """,
+                (
+                    kind.value,
+                    parent_job_id,
+                    parent_index,
+                    user_id,
+                    guild_id,
+                    channel_id,
+                    prompt,
+                    negative_prompt,
+                    seed,
+                    count,
+                    settings.steps,
+                    settings.guidance,
+                    settings.width,
+                    settings.height,
+                    settings.mode.value,
+                    settings.strength,
+                    model,
+                    scheduler,
+                    time.time(),
+                    reply.token if reply else None,
+                    reply.message_id if reply else None,
+                    reply.at if reply else None,
+                ),
+            )
+            assert job_id is not None
+            if init_image is not None:
+                await self._execute("INSERT INTO job_inputs (job_id, init_image) VALUES (?, ?)", (job_id, init_image))
         job = await self.get_job(job_id=job_id)
         assert job is not None
         return job
@@ -225,33 +288,62 @@ class Database:
             rows = await cursor.fetchall()
         return [_job(row) for row in rows]
 
+    async def init_image(self, *, job_id: int) -> bytes | None:
+        """Return the source image a queued variation renders from."""
+        async with self._db.execute("SELECT init_image FROM job_inputs WHERE job_id = ?", (job_id,)) as cursor:
+            row = await cursor.fetchone()
+        return bytes(row["init_image"]) if row else None
+
     async def mark_started(self, *, job_id: int) -> None:
-        await self._db.execute(
+        await self._execute(
             "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'",
             (time.time(), job_id),
         )
 
-    async def finish_job(self, *, job_id: int, seeds: list[int], nsfw: list[bool]) -> None:
-        """Mark a job done and record its images, in one transaction."""
-        now = time.time()
-        async with self._transaction():
-            await self._db.executemany(
-                "INSERT OR REPLACE INTO images (job_id, idx, seed, nsfw) VALUES (?, ?, ?, ?)",
-                [(job_id, index, seed, int(flag)) for index, (seed, flag) in enumerate(zip(seeds, nsfw, strict=True))],
-            )
-            await self._db.execute(
-                "UPDATE jobs SET status = 'done', finished_at = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
-                (now, now, job_id),
-            )
-
-    async def fail_job(self, *, job_id: int, error: str, status: JobStatus = JobStatus.FAILED) -> None:
-        await self._db.execute(
-            "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-            (status.value, error, time.time(), job_id),
+    async def record_images(self, *, job_id: int, seeds: list[int], nsfw: list[bool]) -> None:
+        """Record a job's rendered images (before they are posted, so their buttons work at once)."""
+        await self._execute_many(
+            "INSERT OR REPLACE INTO images (job_id, idx, seed, nsfw) VALUES (?, ?, ?, ?)",
+            [(job_id, index, seed, int(flag)) for index, (seed, flag) in enumerate(zip(seeds, nsfw, strict=True))],
         )
 
-    async def set_message(self, *, job_id: int, message_id: int) -> None:
-        await self._db.execute("UPDATE jobs SET message_id = ? WHERE id = ?", (message_id, job_id))
+    async def complete_job(self, *, job_id: int, message_id: int | None) -> None:
+        """Mark a job delivered, in ``message_id``; what only a queued job needs is dropped."""
+        now = time.time()
+        async with self._transaction():
+            await self._execute(
+                """
+                UPDATE jobs SET status = 'done', finished_at = ?, started_at = COALESCE(started_at, ?),
+                                message_id = COALESCE(?, message_id), reply_token = NULL
+                WHERE id = ?
+                """,
+                (now, now, message_id, job_id),
+            )
+            await self._execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+
+    async def end_job(
+        self, *, job_id: int, error: str, status: JobStatus = JobStatus.FAILED, audit: AuditEntry | None = None
+    ) -> bool:
+        """End an unfinished job as failed or cancelled (with its audit row, if a moderator did it).
+
+        Returns False, changing nothing, when the job had already ended.
+        """
+        if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise ValueError(f"a job ends as failed or cancelled, not {status}")
+        async with self._transaction():
+            changed, _ = await self._execute(
+                """
+                UPDATE jobs SET status = ?, error = ?, finished_at = ?, reply_token = NULL
+                WHERE id = ? AND status IN ('queued', 'running')
+                """,
+                (status.value, error, time.time(), job_id),
+            )
+            if changed == 0:
+                return False
+            await self._execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+            if audit is not None:
+                await self._audit(audit)
+        return True
 
     async def get_image(self, *, job_id: int, index: int) -> ImageRecord | None:
         async with self._db.execute(
@@ -263,6 +355,190 @@ class Database:
             if row
             else None
         )
+
+    async def charges_since(self, since: float) -> list[Charge]:
+        """Return what each job accepted since ``since`` costs its user, unless it gave it back.
+
+        A job gives its share back when it fails, or is cancelled before it starts rendering.
+        """
+        async with self._db.execute(
+            """
+            SELECT id, guild_id, user_id, count, steps, width, height, created_at FROM jobs
+            WHERE created_at > ?
+              AND (status IN ('queued', 'running', 'done') OR (status = 'cancelled' AND started_at IS NOT NULL))
+            ORDER BY created_at
+            """,
+            (since,),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            Charge(
+                guild_id=row["guild_id"],
+                user_id=row["user_id"],
+                cost=standard_images(
+                    Settings(steps=row["steps"], width=row["width"], height=row["height"]), row["count"]
+                ),
+                at=row["created_at"],
+                job_id=row["id"],
+            )
+            for row in rows
+        ]
+
+    # Moderation: every change is written with its audit row in one transaction
+
+    async def guild_rules(self) -> dict[int, GuildRules]:
+        """Return what the moderators of every server set."""
+        rules: dict[int, GuildRules] = {}
+
+        def of(guild_id: int) -> GuildRules:
+            return rules.setdefault(guild_id, GuildRules(guild_id))
+
+        for row in await self._rows("SELECT * FROM limit_overrides"):
+            limits = Limits(
+                images_per_hour=row["images_per_hour"],
+                max_queued=row["max_queued"],
+                max_count=row["max_count"],
+                max_steps=row["max_steps"],
+            )
+            guild = of(row["guild_id"])
+            scope = Scope(row["scope"])
+            if scope is Scope.SERVER:
+                guild.server = limits
+            elif scope is Scope.ROLE:
+                guild.roles[row["target_id"]] = limits
+            else:
+                guild.users[row["target_id"]] = limits
+        for row in await self._rows("SELECT guild_id, term FROM blocked_terms"):
+            of(row["guild_id"]).terms.add(row["term"])
+        for row in await self._rows("SELECT guild_id, channel_id, rule FROM channel_rules"):
+            guild = of(row["guild_id"])
+            (guild.allowed if row["rule"] == "allow" else guild.denied).add(row["channel_id"])
+        for row in await self._rows("SELECT guild_id, user_id, reason FROM bans"):
+            of(row["guild_id"]).bans[row["user_id"]] = row["reason"]
+        for row in await self._rows("SELECT guild_id, reason FROM pauses"):
+            guild = of(row["guild_id"])
+            guild.paused, guild.pause_reason = True, row["reason"]
+        return rules
+
+    async def set_limits(
+        self, *, guild_id: int, scope: Scope, target_id: int, limits: Limits, audit: AuditEntry
+    ) -> None:
+        """Store an override's fields (an override with none set is removed)."""
+        if not limits:
+            await self._change(
+                "DELETE FROM limit_overrides WHERE guild_id = ? AND scope = ? AND target_id = ?",
+                (guild_id, scope.value, target_id),
+                audit,
+            )
+            return
+        await self._change(
+            """
+            INSERT INTO limit_overrides (guild_id, scope, target_id, images_per_hour, max_queued, max_count, max_steps)
+            VALUES (?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (guild_id, scope, target_id) DO UPDATE SET
+                images_per_hour = excluded.images_per_hour, max_queued = excluded.max_queued,
+                max_count = excluded.max_count, max_steps = excluded.max_steps
+            """,
+            (guild_id, scope.value, target_id, *(value for _, value in limits.items())),
+            audit,
+        )
+
+    async def add_term(self, *, guild_id: int, term: str, audit: AuditEntry) -> None:
+        await self._change("INSERT INTO blocked_terms (guild_id, term) VALUES (?, ?)", (guild_id, term), audit)
+
+    async def remove_term(self, *, guild_id: int, term: str, audit: AuditEntry) -> None:
+        await self._change("DELETE FROM blocked_terms WHERE guild_id = ? AND term = ?", (guild_id, term), audit)
+
+    async def set_channel_rule(self, *, guild_id: int, channel_id: int, rule: str | None, audit: AuditEntry) -> None:
+        """Allow or deny /imagine in a channel, or (``rule`` None) clear what was set for it."""
+        if rule is None:
+            await self._change(
+                "DELETE FROM channel_rules WHERE guild_id = ? AND channel_id = ?", (guild_id, channel_id), audit
+            )
+            return
+        if rule not in ("allow", "deny"):
+            raise ValueError(f"a channel rule is allow or deny, not {rule!r}")
+        await self._change(
+            """
+            INSERT INTO channel_rules (guild_id, channel_id, rule) VALUES (?, ?, ?)
+            ON CONFLICT (guild_id, channel_id) DO UPDATE SET rule = excluded.rule
+            """,
+            (guild_id, channel_id, rule),
+            audit,
+        )
+
+    async def ban(self, *, guild_id: int, user_id: int, reason: str | None, audit: AuditEntry) -> None:
+        await self._change(
+            """
+            INSERT INTO bans (guild_id, user_id, reason) VALUES (?, ?, ?)
+            ON CONFLICT (guild_id, user_id) DO UPDATE SET reason = excluded.reason
+            """,
+            (guild_id, user_id, reason),
+            audit,
+        )
+
+    async def unban(self, *, guild_id: int, user_id: int, audit: AuditEntry) -> None:
+        await self._change("DELETE FROM bans WHERE guild_id = ? AND user_id = ?", (guild_id, user_id), audit)
+
+    async def pause(self, *, guild_id: int, reason: str | None, audit: AuditEntry) -> None:
+        await self._change(
+            """
+            INSERT INTO pauses (guild_id, reason) VALUES (?, ?)
+            ON CONFLICT (guild_id) DO UPDATE SET reason = excluded.reason
+            """,
+            (guild_id, reason),
+            audit,
+        )
+
+    async def resume(self, *, guild_id: int, audit: AuditEntry) -> None:
+        await self._change("DELETE FROM pauses WHERE guild_id = ?", (guild_id,), audit)
+
+    async def audit_log(self, *, guild_id: int, count: int) -> list[AuditEntry]:
+        """Return a server's latest audit rows, newest first."""
+        rows = await self._rows(
+            "SELECT * FROM audit_log WHERE guild_id = ? ORDER BY id DESC LIMIT ?", (guild_id, count)
+        )
+        return [
+            AuditEntry(
+                guild_id=row["guild_id"],
+                moderator_id=row["moderator_id"],
+                action=row["action"],
+                target=row["target"],
+                old=row["old"],
+                new=row["new"],
+                reason=row["reason"],
+                id=row["id"],
+                at=row["at"],
+            )
+            for row in rows
+        ]
+
+    async def _change(self, sql: str, parameters: tuple[object, ...], audit: AuditEntry) -> None:
+        async with self._transaction():
+            await self._execute(sql, parameters)
+            await self._audit(audit)
+
+    async def _audit(self, audit: AuditEntry) -> None:
+        await self._execute(
+            """
+            INSERT INTO audit_log (guild_id, at, moderator_id, action, target, old, new, reason)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            """,
+            (
+                audit.guild_id,
+                time.time(),
+                audit.moderator_id,
+                audit.action,
+                audit.target,
+                audit.old,
+                audit.new,
+                audit.reason,
+            ),
+        )
+
+    async def _rows(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
+        async with self._db.execute(sql, parameters) as cursor:
+            return list(await cursor.fetchall())
 
     # Votes
 
@@ -276,12 +552,12 @@ class Database:
             ) as cursor:
                 row = await cursor.fetchone()
             if row is not None and row["vote"] == vote:
-                await self._db.execute(
+                await self._execute(
                     "DELETE FROM votes WHERE job_id = ? AND idx = ? AND user_id = ?", (job_id, index, user_id)
                 )
                 mine = 0
             else:
-                await self._db.execute(
+                await self._execute(
                     """
                     INSERT INTO votes (job_id, idx, user_id, vote, updated_at) VALUES (?, ?, ?, ?, ?)
                     ON CONFLICT (job_id, idx, user_id)
@@ -343,4 +619,7 @@ def _job(row: Any) -> Job:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        reply=Reply(token=row["reply_token"], message_id=row["reply_message_id"], at=row["reply_at"])
+        if row["reply_token"] is not None
+        else None,
     )

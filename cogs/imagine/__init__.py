@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -12,15 +13,17 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.client import requester
 from bot.config import GenerationConfig
 from bot.engine.types import RenderedImage
-from bot.errors import BotError
+from bot.errors import BotError, JobCancelled, JobNotFound
 from bot.prompts import SAFE_RATINGS
 from bot.prompts.vocabulary import Vocabulary
-from bot.service import MAX_SEED, Queued
-from bot.storage import Job, JobKind
+from bot.service import MAX_SEED, Admission, Queued
+from bot.storage import Job, JobKind, Reply
 from cogs.imagine._views import (
     DYNAMIC_ITEMS,
+    cancel_view,
     filename,
     result_text,
     result_view,
@@ -34,7 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 2.0  # seconds between edits of the "queued / rendering" message
+_TOKEN_LIFETIME = 15 * 60.0
 _TOKEN_MARGIN = 60.0  # stop using an interaction token a minute before Discord expires it
+_POSTING_TIMEOUT = 10.0  # seconds a stopping bot waits for results being posted
 _NO_PINGS = discord.AllowedMentions.none()
 
 
@@ -46,35 +51,52 @@ class Imagine(commands.Cog):
         self.service = bot.service
         self.vocabulary = Vocabulary.load()
         self._command = _imagine_command(self, bot.config.generation)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._deliveries: dict[asyncio.Task[None], Queued] = {}
+        self._posting: set[asyncio.Task[None]] = set()  # deliveries past the wait, posting their outcome
 
     async def cog_load(self) -> None:
         self.bot.add_dynamic_items(*DYNAMIC_ITEMS)
         self.bot.tree.add_command(self._command)
         for queued in await self.service.restore():
-            self._spawn(queued, None)
+            self._spawn(queued)
 
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(*DYNAMIC_ITEMS)
         self.bot.tree.remove_command(self._command.name)
-        # Stop every delivery before the HTTP session closes; their jobs stay queued in the database.
-        tasks = list(self._tasks)
-        for task in tasks:
+        # Stop every delivery still waiting for its images before the HTTP session closes (their jobs stay queued
+        # in the database), but let one that is posting finish and record it: stopped between the two, it would
+        # be posted again after the restart.
+        waiting = [task for task in self._deliveries if task not in self._posting]
+        for task in waiting:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        posting = list(self._posting)
+        if posting:
+            _, late = await asyncio.wait(posting, timeout=_POSTING_TIMEOUT)
+            for task in late:
+                task.cancel()
+        await asyncio.gather(*waiting, *posting, return_exceptions=True)
 
-    def _spawn(self, queued: Queued, interaction: discord.Interaction[SygilBot] | None) -> None:
+    async def settle(self) -> None:
+        """Wait for the deliveries whose images are ready (the bot is stopping and wants them posted first)."""
+        ready = [task for task, queued in self._deliveries.items() if queued.ticket.result.done()]
+        await asyncio.gather(*ready, return_exceptions=True)
+
+    def _spawn(self, queued: Queued) -> None:
         """Deliver a job in the background: the command returns while the job waits its turn."""
 
         async def deliver() -> None:
             try:
-                await self.deliver(queued, interaction)
+                await self.deliver(queued)
             except Exception:
                 log.exception("Delivering job %d failed", queued.job.id)
 
         task = asyncio.get_running_loop().create_task(deliver(), name=f"deliver-{queued.job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._deliveries[task] = queued
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._deliveries.pop(task, None)
+        self._posting.discard(task)
 
     # Commands and buttons
 
@@ -90,10 +112,9 @@ class Imagine(commands.Cog):
         size: str | None,
         count: int,
     ) -> None:
-        request = self.service.prepare(
-            user_id=interaction.user.id,
-            guild_id=interaction.guild_id,
-            channel_id=_channel_id(interaction),
+        # Every check that can refuse runs, and the place is taken, before the first await: refusals stay private.
+        admission = self.service.admit(
+            requester(interaction),
             prompt=prompt,
             negative=negative,
             seed=seed,
@@ -101,17 +122,18 @@ class Imagine(commands.Cog):
             guidance=guidance,
             size=size,
             count=count,
-            age_restricted=_age_restricted(interaction),
         )
-        await interaction.response.defer(thinking=True)
-        queued = await self.service.enqueue(request)
-        self._spawn(queued, interaction)
+        await self._accept(interaction, admission)
 
     async def complete_tags(
         self, interaction: discord.Interaction[SygilBot], current: str
     ) -> list[app_commands.Choice[str]]:
         """Suggest how to finish the tag being typed: namespaces, then tags within one."""
-        rules = self.service.rules(channel_id=interaction.channel_id, age_restricted=_age_restricted(interaction))
+        rules = self.service.rules(
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+            age_restricted=_age_restricted(interaction),
+        )
         return [
             app_commands.Choice(name=value, value=value)
             for value in self.vocabulary.complete(current)
@@ -119,29 +141,49 @@ class Imagine(commands.Cog):
         ]
 
     async def remix(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int, kind: JobKind) -> None:
-        request = await self.service.prepare_remix(
-            kind=kind,
-            job_id=job_id,
-            index=index,
-            user_id=interaction.user.id,
-            guild_id=interaction.guild_id,
-            channel_id=_channel_id(interaction),
-        )
+        asker = requester(interaction)
+        self.service.check_access(asker)
+        parent = await self.service.source(job_id=job_id, index=index, guild_id=interaction.guild_id)
         attachment = _attachment(interaction.message, filename(job_id, index)) if kind is JobKind.VARIATION else None
-        await interaction.response.defer(thinking=True)
-        image = None
-        if attachment is not None:
-            try:
-                image = await attachment.read()
-            except discord.HTTPException:
-                raise BotError("I could not download that image from Discord; please try again.") from None
-        queued = await self.service.enqueue(request, init_image=image)
-        self._spawn(queued, interaction)
+        admission = self.service.admit_remix(asker, kind=kind, parent=parent, index=index)
+        await self._accept(interaction, admission, attachment=attachment)
+
+    async def _accept(
+        self,
+        interaction: discord.Interaction[SygilBot],
+        admission: Admission,
+        *,
+        attachment: discord.Attachment | None = None,
+    ) -> None:
+        """Answer publicly, store the admitted job and start its delivery; give its place back if that fails."""
+        try:
+            callback = await interaction.response.defer(thinking=True)
+            image = None
+            if attachment is not None:
+                try:
+                    image = await attachment.read()
+                except discord.HTTPException:
+                    raise BotError("I could not download that image from Discord; please try again.") from None
+            message_id = callback.message_id if callback is not None else None
+            if message_id is None:
+                message_id = (await interaction.original_response()).id
+            reply = Reply(token=interaction.token, message_id=message_id, at=interaction.created_at.timestamp())
+            queued = await self.service.enqueue(admission, init_image=image, reply=reply)
+        except BaseException:
+            self.service.release(admission)
+            raise
+        self._spawn(queued)
 
     async def vote(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int, vote: str) -> None:
+        self.service.check_access(requester(interaction), what="take votes")
         job = await self.bot.db.get_job(job_id=job_id)
-        if job is None or index >= job.count or await self.bot.db.get_image(job_id=job_id, index=index) is None:
-            raise BotError("That image is no longer in the database, so it cannot be voted on.")
+        if (
+            job is None
+            or job.guild_id != interaction.guild_id
+            or index >= job.count
+            or await self.bot.db.get_image(job_id=job_id, index=index) is None
+        ):
+            raise JobNotFound("That image is no longer in the database, so it cannot be voted on.")
         tally = await self.bot.db.record_vote(
             job_id=job_id, index=index, user_id=interaction.user.id, vote=vote_value(vote)
         )
@@ -155,23 +197,37 @@ class Imagine(commands.Cog):
             note = f"Your vote on image {index + 1} is withdrawn."
         await interaction.followup.send(note, ephemeral=True)
 
+    async def cancel(self, interaction: discord.Interaction[SygilBot], job_id: int) -> None:
+        """Withdraw a job from its Cancel button: its requester's or a moderator's click."""
+        asker = requester(interaction)
+        banned, _ = self.service.moderation.ban_reason(asker.guild_id, asker.user_id)
+        if banned:
+            self.service.check_access(asker)  # raises the ban's message
+        await self.service.cancel(
+            job_id=job_id,
+            guild_id=interaction.guild_id,
+            actor_id=interaction.user.id,
+            moderator=self.bot.is_moderator(interaction),
+        )
+        await interaction.response.send_message(f"Job {job_id} is cancelled.", ephemeral=True)
+
     # Delivery
 
-    async def deliver(self, queued: Queued, interaction: discord.Interaction[SygilBot] | None) -> None:
+    async def deliver(self, queued: Queued) -> None:
         """Keep the requester informed while the job waits, then post its images with their buttons."""
-        finished = asyncio.ensure_future(self.service.finish(queued))
+        job = queued.job
+        finished = asyncio.ensure_future(self.service.wait(queued))
+        # A job rendered before a restart may already show its images: no status over them while it renders again.
+        quiet = queued.restored and await self.bot.db.get_image(job_id=job.id, index=0) is not None
         shown = ""
         try:
-            while interaction is not None and not finished.done() and _token_alive(interaction):
-                ticket = queued.ticket
-                text = status_text(
-                    self.service.scheduler.position(queued.job.id), ticket.step, ticket.total_steps, queued.warnings
-                )
+            while not quiet and not finished.done() and _alive(job.reply):
+                text = self._status(queued)
                 if text != shown:
                     try:
-                        await interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS)
+                        await self._edit_reply(job, content=text, view=None if shown else cancel_view(job.id))
                     except discord.HTTPException as exc:
-                        log.warning("Could not update the status of job %d: %s", queued.job.id, exc)
+                        log.warning("Could not update the status of job %d: %s", job.id, exc)
                         break
                     shown = text
                 await asyncio.wait({finished}, timeout=STATUS_INTERVAL)
@@ -179,56 +235,121 @@ class Imagine(commands.Cog):
         except asyncio.CancelledError:
             finished.cancel()
             raise
-        except Exception:
-            log.exception("Job %d failed", queued.job.id)
-            await self._post(
-                queued.job, interaction, content="❌ Rendering failed; it has been logged. Please try again."
-            )
+        except JobCancelled as exc:
+            self._posting_now()
+            await self._post(job, content=f"🚫 {exc}\n-# {_prompt_line(job)}")
             return
-        await self._post(queued.job, interaction, images=images, notes=queued.warnings)
+        except Exception:
+            log.exception("Job %d failed", job.id)
+            self._posting_now()
+            await self._post(job, content="❌ Rendering failed; it has been logged. Please try again.")
+            return
+        self._posting_now()
+        message_id = await self._post(job, images=images, notes=queued.warnings)
+        await self.service.complete(queued, message_id=message_id)
+
+    def _posting_now(self) -> None:
+        task = asyncio.current_task()
+        if task in self._deliveries:
+            self._posting.add(task)  # type: ignore[arg-type]
+
+    def _status(self, queued: Queued) -> str:
+        scheduler = self.service.scheduler
+        job = queued.job
+        paused, reason = self.service.moderation.pause_reason(job.guild_id)
+        return status_text(
+            scheduler.position(job.id),
+            queued.ticket.step,
+            queued.ticket.total_steps,
+            queued.warnings,
+            eta=scheduler.eta(job.id),
+            paused=f"The moderators paused the queue{': ' + reason if reason else ''}." if paused else None,
+        )
+
+    async def _edit_reply(
+        self,
+        job: Job,
+        *,
+        content: str,
+        view: discord.ui.View | None = None,
+        files: list[discord.File] | None = None,
+        clear_view: bool = False,
+    ) -> discord.Message:
+        """Edit the message that answers the job's interaction, through its token (also after a restart)."""
+        assert job.reply is not None and self.bot.application_id is not None
+        webhook = discord.Webhook.partial(self.bot.application_id, job.reply.token, client=self.bot)
+        return await webhook.edit_message(
+            job.reply.message_id,
+            content=content,
+            attachments=files if files is not None else discord.utils.MISSING,
+            view=None if clear_view else view if view is not None else discord.utils.MISSING,
+            allowed_mentions=_NO_PINGS,
+        )
 
     async def _post(
         self,
         job: Job,
-        interaction: discord.Interaction[SygilBot] | None,
         *,
         content: str | None = None,
         images: list[RenderedImage] | None = None,
         notes: tuple[str, ...] = (),
-    ) -> None:
-        """Put the result in the interaction's message while its token lives, else in the job's channel."""
+    ) -> int | None:
+        """Put a job's outcome in its interaction's message while its token lives, else in its channel.
+
+        Returns the message's id. A channel post carries the job's nonce, so if the bot dies after posting and
+        before recording it, the post after the restart finds the first one instead of making a second.
+        """
         files = [
             discord.File(io.BytesIO(image.png), filename=filename(job.id, i)) for i, image in enumerate(images or [])
         ]
-        view = result_view(job.id, len(files)) if files else discord.utils.MISSING
         text = content if content is not None else result_text(job, images or [], notes)
-        message: discord.Message | None = None
-        if interaction is not None and _token_alive(interaction):
+        if _alive(job.reply):
             try:
-                message = await interaction.edit_original_response(
-                    content=text, attachments=files, view=view, allowed_mentions=_NO_PINGS
-                )
+                view = result_view(job.id, len(files)) if files else None
+                message = await self._edit_reply(job, content=text, files=files, view=view, clear_view=view is None)
+                return message.id
             except discord.HTTPException as exc:
                 if exc.status not in (401, 404):
                     raise
                 log.info("Interaction for job %d expired; posting to the channel", job.id)
                 for file in files:
                     file.reset()
-        if message is None:
-            await self.bot.wait_until_ready()
-            channel = self.bot.get_channel(job.channel_id) or await self.bot.fetch_channel(job.channel_id)
-            if not isinstance(channel, discord.abc.Messageable):
-                log.warning("Cannot post job %d: channel %d is not a text channel", job.id, job.channel_id)
-                return
-            message = await channel.send(content=text, files=files, view=view, allowed_mentions=_NO_PINGS)
-        if files:
-            await self.bot.db.set_message(job_id=job.id, message_id=message.id)
+        await self.bot.wait_until_ready()
+        channel = self.bot.get_channel(job.channel_id) or await self.bot.fetch_channel(job.channel_id)
+        if not isinstance(channel, discord.abc.Messageable):
+            log.warning("Cannot post job %d: channel %d is not a text channel", job.id, job.channel_id)
+            return None
+        message = await channel.send(
+            content=text,
+            files=files,
+            view=result_view(job.id, len(files)) if files else discord.utils.MISSING,
+            allowed_mentions=_NO_PINGS,
+            nonce=f"sygil-job-{job.id}",
+        )
+        if job.reply is not None:
+            await self._retire_status(channel, job.reply.message_id, message.jump_url)
+        return message.id
+
+    async def _retire_status(self, channel: discord.abc.Messageable, message_id: int, result_url: str) -> None:
+        """Point a status message whose token expired at the result posted below it, without its Cancel button."""
+        if not isinstance(channel, discord.TextChannel | discord.Thread):
+            return
+        try:
+            await channel.get_partial_message(message_id).edit(
+                content=f"➡️ Finished: {result_url}", view=None, allowed_mentions=_NO_PINGS
+            )
+        except discord.HTTPException as exc:
+            log.info("Could not update the old status message %d: %s", message_id, exc)
 
 
-def _channel_id(interaction: discord.Interaction[SygilBot]) -> int:
-    if interaction.channel_id is None:
-        raise BotError("This command works only in a channel.")
-    return interaction.channel_id
+def _prompt_line(job: Job) -> str:
+    prompt = discord.utils.escape_markdown(job.prompt)
+    return f"<@{job.user_id}> · job {job.id} · {prompt[:300]}"
+
+
+def _alive(reply: Reply | None) -> bool:
+    """Return whether an interaction token can still be used (Discord keeps it 15 minutes)."""
+    return reply is not None and time.time() - reply.at < _TOKEN_LIFETIME - _TOKEN_MARGIN
 
 
 def _mature_rating(item: str) -> bool:
@@ -239,11 +360,6 @@ def _mature_rating(item: str) -> bool:
 def _age_restricted(interaction: discord.Interaction[SygilBot]) -> bool:
     channel = interaction.channel
     return bool(channel is not None and getattr(channel, "nsfw", False))
-
-
-def _token_alive(interaction: discord.Interaction[SygilBot]) -> bool:
-    age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
-    return age < 15 * 60 - _TOKEN_MARGIN
 
 
 def _attachment(message: discord.Message | None, name: str) -> discord.Attachment:
@@ -292,6 +408,7 @@ def _imagine_command(cog: Imagine, gen: GenerationConfig) -> app_commands.Comman
     sizes = [app_commands.Choice(name=size.replace("x", "×"), value=size) for size in gen.sizes]
     callback: Callable[..., Coroutine[Any, Any, None]] = app_commands.choices(size=sizes)(imagine)
     callback = app_commands.autocomplete(prompt=cog.complete_tags, negative=cog.complete_tags)(callback)
+    callback = app_commands.guild_only(callback)
     callback = app_commands.describe(
         prompt="What to draw: tags like species:seal, studio:dc and plain words, separated by commas",
         negative="What to keep out of the image",

@@ -12,6 +12,7 @@ import discord
 from bot.client import answer_error
 from bot.engine.types import Mode, RenderedImage
 from bot.errors import BotError
+from bot.limits import describe_wait
 from bot.storage import Job, JobKind, VoteTally
 
 if TYPE_CHECKING:
@@ -85,6 +86,29 @@ class RemixButton(
         await _guarded(interaction, lambda: _cog(interaction).remix(interaction, self.job_id, self.index, self.kind))
 
 
+class CancelButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"imagine:cancel:(?P<job_id>[1-9][0-9]{0,17})"
+):
+    """Withdraw a job that waits or renders: for its requester and moderators only."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Cancel", emoji="✖️", style=discord.ButtonStyle.secondary, custom_id=f"imagine:cancel:{job_id}"
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
+    ) -> Self:
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
+        await _guarded(interaction, lambda: _cog(interaction).cancel(interaction, self.job_id))
+
+
 class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:vote:{_ID}:(?P<vote>up|down)"):
     """Vote an image up or down; the same vote again withdraws it."""
 
@@ -113,7 +137,7 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"ima
         await _guarded(interaction, lambda: _cog(interaction).vote(interaction, self.job_id, self.index, self.vote))
 
 
-DYNAMIC_ITEMS = (RemixButton, VoteButton)
+DYNAMIC_ITEMS = (RemixButton, VoteButton, CancelButton)
 
 
 def vote_value(vote: str) -> int:
@@ -130,6 +154,13 @@ def result_view(job_id: int, count: int, tallies: Sequence[VoteTally] | None = N
         view.add_item(RemixButton(job_id, index, JobKind.VARIATION, count=count))
         view.add_item(VoteButton(job_id, index, "up", tally=tally))
         view.add_item(VoteButton(job_id, index, "down", tally=tally))
+    return view
+
+
+def cancel_view(job_id: int) -> discord.ui.View:
+    """Return the Cancel button shown while a job waits or renders."""
+    view = discord.ui.View(timeout=None)  # only dynamic items, no timeout: see result_view
+    view.add_item(CancelButton(job_id))
     return view
 
 
@@ -168,12 +199,22 @@ def result_text(job: Job, images: Sequence[RenderedImage], notes: Sequence[str] 
     return "\n".join(lines)[:2000]
 
 
-def status_text(position: int | None, step: int, total_steps: int, notes: Sequence[str] = ()) -> str:
-    """Describe where a job is: waiting (with its place in line) or rendering (with its step)."""
+def status_text(
+    position: int | None,
+    step: int,
+    total_steps: int,
+    notes: Sequence[str] = (),
+    *,
+    eta: float | None = None,
+    paused: str | None = None,
+) -> str:
+    """Describe where a job is: waiting (place in line, estimate, pause) or rendering (with its step)."""
     if position is None or position == 0:
         text = f"🎨 Rendering… step {step}/{total_steps}" if total_steps else "🎨 Rendering…"
-    elif position == 1:
-        text = "⏳ Queued: you are next in line."
     else:
-        text = f"⏳ Queued: position {position} in line."
+        text = "⏳ Queued: you are next in line." if position == 1 else f"⏳ Queued: position {position} in line."
+        if paused is not None:
+            text += f"\n⏸️ {paused} Your job keeps its place."
+        elif eta is not None:
+            text += f" Ready in about {describe_wait(eta)}."
     return "\n".join([text, *(f"ℹ️ {note}" for note in notes)])[:2000]

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import pytest
 
 from bot.engine.types import ImageSpec, RenderedImage, Settings
-from bot.errors import QueueFull
+from bot.errors import JobCancelled, QueueFull
 from bot.scheduler import Batch, Progress, Scheduler
 
+GUILD = 10
 SMALL = Settings(steps=4, width=64, height=64)
 LARGE = Settings(steps=4, width=64, height=96)
 
@@ -43,7 +44,7 @@ def specs(prompt: str, count: int = 1, settings: Settings = SMALL, seed: int = 1
 async def test_results_come_back_per_job_in_order_on_one_gpu_thread() -> None:
     render = FakeRender()
     async with Scheduler(render, max_batch=8) as scheduler:
-        ticket = scheduler.submit(job_id=1, user_id=1, specs=specs("seal", 3, seed=10))
+        ticket = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("seal", 3, seed=10))
         images = await ticket.result
     assert [image.png for image in images] == [b"seal|10", b"seal|11", b"seal|12"]
     assert ticket.started.is_set()
@@ -55,13 +56,13 @@ async def test_compatible_jobs_from_different_users_share_one_batch() -> None:
     render.gate.clear()
     batches: list[Batch] = []
     async with Scheduler(render, max_batch=4, on_batch=batches.append) as scheduler:
-        first = scheduler.submit(job_id=1, user_id=1, specs=specs("a"))
+        first = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
         await first.started.wait()  # job 1 holds the GPU while the others queue up
         others = [
-            scheduler.submit(job_id=2, user_id=2, specs=specs("b", 2)),
-            scheduler.submit(job_id=3, user_id=3, specs=specs("c", settings=LARGE)),
-            scheduler.submit(job_id=4, user_id=4, specs=specs("d")),
-            scheduler.submit(job_id=5, user_id=5, specs=specs("e", 2)),
+            scheduler.submit(job_id=2, user_id=2, guild_id=GUILD, specs=specs("b", 2)),
+            scheduler.submit(job_id=3, user_id=3, guild_id=GUILD, specs=specs("c", settings=LARGE)),
+            scheduler.submit(job_id=4, user_id=4, guild_id=GUILD, specs=specs("d")),
+            scheduler.submit(job_id=5, user_id=5, guild_id=GUILD, specs=specs("e", 2)),
         ]
         render.gate.set()
         await asyncio.gather(first.result, *(ticket.result for ticket in others))
@@ -74,12 +75,12 @@ async def test_users_take_turns() -> None:
     render = FakeRender()
     render.gate.clear()
     batches: list[Batch] = []
-    async with Scheduler(render, max_batch=1, max_per_user=5, on_batch=batches.append) as scheduler:
-        blocker = scheduler.submit(job_id=100, user_id=9, specs=specs("x"))
+    async with Scheduler(render, max_batch=1, on_batch=batches.append) as scheduler:
+        blocker = scheduler.submit(job_id=100, user_id=9, guild_id=GUILD, specs=specs("x"))
         await blocker.started.wait()
-        tickets = [scheduler.submit(job_id=10 + i, user_id=1, specs=specs("a")) for i in range(3)]
-        tickets.append(scheduler.submit(job_id=20, user_id=2, specs=specs("b")))
-        tickets.append(scheduler.submit(job_id=30, user_id=3, specs=specs("c")))
+        tickets = [scheduler.submit(job_id=10 + i, user_id=1, guild_id=GUILD, specs=specs("a")) for i in range(3)]
+        tickets.append(scheduler.submit(job_id=20, user_id=2, guild_id=GUILD, specs=specs("b")))
+        tickets.append(scheduler.submit(job_id=30, user_id=3, guild_id=GUILD, specs=specs("c")))
         assert [scheduler.position(job_id) for job_id in (10, 20, 30, 11, 12)] == [1, 2, 3, 4, 5]
         assert scheduler.position(100) == 0
         assert scheduler.position(999) is None
@@ -91,36 +92,52 @@ async def test_users_take_turns() -> None:
 async def test_queue_limits_say_why() -> None:
     render = FakeRender()
     render.gate.clear()
-    async with Scheduler(render, max_queue=2, max_per_user=2) as scheduler:
-        running = scheduler.submit(job_id=1, user_id=1, specs=specs("a"))
+    async with Scheduler(render, max_queue=3) as scheduler:
+        running = submit(scheduler, 1, 1, specs("a"), max_queued=2)
         await running.started.wait()
-        scheduler.submit(job_id=2, user_id=1, specs=specs("a"))
-        with pytest.raises(QueueFull, match="You already have 2 jobs"):
-            scheduler.submit(job_id=3, user_id=1, specs=specs("a"))
-        scheduler.submit(job_id=4, user_id=2, specs=specs("b"))
+        submit(scheduler, 2, 1, specs("a"), max_queued=2)
+        with pytest.raises(QueueFull, match="You already have 2 jobs in the queue \\(your limit is 2\\)"):
+            scheduler.reserve(user_id=1, guild_id=GUILD, max_queued=2)
+        # The limit is per server: the same user elsewhere has room.
+        elsewhere = scheduler.reserve(user_id=1, guild_id=GUILD + 1, max_queued=2)
+        scheduler.release(elsewhere)
+        submit(scheduler, 4, 2, specs("b"), max_queued=2)
+        # Places taken for jobs being stored count too.
+        place = scheduler.reserve(user_id=3, guild_id=GUILD, max_queued=2)
         with pytest.raises(QueueFull, match="The queue is full"):
-            scheduler.submit(job_id=5, user_id=3, specs=specs("c"))
-        restored = scheduler.submit(job_id=6, user_id=3, specs=specs("c"), force=True)
+            scheduler.reserve(user_id=4, guild_id=GUILD, max_queued=2)
+        scheduler.release(place)
+        scheduler.release(place)  # twice is harmless
+        with pytest.raises(QueueFull, match="0 jobs at once"):
+            scheduler.reserve(user_id=5, guild_id=GUILD, max_queued=0)
+        assert scheduler.reserve(user_id=4, guild_id=GUILD, max_queued=2).taken
+        # A job restored after a restart goes in whatever the limits say.
+        restored = scheduler.submit(job_id=6, user_id=3, guild_id=GUILD, specs=specs("c"))
         render.gate.set()
         assert len(await restored.result) == 1
+
+
+def submit(scheduler: Scheduler, job_id: int, user_id: int, images: list[ImageSpec], *, max_queued: int = 3):
+    place = scheduler.reserve(user_id=user_id, guild_id=GUILD, max_queued=max_queued)
+    return scheduler.submit(job_id=job_id, user_id=user_id, guild_id=GUILD, specs=images, place=place)
 
 
 async def test_a_failed_batch_fails_its_jobs_and_the_worker_goes_on() -> None:
     render = FakeRender()
     async with Scheduler(render) as scheduler:
         render.fail = True
-        bad = scheduler.submit(job_id=1, user_id=1, specs=specs("a"))
+        bad = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
         with pytest.raises(RuntimeError, match="GPU on fire"):
             await bad.result
         render.fail = False
-        good = scheduler.submit(job_id=2, user_id=1, specs=specs("b"))
+        good = scheduler.submit(job_id=2, user_id=1, guild_id=GUILD, specs=specs("b"))
         assert len(await good.result) == 1
 
 
 async def test_progress_reaches_the_ticket() -> None:
     render = FakeRender()
     async with Scheduler(render) as scheduler:
-        ticket = scheduler.submit(job_id=1, user_id=1, specs=specs("a"))
+        ticket = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
         await ticket.result
         await asyncio.sleep(0)  # progress is handed over with call_soon_threadsafe
     assert (ticket.step, ticket.total_steps) == (4, 4)
@@ -131,12 +148,15 @@ async def test_cancel_and_close() -> None:
     render.gate.clear()
     scheduler = Scheduler(render)
     scheduler.start()
-    first = scheduler.submit(job_id=1, user_id=1, specs=specs("a"))
+    first = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
     await first.started.wait()
-    second = scheduler.submit(job_id=2, user_id=2, specs=specs("b"))
-    third = scheduler.submit(job_id=3, user_id=3, specs=specs("c"))
-    assert scheduler.cancel(2) and second.result.cancelled()
-    assert not scheduler.cancel(2)
+    second = scheduler.submit(job_id=2, user_id=2, guild_id=GUILD, specs=specs("b"))
+    third = scheduler.submit(job_id=3, user_id=3, guild_id=GUILD, specs=specs("c"))
+    assert scheduler.cancel(2, "no thanks") is False
+    with pytest.raises(JobCancelled, match="no thanks"):
+        await second.result
+    assert scheduler.cancel(2, "again") is None
+    assert scheduler.position(2) is None and scheduler.position(3) == 1
     # Closing waits for the batch on the GPU thread, then cancels what was left.
     threading.Timer(0.2, render.gate.set).start()
     await scheduler.close()
@@ -144,9 +164,120 @@ async def test_cancel_and_close() -> None:
     assert [[spec.prompt for spec in batch] for batch in render.batches] == [["a"]]
 
 
+class SlowRender(FakeRender):
+    """Takes many steps, so a test can act while a batch renders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps_run = 0
+        self.step_gate = threading.Semaphore(0)
+
+    def __call__(self, specs: Sequence[ImageSpec], progress: Progress | None = None, /) -> list[RenderedImage]:
+        self.batches.append(list(specs))
+        for step in range(1, 101):
+            self.step_gate.acquire(timeout=5)
+            self.steps_run = step
+            if progress:
+                progress(step, 100)
+        return [RenderedImage(png=spec.prompt.encode(), seed=spec.seed) for spec in specs]
+
+
+async def test_cancelling_every_job_of_a_running_batch_stops_it() -> None:
+    render = SlowRender()
+    async with Scheduler(render, max_batch=4) as scheduler:
+        blocker = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
+        await blocker.started.wait()
+        assert scheduler.cancel(1, "stop") is True
+        for _ in range(3):
+            render.step_gate.release()
+        with pytest.raises(JobCancelled):
+            await blocker.result
+        # The GPU is free again long before the batch's 100 steps: the next job renders.
+        follower = scheduler.submit(job_id=2, user_id=2, guild_id=GUILD, specs=specs("b"))
+        for _ in range(100):
+            render.step_gate.release()
+        assert [image.png for image in await follower.result] == [b"b"]
+    assert len(render.batches) == 2
+
+
+async def test_a_cancelled_job_in_a_shared_batch_is_dropped_and_the_others_delivered() -> None:
+    render = SlowRender()
+    async with Scheduler(render, max_batch=4) as scheduler:
+        blocker = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
+        await blocker.started.wait()
+        for _ in range(100):
+            render.step_gate.release()
+        await blocker.result
+        one = scheduler.submit(job_id=2, user_id=2, guild_id=GUILD, specs=specs("b"))
+        two = scheduler.submit(job_id=3, user_id=3, guild_id=GUILD, specs=specs("c"))
+        await one.started.wait()
+        assert two.started.is_set()  # one batch
+        assert scheduler.cancel(2, "gone") is True
+        for _ in range(100):
+            render.step_gate.release()
+        assert [image.png for image in await two.result] == [b"c"]
+        with pytest.raises(JobCancelled):
+            await one.result
+    assert render.steps_run == 100
+
+
+async def test_a_paused_server_starts_nothing_and_resumes_in_order() -> None:
+    render = FakeRender()
+    batches: list[Batch] = []
+    async with Scheduler(render, max_batch=1, on_batch=batches.append) as scheduler:
+        scheduler.pause(GUILD)
+        paused = [scheduler.submit(job_id=i, user_id=i % 2, guild_id=GUILD, specs=specs("p")) for i in range(1, 5)]
+        other = scheduler.submit(job_id=9, user_id=5, guild_id=GUILD + 1, specs=specs("o"))
+        await other.result
+        await asyncio.sleep(0.05)
+        assert not any(ticket.started.is_set() for ticket in paused)
+        assert [ticket.job_id for ticket in scheduler.waiting(GUILD)] == [1, 2, 3, 4]
+        scheduler.resume(GUILD)
+        await asyncio.gather(*(ticket.result for ticket in paused))
+    assert [batch.job_ids[0] for batch in batches] == [9, 1, 2, 3, 4]
+
+
+async def test_draining_starts_no_new_batch_and_stop_rendering_leaves_jobs_unfinished() -> None:
+    render = SlowRender()
+    scheduler = Scheduler(render)
+    scheduler.start()
+    running = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
+    waiting = scheduler.submit(job_id=2, user_id=2, guild_id=GUILD, specs=specs("b", settings=LARGE))
+    await running.started.wait()
+    scheduler.drain()
+    scheduler.stop_rendering()
+    render.step_gate.release()
+    await asyncio.wait_for(scheduler.wait_idle(), 5)
+    # Stopped, not failed: the job stays unfinished in the database, to run after the restart.
+    assert running.result.cancelled()
+    await asyncio.sleep(0.05)
+    assert not waiting.started.is_set()
+    await scheduler.close()
+    assert waiting.result.cancelled()
+
+
+async def test_estimates_come_from_measured_speed() -> None:
+    render = FakeRender()
+    render.gate.clear()
+    async with Scheduler(render, max_batch=4) as scheduler:
+        first = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
+        assert scheduler.eta(1) is None  # nothing measured yet
+        render.gate.set()
+        await first.result
+        render.gate.clear()
+        blocker = scheduler.submit(job_id=2, user_id=1, guild_id=GUILD, specs=specs("b"))
+        await blocker.started.wait()
+        small = scheduler.submit(job_id=3, user_id=2, guild_id=GUILD, specs=specs("c"))
+        large = scheduler.submit(job_id=4, user_id=3, guild_id=GUILD, specs=specs("d", 4, settings=LARGE))
+        small_eta, large_eta = scheduler.eta(3), scheduler.eta(4)
+        assert small_eta is not None and large_eta is not None and large_eta > small_eta
+        render.gate.set()
+        await asyncio.gather(blocker.result, small.result, large.result)
+
+
 async def test_bad_jobs_are_refused() -> None:
     async with Scheduler(FakeRender(), max_batch=2) as scheduler:
         with pytest.raises(ValueError, match="does not fit"):
-            scheduler.submit(job_id=1, user_id=1, specs=specs("a", 3))
+            scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a", 3))
         with pytest.raises(ValueError, match="share their settings"):
-            scheduler.submit(job_id=1, user_id=1, specs=specs("a") + specs("b", settings=LARGE))
+            scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a") + specs("b", settings=LARGE))

@@ -60,32 +60,33 @@ async def test_job_lifecycle(tmp_path: Path) -> None:
         await db.mark_started(job_id=job.id)
         running = await db.get_job(job_id=job.id)
         assert running is not None and running.status is JobStatus.RUNNING and running.started_at is not None
-        await db.finish_job(job_id=job.id, seeds=[7, 8], nsfw=[False, True])
+        await db.record_images(job_id=job.id, seeds=[7, 8], nsfw=[False, True])
+        await db.complete_job(job_id=job.id, message_id=555)
         done = await db.get_job(job_id=job.id)
         assert done is not None and done.status is JobStatus.DONE and done.finished_at is not None
+        assert done.message_id == 555
         assert await db.unfinished_jobs() == []
         image = await db.get_image(job_id=job.id, index=1)
         assert image is not None and image.seed == 8 and image.nsfw
         assert await db.get_image(job_id=job.id, index=2) is None
-        await db.set_message(job_id=job.id, message_id=555)
-        stored = await db.get_job(job_id=job.id)
-        assert stored is not None and stored.message_id == 555
 
 
 async def test_failed_jobs_are_not_unfinished(tmp_path: Path) -> None:
     async with await Database.open(tmp_path / "sygil.db") as db:
         job = await make_job(db)
-        await db.fail_job(job_id=job.id, error="boom")
+        assert await db.end_job(job_id=job.id, error="boom")
         stored = await db.get_job(job_id=job.id)
         assert stored is not None and stored.status is JobStatus.FAILED and stored.error == "boom"
         assert await db.unfinished_jobs() == []
+        # An ended job stays ended.
+        assert not await db.end_job(job_id=job.id, error="again", status=JobStatus.CANCELLED)
 
 
 async def test_votes_change_and_withdraw(tmp_path: Path) -> None:
     path = tmp_path / "sygil.db"
     async with await Database.open(path) as db:
         job = await make_job(db)
-        await db.finish_job(job_id=job.id, seeds=[7, 8], nsfw=[False, False])
+        await db.record_images(job_id=job.id, seeds=[7, 8], nsfw=[False, False])
         tally = await db.record_vote(job_id=job.id, index=0, user_id=100, vote=1)
         assert (tally.up, tally.down, tally.mine) == (1, 0, 1)
         tally = await db.record_vote(job_id=job.id, index=0, user_id=101, vote=1)

@@ -27,12 +27,33 @@ Rules the fake enforces record a ``Violation`` in ``server.violations`` and answ
 50035 (400) content over 2,000 characters, over 10 embeds, over 5 rows or 5 items a row, custom_ids outside 1..100
 characters or duplicated, autocomplete over 25 choices or names/values over 100 characters, bad command
 definitions, a callback type invalid for the interaction; 50006 (400) empty message; 40005 (413) an attachment
-over ``attachment_size_limit`` (Discord answers too-large uploads with 413, not 50035). Routes the fake does not
-implement answer 404 and record a ``Violation`` with code 0.
+over ``attachment_size_limit`` (Discord answers too-large uploads with 413, not 50035); 50035 a message nonce over
+25 characters; 50008 (400) a message to a category. Routes the fake does not implement answer 404 and record a
+``Violation`` with code 0.
 
 Discord behaviours it mimics: the first followup after a deferral (type 5) fills in the "thinking" message
 instead of posting a new one, keeping the deferral's ephemeral flag; type 6/7 callbacks make the clicked message
 the ``@original``; ephemeral messages are left out of ``server.messages(channel_id)`` unless asked for.
+``POST /channels/{id}/messages`` with a ``nonce`` and ``enforce_nonce: true`` answers with the message the bot already
+sent with that nonce in that channel within ``nonce_ttl`` (10 minutes) and creates nothing (discord.py's ``send``
+always sends a random nonce with ``enforce_nonce``). A bot that dies without closing (SIGKILL) just drops its
+session: frames for it are discarded quietly, and the next bot to connect gets READY.
+
+The guild: ``guild_id`` (also the id of @everyone), ``channel_id`` (``#general``), ``user_id`` (``tester``, the
+default invoker, an ordinary member), ``owner_id`` (the guild owner, who has every permission), ``bot_user_id``.
+``add_role(name, permissions)``, ``add_user(name, roles=..., permissions=...)`` (roles are ids or names; a missing
+name is created), ``set_roles(user_id, roles)`` (sends GUILD_MEMBER_UPDATE, so a bot's member cache follows) and
+``add_channel(name, nsfw, type=...)`` (0 text, 2 voice, 4 category, 5 announcement) change it while a bot is
+connected. The ``permissions`` Discord computes for a member, and sends in interactions, are @everyone's, its roles'
+and the ``permissions`` given to ``add_user`` (which discord.py's ``Member.guild_permissions`` cannot see: prefer
+roles); Administrator or ownership gives everything (``discord.Permissions.all()``). Channels have no overwrites.
+
+Slash command options are typed from the synced schema. User (6), channel (7), role (8) and mentionable (9) options
+take the int id of something the fake knows; the option carries the id string and ``data.resolved`` carries
+``users``, ``members`` (without ``user``, ``deaf``, ``mute``; ``permissions`` that member's), ``roles`` and
+``channels`` (with the invoker's ``permissions``), as Discord sends them. Unknown ids, and channels of a type
+outside the option's ``channel_types``, raise ``ValueError``. Autocomplete sends ids without ``resolved``, as Discord
+does, so discord.py hands the callback a ``discord.Object``.
 """
 
 from __future__ import annotations

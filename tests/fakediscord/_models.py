@@ -118,6 +118,7 @@ class Message:
     interaction_id: int | None = None
     reference: dict[str, Any] | None = None
     tts: bool = False
+    nonce: int | str | None = None
     type: int = 0
     edits: int = 0
     deleted: bool = False

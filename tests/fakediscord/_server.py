@@ -34,14 +34,19 @@ from ._models import (
     iso_now,
     walk_components,
 )
-from ._rules import Refusal, check_choices, check_commands, check_message
+from ._rules import Refusal, check_choices, check_commands, check_message, invalid_form
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _DEFAULT_PERMISSIONS = sum(1 << bit for bit in (6, 10, 11, 14, 15, 16, 18, 31))  # view, send, embed, attach, ...
 _SUPPRESS_EMBEDS = 1 << 2
-_BOT_PERMISSIONS = (1 << 50) - 1 & ~(1 << 3)  # everything but administrator
+_ADMINISTRATOR = 1 << 3
+# The bits of discord.py 2.7.1's Permissions.all(): what an administrator or the owner gets, so the two compare equal.
+_ALL_PERMISSIONS = (1 << 53) - 1 & ~(1 << 47)
+_BOT_PERMISSIONS = _ALL_PERMISSIONS & ~_ADMINISTRATOR
+_SNOWFLAKE_OPTIONS = {6: "user", 7: "channel", 8: "role", 9: "mentionable"}
+_CHANNEL_TYPES = {0: "text", 2: "voice", 4: "category", 5: "announcement"}
 _INTERACTION_TYPES: dict[InteractionKind, int] = {"application_command": 2, "message_component": 3, "autocomplete": 4}
 _ALLOWED_CALLBACKS: dict[InteractionKind, set[int]] = {
     "application_command": {4, 5, 9},
@@ -101,6 +106,11 @@ class _User:
             "communication_disabled_until": None,
         }
 
+    def partial_member(self, permissions: int) -> dict[str, Any]:
+        """Return the member as interaction ``resolved`` data has it: no user, deaf or mute; permissions added."""
+        member = {k: v for k, v in self.member().items() if k not in ("user", "deaf", "mute")}
+        return {**member, "permissions": str(permissions)}
+
 
 class _Session:
     """One gateway connection; frames go out in order through a queue."""
@@ -125,7 +135,10 @@ class _Session:
             frame = await self.queue.get()
             if self.ws.closed:
                 return
-            await self.ws.send_str(frame)
+            try:
+                await self.ws.send_str(frame)
+            except ConnectionError:  # the bot died (SIGKILL) after the check; its socket is gone, and so is the session
+                return
 
 
 _Handler = Callable[["FakeDiscord", _Call], Awaitable[Any]]
@@ -168,12 +181,14 @@ class FakeDiscord:
         ack_timeout: float = 3.0,
         attachment_size_limit: int = 10 * 1024 * 1024,
         heartbeat_interval: float = 41.25,
+        nonce_ttl: float = 10 * 60,
     ) -> None:
         self.token = token or f"FAKE.{secrets.token_hex(12)}"
         self.interaction_token_ttl = interaction_token_ttl
         self.ack_timeout = ack_timeout
         self.attachment_size_limit = attachment_size_limit
         self.heartbeat_interval = heartbeat_interval
+        self.nonce_ttl = nonce_ttl
         self._ids = Snowflakes()
         self.application_id = self.bot_user_id = self._ids()
         self.guild_id = self._ids()
@@ -190,6 +205,7 @@ class FakeDiscord:
         self._attachments: dict[int, Attachment] = {}
         self._by_token: dict[str, FakeInteraction] = {}
         self._created: dict[int, float] = {}
+        self._nonces: dict[tuple[int, int, int | str], tuple[Message, float]] = {}
         self._sessions: list[_Session] = []
         self._sockets: set[web.WebSocketResponse] = set()
         self._changed = asyncio.Event()
@@ -198,6 +214,8 @@ class FakeDiscord:
         self._roles[self.guild_id] = self._role(self.guild_id, "@everyone", _DEFAULT_PERMISSIONS)
         self._users[self.bot_user_id] = _User(self.bot_user_id, "sygil-bot", [], _BOT_PERMISSIONS, bot=True)
         self.user_id = self.add_user("tester")
+        # The owner has every permission whatever its roles; a separate member keeps the tester an ordinary one.
+        self.owner_id = self.add_user("owner")
         self.channel_id = self.add_channel("general")
 
     # -- lifecycle and addresses
@@ -258,45 +276,66 @@ class FakeDiscord:
 
     def add_user(self, name: str, *, roles: Iterable[int | str] = (), permissions: int = _DEFAULT_PERMISSIONS) -> int:
         """Add a guild member and return its id; roles are ids or names (created when missing)."""
-        by_name = {role["name"]: role_id for role_id, role in self._roles.items()}
-        role_ids = [r if isinstance(r, int) else by_name.get(r) or self.add_role(r) for r in roles]
-        user = _User(self._ids(), name, role_ids, permissions)
+        user = _User(self._ids(), name, self._role_ids(roles), permissions)
         self._users[user.id] = user
         self._broadcast("GUILD_MEMBER_ADD", {**user.member(), "guild_id": str(self.guild_id)})
         return user.id
 
-    def add_channel(self, name: str = "channel", nsfw: bool = False) -> int:
-        """Add a text channel and return its id."""
+    def set_roles(self, user_id: int, roles: Iterable[int | str]) -> None:
+        """Replace a member's roles (ids or names, created when missing) and send GUILD_MEMBER_UPDATE."""
+        user = self._users.get(user_id)
+        if user is None:
+            raise LookupError(f"no user {user_id}")
+        user.roles = self._role_ids(roles)
+        self._broadcast("GUILD_MEMBER_UPDATE", {**user.member(), "guild_id": str(self.guild_id)})
+
+    def _role_ids(self, roles: Iterable[int | str]) -> list[int]:
+        by_name = {role["name"]: role_id for role_id, role in self._roles.items()}
+        role_ids = [r if isinstance(r, int) else by_name.get(r) or self.add_role(r) for r in roles]
+        unknown = [r for r in role_ids if r not in self._roles or r == self.guild_id]
+        if unknown:  # @everyone is implicit: Discord never lists it among a member's roles
+            raise ValueError(f"unknown roles {unknown}; add them with add_role (@everyone is implicit)")
+        return role_ids
+
+    def add_channel(self, name: str = "channel", nsfw: bool = False, *, type: int = 0) -> int:
+        """Add a channel (0 text, 2 voice, 4 category, 5 announcement) and return its id."""
+        if type not in _CHANNEL_TYPES:
+            raise ValueError(f"channel type {type} is not one of {_CHANNEL_TYPES}")
         channel_id = self._ids()
-        self._channels[channel_id] = {
+        channel: dict[str, Any] = {
             "id": str(channel_id),
-            "type": 0,
+            "type": type,
             "guild_id": str(self.guild_id),
             "name": name,
             "position": len(self._channels),
             "permission_overwrites": [],
             "nsfw": nsfw,
-            "topic": None,
-            "rate_limit_per_user": 0,
             "parent_id": None,
-            "last_message_id": None,
             "flags": 0,
         }
-        self._broadcast("CHANNEL_CREATE", self._channels[channel_id])
+        if type != 4:  # categories hold channels, not messages
+            channel.update(topic=None, rate_limit_per_user=0, last_message_id=None)
+        if type == 2:
+            channel.update(bitrate=64000, user_limit=0, rtc_region=None)
+        self._channels[channel_id] = channel
+        self._broadcast("CHANNEL_CREATE", channel)
         return channel_id
 
     def _permissions(self, user: _User) -> int:
+        """Return a member's permissions; channels have no overwrites, so these hold in every channel."""
+        if user.id == self.owner_id:
+            return _ALL_PERMISSIONS
         value = user.permissions | int(self._roles[self.guild_id]["permissions"])
         for role_id in user.roles:
             value |= int(self._roles[role_id]["permissions"])
-        return (1 << 50) - 1 if value & (1 << 3) else value
+        return _ALL_PERMISSIONS if value & _ADMINISTRATOR else value
 
     def _guild(self) -> dict[str, Any]:
         members = [u.member() for u in self._users.values()]
         return {
             "id": str(self.guild_id),
             "name": "Fake Guild",
-            "owner_id": str(self.user_id),
+            "owner_id": str(self.owner_id),
             "unavailable": False,
             "member_count": len(members),
             "large": False,
@@ -456,8 +495,15 @@ class FakeDiscord:
         channel_id: int | None = None,
         timeout: float = 5,
     ) -> FakeInteraction:
-        """Send an APPLICATION_COMMAND interaction; name subcommands as ``"group sub"``."""
+        """Send an APPLICATION_COMMAND interaction; name subcommands as ``"group sub"``.
+
+        User, channel, role and mentionable options take the id of a user, channel or role the fake knows.
+        """
         data = await self._command_data(name, options or {}, None, timeout)
+        user = self._users[user_id or self.user_id]
+        resolved = self._resolved(_leaf_options(data["options"]), user)
+        if resolved:
+            data["resolved"] = resolved
         return self._dispatch("application_command", data, user_id, channel_id)
 
     async def autocomplete(
@@ -516,13 +562,55 @@ class FakeDiscord:
             schema = option.get("options") or []
         if any(o["type"] in (1, 2) for o in schema):
             raise ValueError(f"{name!r} is a group: name one of its subcommands")
-        options = _typed_options(schema, values, focused)
+        options = _typed_options(schema, values, focused, self._snowflake)
         for option in reversed(chain):
             options = [{"type": option["type"], "name": option["name"], "options": options}]
         data: dict[str, Any] = {"id": command["id"], "name": root, "type": command.get("type", 1), "options": options}
         if "guild_id" in command:
             data["guild_id"] = command["guild_id"]
         return data
+
+    def _snowflake(self, option: dict[str, Any], value: Any) -> str:
+        """Return the id string for a user, channel, role or mentionable option, refusing ids the fake lacks."""
+        kind, name = option["type"], option["name"]
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+            raise ValueError(f"option {name!r} takes the id of a {_SNOWFLAKE_OPTIONS[kind]}, not {value!r}")
+        entity_id = int(value)
+        if kind == 6 and entity_id not in self._users:
+            raise ValueError(f"option {name!r}: no user {entity_id}; add one with add_user")
+        if kind == 8 and entity_id not in self._roles:
+            raise ValueError(f"option {name!r}: no role {entity_id}; add one with add_role")
+        if kind == 9 and entity_id not in self._users and entity_id not in self._roles:
+            raise ValueError(f"option {name!r}: no user or role {entity_id}")
+        if kind == 7:
+            channel = self._channels.get(entity_id)
+            if channel is None:
+                raise ValueError(f"option {name!r}: no channel {entity_id}; add one with add_channel")
+            allowed = option.get("channel_types")
+            if allowed and channel["type"] not in allowed:
+                raise ValueError(f"option {name!r}: channel {entity_id} has type {channel['type']}, not in {allowed}")
+        return str(entity_id)
+
+    def _resolved(self, options: list[dict[str, Any]], invoker: _User) -> dict[str, Any]:
+        """Return the ``resolved`` map Discord sends with the users, members, roles and channels options name."""
+        resolved: dict[str, dict[str, Any]] = {}
+        for option in options:
+            kind, key = option["type"], option.get("value")
+            if kind not in _SNOWFLAKE_OPTIONS or not isinstance(key, str):
+                continue
+            entity_id = int(key)
+            if kind in (6, 9) and entity_id in self._users:
+                target = self._users[entity_id]
+                resolved.setdefault("users", {})[key] = target.payload()
+                resolved.setdefault("members", {})[key] = target.partial_member(self._permissions(target))
+            elif kind in (8, 9):
+                resolved.setdefault("roles", {})[key] = dict(self._roles[entity_id])
+            elif kind == 7:
+                # Discord documents id, name, type and permissions (the invoker's, there); it sends these too.
+                channel = self._channels[entity_id]
+                partial = {k: v for k, v in channel.items() if k != "permission_overwrites"}
+                resolved.setdefault("channels", {})[key] = {**partial, "permissions": str(self._permissions(invoker))}
+        return resolved
 
     def _dispatch(
         self,
@@ -846,7 +934,24 @@ class FakeDiscord:
 
     @_route("POST", r"/channels/(?P<channel_id>\d+)/messages")
     async def _post_message(self, call: _Call) -> Any:
-        return self._message_payload(self._create(self._channel(call), call))
+        channel_id = self._channel(call)
+        if self._channels[channel_id]["type"] == 4:
+            raise Refusal(400, 50008, "Cannot send messages in a non-text channel")
+        body: dict[str, Any] = call.body or {}
+        nonce: int | str | None = body.get("nonce")
+        if nonce is None:
+            return self._message_payload(self._create(channel_id, call))
+        if isinstance(nonce, str) and len(nonce) > 25:
+            raise invalid_form("nonce", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
+        key, now = (channel_id, self.bot_user_id, nonce), time.monotonic()
+        earlier, sent_at = self._nonces.get(key, (None, 0.0))
+        if body.get("enforce_nonce") and earlier is not None and not earlier.deleted and now - sent_at < self.nonce_ttl:
+            # Discord answers a retried send with the message the first one created, and creates nothing.
+            return {**self._message_payload(earlier), "nonce": nonce}
+        message = self._create(channel_id, call)
+        message.nonce = nonce
+        self._nonces[key] = (message, now)
+        return {**self._message_payload(message), "nonce": nonce}
 
     @_route("GET", r"/channels/(?P<channel_id>\d+)/messages/(?P<message_id>\d+)")
     async def _get_message(self, call: _Call) -> Any:
@@ -975,7 +1080,19 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
 
 
-def _typed_options(schema: list[dict[str, Any]], values: dict[str, Any], focused: str | None) -> list[dict[str, Any]]:
+def _leaf_options(options: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the value options under any subcommand group and subcommand."""
+    while options and options[0]["type"] in (1, 2):
+        options = options[0].get("options") or []
+    return options
+
+
+def _typed_options(
+    schema: list[dict[str, Any]],
+    values: dict[str, Any],
+    focused: str | None,
+    snowflake: Callable[[dict[str, Any], Any], str],
+) -> list[dict[str, Any]]:
     """Build interaction options typed from the synced schema, refusing what the Discord client would not send."""
     by_name = {o["name"]: o for o in schema}
     unknown = set(values) - set(by_name)
@@ -995,12 +1112,14 @@ def _typed_options(schema: list[dict[str, Any]], values: dict[str, Any], focused
                 raise ValueError(f"option {name!r} has no autocomplete")
             options.append({"type": option["type"], "name": name, "value": str(value), "focused": True})
         else:
-            options.append({"type": option["type"], "name": name, "value": _coerce(option, value)})
+            options.append({"type": option["type"], "name": name, "value": _coerce(option, value, snowflake)})
     return options
 
 
-def _coerce(option: dict[str, Any], value: Any) -> Any:
+def _coerce(option: dict[str, Any], value: Any, snowflake: Callable[[dict[str, Any], Any], str]) -> Any:
     kind, name = option["type"], option["name"]
+    if kind in _SNOWFLAKE_OPTIONS:
+        return snowflake(option, value)
     if kind == 3:
         value = str(value)
         if not option.get("min_length", 0) <= len(value) <= option.get("max_length", 6000):
@@ -1015,7 +1134,7 @@ def _coerce(option: dict[str, Any], value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"option {name!r} takes a boolean, not {value!r}")
     else:
-        raise NotImplementedError(f"option {name!r} has type {kind}; FakeDiscord types only 3, 4, 5 and 10")
+        raise NotImplementedError(f"option {name!r} has type {kind}; FakeDiscord types only 3 to 10")
     if kind in (4, 10) and not option.get("min_value", value) <= value <= option.get("max_value", value):
         raise ValueError(f"option {name!r}: {value} out of range")
     choices = option.get("choices")
