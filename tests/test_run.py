@@ -8,16 +8,17 @@ import io
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from PIL import Image
 
 from bot.storage import Database
-from tests.fakediscord import FakeDiscord
+from tests.fakediscord import FakeDiscord, FakeInteraction, Message
 
 
-def write_config(path: Path, server: FakeDiscord, model: Path, database: Path) -> None:
+def write_config(path: Path, server: FakeDiscord, model: Path, database: Path, *, extra: str = "") -> None:
     path.write_text(
         f"""
 [discord]
@@ -32,10 +33,11 @@ device = "cpu"
 
 [generation]
 default_steps = 3
-sizes = ["64x64", "64x96"]
+sizes = ["64x64", "64x96", "512x512"]
 
 [storage]
 path = "{database}"
+{extra}
 """,
         "utf-8",
     )
@@ -110,3 +112,160 @@ async def test_run_serves_imagine_and_old_buttons_work_after_a_restart(tiny_mode
         second = await db.vote_tally(job_id=job_id, index=1)
     assert (first.up, first.down, second.up, second.down) == (1, 0, 0, 1)
     assert "Traceback" not in log.read_text()
+
+
+MANAGE_GUILD = 1 << 5
+SLOW = {"size": "512x512", "steps": 12}  # a few seconds on a CPU: long enough to catch the job rendering
+
+
+def attachment_jobs(server: FakeDiscord) -> dict[int, int]:
+    """Count, per job, the messages in the channel carrying its images."""
+    counts: dict[int, int] = {}
+    for message in server.messages(server.channel_id):
+        jobs = {int(attachment.filename.split("_")[1]) for attachment in message.attachments}
+        for job_id in jobs:
+            counts[job_id] = counts.get(job_id, 0) + 1
+    return counts
+
+
+async def status(server: FakeDiscord, interaction: FakeInteraction, text: str) -> Message:
+    return await server.wait_for_message(lambda m: m.interaction_id == interaction.id and text in m.content, 60)
+
+
+def job_of(message: Message) -> int:
+    return int(message.custom_ids[0].rsplit(":", 1)[1])  # the Cancel button names the job
+
+
+async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    database = tmp_path / "sygil.db"
+    config = tmp_path / "config.toml"
+    log = tmp_path / "bot.log"
+    async with FakeDiscord() as server:
+        admin = server.add_user("admin", roles=[server.add_role("Admins", MANAGE_GUILD)])
+        painter, sculptor, spammer = (server.add_user(name) for name in ("painter", "sculptor", "spammer"))
+        write_config(config, server, tiny_model_dir, database)
+
+        async with bot_process(config, server, log) as process:
+            first = await server.slash("imagine", {"prompt": "species:seal"}, user_id=painter)
+            source = await server.wait_for_message(lambda m: m.interaction_id == first.id and bool(m.attachments), 60)
+            source_job = int(source.attachments[0].filename.split("_")[1])
+            vote = await server.click(source.id, f"imagine:vote:{source_job}:0:up", user_id=sculptor)
+            await server.wait_for_message(lambda m: m.interaction_id == vote.id and m.ephemeral)
+            for command, options in (
+                ("mod limits set", {"user": painter, "images_per_hour": 40}),
+                ("mod ban", {"user": spammer, "reason": "spam"}),
+                ("mod blocklist add", {"term": "gloom"}),
+            ):
+                done = await server.slash(command, options, user_id=admin)
+                assert (await done.wait_response())["type"] == 4
+
+            # One job rendering, a variation and another job waiting behind it.
+            slow = await server.slash("imagine", {"prompt": "species:whale", **SLOW}, user_id=sculptor)
+            rendering = await status(server, slow, "Rendering")
+            variation = await server.click(source.id, f"imagine:variation:{source_job}:0", user_id=painter)
+            cat = await server.slash("imagine", {"prompt": "species:cat"}, user_id=admin)
+            accepted = [rendering, await status(server, variation, "Queued"), await status(server, cat, "Queued")]
+            accepted_jobs = [job_of(message) for message in accepted]
+            process.kill()
+            await process.wait()
+        assert process.returncode == -signal.SIGKILL
+        delivered_before = attachment_jobs(server)
+
+        async with bot_process(config, server, log):
+            for interaction in (slow, variation, cat):
+                await server.wait_for_message(
+                    lambda m, i=interaction: m.interaction_id == i.id and bool(m.attachments), 120
+                )
+            refused = await server.slash("imagine", {"prompt": "x"}, user_id=spammer)
+            assert "banned" in (await refused.wait_response())["data"]["content"]
+            limits = await server.slash("mod limits show", {"user": painter}, user_id=admin)
+            assert "**40** (set for" in (await limits.wait_response())["data"]["content"]
+            await asyncio.sleep(1)  # nothing more arrives
+
+        counts = attachment_jobs(server)
+        assert delivered_before == {source_job: 1}
+        assert counts == {source_job: 1, **dict.fromkeys(accepted_jobs, 1)}
+        varied = server.message(accepted[1].id)
+        assert "Variation of image 1" in varied.content
+        assert server.violations == []
+
+    async with await Database.open(database) as db:
+        assert await db.unfinished_jobs() == []
+        assert (await db.vote_tally(job_id=source_job, index=0)).up == 1
+        actions = [entry.action for entry in await db.audit_log(guild_id=server.guild_id, count=10)]
+        assert actions == ["blocklist add", "ban", "limits set"]
+    assert "Traceback" not in log.read_text()
+
+
+async def test_sigterm_finishes_the_batch_in_hand_and_exits_within_the_grace(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    database = tmp_path / "sygil.db"
+    config = tmp_path / "config.toml"
+    log = tmp_path / "bot.log"
+    async with FakeDiscord() as server:
+        other = server.add_user("other")
+        write_config(config, server, tiny_model_dir, database, extra="[queue]\nshutdown_grace = 20")
+        async with bot_process(config, server, log) as process:
+            # The batch in hand fits in the grace: it is finished and posted; the job behind it waits.
+            slow = await server.slash("imagine", {"prompt": "species:whale", **SLOW})
+            await status(server, slow, "Rendering")
+            waiting = await server.slash("imagine", {"prompt": "species:cat"}, user_id=other)
+            await status(server, waiting, "Queued")
+            stopped_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            late = await server.slash("imagine", {"prompt": "species:dog"}, user_id=other)
+            assert "restarting" in (await late.wait_response())["data"]["content"] and late.ephemeral
+            assert await process.wait() == 0
+            assert time.monotonic() - stopped_at < 20
+        finished = server.message((await status(server, slow, "species:whale")).id)
+        assert finished.attachments and not server.message((await status(server, waiting, "Queued")).id).attachments
+
+        # A batch longer than the grace is stopped, and runs again after the restart.
+        write_config(config, server, tiny_model_dir, database, extra="[queue]\nshutdown_grace = 2")
+        async with bot_process(config, server, log) as process:
+            await server.wait_for_message(lambda m: m.interaction_id == waiting.id and bool(m.attachments), 120)
+            longer = await server.slash("imagine", {"prompt": "species:whale", "size": "512x512", "steps": 25})
+            await status(server, longer, "Rendering")
+            stopped_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+            assert time.monotonic() - stopped_at < 2 + 3  # the grace, and the interpreter's own exit
+        assert not server.message((await status(server, longer, "Rendering")).id).attachments
+
+        async with bot_process(config, server, log):
+            await server.wait_for_message(lambda m: m.interaction_id == longer.id and bool(m.attachments), 180)
+        assert attachment_jobs(server) == dict.fromkeys(attachment_jobs(server), 1)
+        assert server.violations == []
+    assert "Traceback" not in log.read_text()
+
+
+async def test_a_burst_of_200_is_answered_in_time_with_private_refusals(tiny_model_dir: Path, tmp_path: Path) -> None:
+    database = tmp_path / "sygil.db"
+    config = tmp_path / "config.toml"
+    log = tmp_path / "bot.log"
+    async with FakeDiscord() as server:
+        users = [server.add_user(f"user{i}") for i in range(4)]
+        limits = "[queue]\nmax_queue = 200\nmax_per_user = 50\nimages_per_hour = 5"
+        write_config(config, server, tiny_model_dir, database, extra=limits)
+        async with bot_process(config, server, log):
+            interactions = [
+                await server.slash("imagine", {"prompt": f"species:seal, {n}"}, user_id=users[n % 4])
+                for n in range(200)
+            ]
+            responses = await asyncio.gather(*(interaction.wait_response(10) for interaction in interactions))
+            delays = [interaction.response_delay or 99.0 for interaction in interactions]
+            assert max(delays) < 3, sorted(delays)[-5:]
+            accepted = [i for i, r in zip(interactions, responses, strict=True) if r["type"] == 5]
+            assert len(accepted) == 20  # 5 images an hour for each of the 4 users
+            for interaction, response in zip(interactions, responses, strict=True):
+                if response["type"] != 5:
+                    assert response["type"] == 4 and interaction.ephemeral
+                    assert "of your 5 images per hour" in response["data"]["content"]
+            for interaction in accepted:
+                await server.wait_for_message(
+                    lambda m, i=interaction: m.interaction_id == i.id and bool(m.attachments), 120
+                )
+        public = server.messages(server.channel_id)
+        assert len(public) == 20 and all(message.attachments for message in public)
+        assert server.violations == []

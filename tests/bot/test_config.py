@@ -24,6 +24,8 @@ def test_example_config_loads_with_defaults() -> None:
     assert config.model.scheduler == "dpm++"
     assert config.storage.path == Path("sygil.db")
     assert config.generation.size("512x768") == (512, 768)
+    assert (config.queue.max_per_user, config.queue.images_per_hour, config.queue.shutdown_grace) == (3, 60, 30.0)
+    assert config.moderation.roles == ()
 
 
 def test_settings_are_read(tmp_path: Path) -> None:
@@ -44,11 +46,18 @@ def test_settings_are_read(tmp_path: Path) -> None:
         blocklist = ["bad", "two words"]
         allow_truncation = true
         rating_channels = [42]
+        [queue]
+        images_per_hour = 0
+        shutdown_grace = 5
+        [moderation]
+        roles = [123456789012345678, "Moderators", "42"]
         [storage]
         path = "/tmp/x.db"
         """,
     )
     config = Config.load(path, environ=ENV)
+    assert config.queue.images_per_hour == 0 and config.queue.shutdown_grace == 5.0
+    assert config.moderation.roles == (123456789012345678, "Moderators", 42)
     assert config.discord.guild_ids == (123, 456)
     assert config.model.scheduler == "euler-a"
     assert config.generation.sizes == ("64x64", "64x96")
@@ -75,6 +84,10 @@ def test_settings_are_read(tmp_path: Path) -> None:
         ("[model]\nidd = 'x'", "unknown setting model.idd"),
         ("[model\nid = 'x'", "not valid TOML"),
         ("model = 3", "model: must be a table"),
+        ("[queue]\nimages_per_hour = -1", "queue.images_per_hour: must not be negative"),
+        ("[queue]\nshutdown_grace = 0", "queue.shutdown_grace: must be between 0 and 3600"),
+        ("[moderation]\nroles = 'mods'", "moderation.roles: must be a list of role ids or names"),
+        ("[moderation]\nroles = [true]", "moderation.roles: each role must be a role id"),
     ],
 )
 def test_bad_settings_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -201,6 +201,28 @@ async def test_pause_refuses_new_requests_and_resume_renders_the_queue_in_order(
         assert actions == ["resume", "pause"]
 
 
+async def test_a_pause_lasts_across_a_restart_until_a_moderator_resumes(harness: Harness) -> None:
+    server = harness.server
+    admin = server.add_user("admin", roles=[server.add_role("Admins", MANAGE_GUILD)])
+    async with harness.bot():
+        harness.render.open.clear()
+        blocker = await server.slash("imagine", {"prompt": "species:seal"})
+        await server.wait_for_message(lambda m: m.interaction_id == blocker.id and "Rendering" in m.content)
+        waiting = await server.slash("imagine", {"prompt": "species:cat", "size": "64x96"})
+        await server.wait_for_message(lambda m: m.interaction_id == waiting.id and "Queued" in m.content)
+        await answer(await server.slash("mod pause", user_id=admin))
+        harness.render.open.set()
+        await final_message(server, blocker)
+    async with harness.bot():
+        text = await answer(await server.slash("imagine", {"prompt": "species:dog"}))
+        assert "The moderators have paused image generation." in text
+        await asyncio.sleep(0.5)
+        assert harness.render.batches == [1]  # the restored job waits too
+        await answer(await server.slash("mod resume", user_id=admin))
+        await final_message(server, waiting)
+    assert harness.render.batches == [1, 1]
+
+
 async def test_blocklist_channels_and_bans_apply_to_the_very_next_request(harness: Harness) -> None:
     server = harness.server
     admin = server.add_user("admin", roles=[server.add_role("Admins", MANAGE_GUILD)])
