@@ -6,9 +6,12 @@ transaction, then applied here, so it takes effect on the very next request.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from bot.errors import BotError
 from bot.limits import Limits, Resolved, Scope, resolve
@@ -42,6 +45,23 @@ class Target:
         return "the server default"
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _one_at_a_time(
+    change: Callable[Concatenate[Moderation, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Moderation, P], Coroutine[Any, Any, R]]:
+    """Run a change alone: it reads the state, writes it, then applies it, and two at once would lose one."""
+
+    @functools.wraps(change)
+    async def alone(self: Moderation, *args: P.args, **kwargs: P.kwargs) -> R:
+        async with self._changing:
+            return await change(self, *args, **kwargs)
+
+    return alone
+
+
 class Moderation:
     """Every server's moderation state, read without awaiting and changed through the database."""
 
@@ -62,6 +82,7 @@ class Moderation:
         self.config_terms = tuple(blocklist)
         self._rules: dict[int, GuildRules] = rules or {}
         self._blocklists: dict[int | None, Blocklist] = {}
+        self._changing = asyncio.Lock()
         for guild_id, guild in self._rules.items():
             if guild.paused:
                 scheduler.pause(guild_id)
@@ -136,6 +157,7 @@ class Moderation:
 
     # Changes: database and audit row first, then the state here
 
+    @_one_at_a_time
     async def set_limits(
         self, guild_id: int, moderator_id: int, target: Target, changes: Limits
     ) -> tuple[Limits, Limits]:
@@ -155,6 +177,7 @@ class Moderation:
         await self._write_limits(guild_id, moderator_id, target, old, new, action="limits set")
         return old, new
 
+    @_one_at_a_time
     async def reset_limits(self, guild_id: int, moderator_id: int, target: Target) -> Limits:
         """Remove an override (for the server default: go back to the config's values); return what it was."""
         old = self.override(guild_id, target)
@@ -163,6 +186,7 @@ class Moderation:
         await self._write_limits(guild_id, moderator_id, target, old, Limits(), action="limits reset")
         return old
 
+    @_one_at_a_time
     async def add_term(self, guild_id: int, moderator_id: int, term: str) -> str:
         term = _clean_term(term)
         if _known(term, self.config_terms):
@@ -177,6 +201,7 @@ class Moderation:
         self._blocklists.clear()
         return term
 
+    @_one_at_a_time
     async def remove_term(self, guild_id: int, moderator_id: int, term: str) -> str:
         guild = self.rules(guild_id)
         stored = next((known for known in guild.terms if skeleton(known) == skeleton(term.strip())), None)
@@ -194,6 +219,7 @@ class Moderation:
         self._blocklists.clear()
         return stored
 
+    @_one_at_a_time
     async def set_channel(self, guild_id: int, moderator_id: int, channel_id: int, rule: str | None) -> str | None:
         """Allow or deny /imagine in a channel, or clear both; return the rule it had before."""
         guild = self.rules(guild_id)
@@ -217,6 +243,7 @@ class Moderation:
             guild.denied.add(channel_id)
         return old
 
+    @_one_at_a_time
     async def ban(self, guild_id: int, moderator_id: int, user_id: int, reason: str | None) -> None:
         banned, old_reason = self.ban_reason(guild_id, user_id)
         if banned and old_reason == reason:
@@ -237,6 +264,7 @@ class Moderation:
         )
         self._edit(guild_id).bans[user_id] = reason
 
+    @_one_at_a_time
     async def unban(self, guild_id: int, moderator_id: int, user_id: int, reason: str | None) -> None:
         banned, _ = self.ban_reason(guild_id, user_id)
         if not banned:
@@ -248,6 +276,7 @@ class Moderation:
         )
         self._edit(guild_id).bans.pop(user_id, None)
 
+    @_one_at_a_time
     async def pause(self, guild_id: int, moderator_id: int, reason: str | None) -> None:
         paused, _ = self.pause_reason(guild_id)
         if paused:
@@ -261,6 +290,7 @@ class Moderation:
         guild.paused, guild.pause_reason = True, reason
         self.scheduler.pause(guild_id)
 
+    @_one_at_a_time
     async def resume(self, guild_id: int, moderator_id: int) -> None:
         paused, _ = self.pause_reason(guild_id)
         if not paused:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 2.0  # seconds between edits of the "queued / rendering" message
 _TOKEN_LIFETIME = 15 * 60.0
 _TOKEN_MARGIN = 60.0  # stop using an interaction token a minute before Discord expires it
-_POSTING_TIMEOUT = 10.0  # seconds a stopping bot waits for results being posted
+_POSTING_TIMEOUT = 3.0  # seconds a stopping bot waits for results being posted
 _NO_PINGS = discord.AllowedMentions.none()
 
 
@@ -336,7 +336,7 @@ class Imagine(commands.Cog):
             return
         try:
             await channel.get_partial_message(message_id).edit(
-                content=f"➡️ Finished: {result_url}", view=None, allowed_mentions=_NO_PINGS
+                content=f"➡️ Posted below: {result_url}", view=None, allowed_mentions=_NO_PINGS
             )
         except discord.HTTPException as exc:
             log.info("Could not update the old status message %d: %s", message_id, exc)
