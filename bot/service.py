@@ -8,6 +8,7 @@ overshoot a limit, and the caller can refuse privately before anything public is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -431,6 +432,24 @@ class ImageService:
         admission.open = False
         self.usage.attach(admission.charge, job.id)
         return Queued(job=job, ticket=ticket, warnings=request.warnings)
+
+    async def acknowledged(self, queued: Queued, *, message_id: int | None) -> Queued:
+        """Record the message that answers the job's interaction (once it was acknowledged); return the job with it."""
+        reply = queued.job.reply
+        if reply is None or message_id is None:
+            return queued
+        await self.db.set_reply_message(job_id=queued.job.id, message_id=message_id)
+        job = dataclasses.replace(queued.job, reply=dataclasses.replace(reply, message_id=message_id))
+        return dataclasses.replace(queued, job=job)
+
+    async def withdraw(self, queued: Queued, *, error: str) -> None:
+        """Take back a stored job whose requester was never told (acknowledging the interaction failed)."""
+        job_id = queued.job.id
+        self.scheduler.cancel(job_id, error)
+        if queued.ticket.result.done() and not queued.ticket.result.cancelled():
+            queued.ticket.result.exception()  # retrieved: nobody else waits for it
+        await self.db.end_job(job_id=job_id, error=error, status=JobStatus.CANCELLED)
+        self.usage.refund_job(job_id)
 
     async def restore(self) -> list[Queued]:
         """Queue again every job accepted before a restart that never finished, variations with their image."""

@@ -132,6 +132,15 @@ async def status(server: FakeDiscord, interaction: FakeInteraction, text: str) -
     return await server.wait_for_message(lambda m: m.interaction_id == interaction.id and text in m.content, 60)
 
 
+async def logged(log: Path, text: str) -> None:
+    """Wait until the bot's log says ``text``."""
+    for _ in range(200):
+        if text in log.read_text():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the bot never logged {text!r}:\n{log.read_text()[-3000:]}")
+
+
 def job_of(message: Message) -> int:
     return int(message.custom_ids[0].rsplit(":", 1)[1])  # the Cancel button names the job
 
@@ -166,6 +175,9 @@ async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: 
             cat = await server.slash("imagine", {"prompt": "species:cat"}, user_id=admin)
             accepted = [rendering, await status(server, variation, "Queued"), await status(server, cat, "Queued")]
             accepted_jobs = [job_of(message) for message in accepted]
+            # And one killed the moment Discord shows it is accepted: the job was stored before that.
+            last = await server.slash("imagine", {"prompt": "species:last moment"}, user_id=sculptor)
+            assert (await last.wait_response())["type"] == 5
             process.kill()
             await process.wait()
         assert process.returncode == -signal.SIGKILL
@@ -176,6 +188,9 @@ async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: 
                 await server.wait_for_message(
                     lambda m, i=interaction: m.interaction_id == i.id and bool(m.attachments), 120
                 )
+            # In its thinking message, or in the channel if the bot died before learning that message's id.
+            final = await server.wait_for_message(lambda m: "last moment" in m.content and bool(m.attachments), 120)
+            last_job = int(final.attachments[0].filename.split("_")[1])
             refused = await server.slash("imagine", {"prompt": "x"}, user_id=spammer)
             assert "banned" in (await refused.wait_response())["data"]["content"]
             limits = await server.slash("mod limits show", {"user": painter}, user_id=admin)
@@ -184,7 +199,7 @@ async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: 
 
         counts = attachment_jobs(server)
         assert delivered_before == {source_job: 1}
-        assert counts == {source_job: 1, **dict.fromkeys(accepted_jobs, 1)}
+        assert counts == {source_job: 1, **dict.fromkeys([*accepted_jobs, last_job], 1)}
         varied = server.message(accepted[1].id)
         assert "Variation of image 1" in varied.content
         assert server.violations == []
@@ -214,6 +229,7 @@ async def test_sigterm_finishes_the_batch_in_hand_and_exits_within_the_grace(
             await status(server, waiting, "Queued")
             stopped_at = time.monotonic()
             process.send_signal(signal.SIGTERM)
+            await logged(log, "Shutting down")
             late = await server.slash("imagine", {"prompt": "species:dog"}, user_id=other)
             assert "restarting" in (await late.wait_response())["data"]["content"] and late.ephemeral
             assert await process.wait() == 0

@@ -41,10 +41,14 @@ class JobStatus(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The interaction a job answers: its token lives 15 minutes from ``at``; ``message_id`` shows the job."""
+    """The interaction a job answers: its token lives 15 minutes from ``at``; ``message_id`` shows the job.
+
+    The job is stored before the interaction is acknowledged, so the message's id comes a moment later (and is
+    None if the bot died in between: the job is then posted to its channel).
+    """
 
     token: str
-    message_id: int
+    message_id: int | None
     at: float
 
 
@@ -293,6 +297,10 @@ class Database:
         async with self._db.execute("SELECT init_image FROM job_inputs WHERE job_id = ?", (job_id,)) as cursor:
             row = await cursor.fetchone()
         return bytes(row["init_image"]) if row else None
+
+    async def set_reply_message(self, *, job_id: int, message_id: int) -> None:
+        """Record the message that answers a job's interaction."""
+        await self._execute("UPDATE jobs SET reply_message_id = ? WHERE id = ?", (message_id, job_id))
 
     async def mark_started(self, *, job_id: int) -> None:
         await self._execute(

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 2.0  # seconds between edits of the "queued / rendering" message
 _TOKEN_LIFETIME = 15 * 60.0
 _TOKEN_MARGIN = 60.0  # stop using an interaction token a minute before Discord expires it
+_DOWNLOAD_TIMEOUT = 1.5  # seconds for a variation's source image, of the 3 Discord allows for an answer
 _POSTING_TIMEOUT = 3.0  # seconds a stopping bot waits for results being posted
 _NO_PINGS = discord.AllowedMentions.none()
 
@@ -155,24 +156,29 @@ class Imagine(commands.Cog):
         *,
         attachment: discord.Attachment | None = None,
     ) -> None:
-        """Answer publicly, store the admitted job and start its delivery; give its place back if that fails."""
+        """Store the admitted job, then answer publicly and start its delivery.
+
+        Stored first: once the requester sees the bot thinking, the job survives anything, even ``kill -9``.
+        """
         try:
-            callback = await interaction.response.defer(thinking=True)
-            image = None
-            if attachment is not None:
-                try:
-                    image = await attachment.read()
-                except discord.HTTPException:
-                    raise BotError("I could not download that image from Discord; please try again.") from None
-            message_id = callback.message_id if callback is not None else None
-            if message_id is None:
-                message_id = (await interaction.original_response()).id
-            reply = Reply(token=interaction.token, message_id=message_id, at=interaction.created_at.timestamp())
+            image = await _download(attachment) if attachment is not None else None
+            reply = Reply(token=interaction.token, message_id=None, at=interaction.created_at.timestamp())
             queued = await self.service.enqueue(admission, init_image=image, reply=reply)
         except BaseException:
             self.service.release(admission)
             raise
-        self._spawn(queued)
+        try:
+            callback = await interaction.response.defer(thinking=True)
+        except BaseException:
+            await self.service.withdraw(queued, error="the interaction could not be acknowledged")
+            raise
+        message_id = callback.message_id if callback is not None else None
+        if message_id is None:
+            try:
+                message_id = (await interaction.original_response()).id
+            except discord.HTTPException as exc:
+                log.warning("No message id for job %d (its result goes to the channel): %s", queued.job.id, exc)
+        self._spawn(await self.service.acknowledged(queued, message_id=message_id))
 
     async def vote(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int, vote: str) -> None:
         self.service.check_access(requester(interaction), what="take votes")
@@ -276,7 +282,7 @@ class Imagine(commands.Cog):
         clear_view: bool = False,
     ) -> discord.Message:
         """Edit the message that answers the job's interaction, through its token (also after a restart)."""
-        assert job.reply is not None and self.bot.application_id is not None
+        assert job.reply is not None and job.reply.message_id is not None and self.bot.application_id is not None
         webhook = discord.Webhook.partial(self.bot.application_id, job.reply.token, client=self.bot)
         return await webhook.edit_message(
             job.reply.message_id,
@@ -326,7 +332,7 @@ class Imagine(commands.Cog):
             allowed_mentions=_NO_PINGS,
             nonce=f"sygil-job-{job.id}",
         )
-        if job.reply is not None:
+        if job.reply is not None and job.reply.message_id is not None:
             await self._retire_status(channel, job.reply.message_id, message.jump_url)
         return message.id
 
@@ -342,6 +348,15 @@ class Imagine(commands.Cog):
             log.info("Could not update the old status message %d: %s", message_id, exc)
 
 
+async def _download(attachment: discord.Attachment) -> bytes:
+    """Fetch a variation's source image quickly enough to answer within Discord's 3 seconds."""
+    try:
+        async with asyncio.timeout(_DOWNLOAD_TIMEOUT):
+            return await attachment.read()
+    except (discord.HTTPException, TimeoutError):
+        raise BotError("I could not get that image from Discord quickly enough; please try again.") from None
+
+
 def _prompt_line(job: Job) -> str:
     prompt = discord.utils.escape_markdown(job.prompt)
     return f"<@{job.user_id}> · job {job.id} · {prompt[:300]}"
@@ -349,7 +364,9 @@ def _prompt_line(job: Job) -> str:
 
 def _alive(reply: Reply | None) -> bool:
     """Return whether an interaction token can still be used (Discord keeps it 15 minutes)."""
-    return reply is not None and time.time() - reply.at < _TOKEN_LIFETIME - _TOKEN_MARGIN
+    return (
+        reply is not None and reply.message_id is not None and time.time() - reply.at < _TOKEN_LIFETIME - _TOKEN_MARGIN
+    )
 
 
 def _mature_rating(item: str) -> bool:
