@@ -45,6 +45,16 @@ class Limits:
         """Return these limits with every field ``changes`` sets replaced."""
         return replace(self, **{name: value for name, value in changes.items() if value is not None})
 
+    def changes(self, new: Limits) -> tuple[str, str]:
+        """Describe the fields that differ in ``new``, before and after: ``images_per_hour=unset`` → ``=2``."""
+        changed = [(name, old, value) for (name, old), (_, value) in zip(self.items(), new.items(), strict=True)]
+        changed = [(name, old, value) for name, old, value in changed if old != value]
+
+        def side(values: list[tuple[str, int | None]]) -> str:
+            return ", ".join(f"{name}={'unset' if value is None else value}" for name, value in values)
+
+        return side([(name, old) for name, old, _ in changed]), side([(name, value) for name, _, value in changed])
+
     def __bool__(self) -> bool:
         return any(value is not None for _, value in self.items())
 

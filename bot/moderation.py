@@ -174,6 +174,8 @@ class Moderation:
                 )
         old = self.override(guild_id, target)
         new = old.updated(changes)
+        if new == old:
+            raise ModerationError(f"{_capital(target.describe())} already has those limits; nothing changed.")
         await self._write_limits(guild_id, moderator_id, target, old, new, action="limits set")
         return old, new
 
@@ -308,12 +310,13 @@ class Moderation:
     async def _write_limits(
         self, guild_id: int, moderator_id: int, target: Target, old: Limits, new: Limits, *, action: str
     ) -> None:
+        before, after = old.changes(new)
         await self.db.set_limits(
             guild_id=guild_id,
             scope=target.scope,
             target_id=target.id,
             limits=new,
-            audit=_audit(guild_id, moderator_id, action, target.describe(), old=str(old), new=str(new)),
+            audit=_audit(guild_id, moderator_id, action, target.describe(), old=before, new=after),
         )
         guild = self._edit(guild_id)
         if target.scope is Scope.SERVER:

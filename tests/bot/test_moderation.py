@@ -54,7 +54,7 @@ async def test_changes_are_stored_with_their_audit_rows_and_read_back(moderation
         ("ban", "<@6>", "allowed", "banned"),
         ("channels deny", "<#300>", "none", "deny"),
         ("blocklist add", "||Gloomy swamp||", None, None),
-        ("limits set", "<@5>", "none", "images_per_hour=2"),
+        ("limits set", "<@5>", "images_per_hour=unset", "images_per_hour=2"),
     ]
     assert all(entry.moderator_id == MOD and entry.at > 0 for entry in entries)
 
@@ -100,6 +100,13 @@ async def test_resetting_the_server_default_restores_the_config(moderation: Mode
     server = server_target(GUILD)
     await moderation.set_limits(GUILD, MOD, server, Limits(images_per_hour=5, max_count=2))
     assert moderation.limits(GUILD, 1).max_count == 2
+    with pytest.raises(ModerationError, match="already has those limits"):
+        await moderation.set_limits(GUILD, MOD, server, Limits(max_count=2))
     old = await moderation.reset_limits(GUILD, MOD, server)
     assert old == Limits(images_per_hour=5, max_count=2)
+    entries = await moderation.audit_log(GUILD, 10)
+    assert [(entry.action, entry.old, entry.new) for entry in entries] == [
+        ("limits reset", "images_per_hour=5, max_count=2", "images_per_hour=unset, max_count=unset"),
+        ("limits set", "images_per_hour=unset, max_count=unset", "images_per_hour=5, max_count=2"),
+    ]
     assert moderation.limits(GUILD, 1).max_count == 4 and moderation.limits(GUILD, 1).origins["max_count"].kind is None

@@ -125,7 +125,7 @@ async def test_images_per_hour_for_one_user_and_the_audit_log(harness: Harness) 
         lines = audit.splitlines()
         assert len(lines) == 2
         assert f"<@{admin}> **limits set** <@{limited}>: images_per_hour=2 → images_per_hour=3" in lines[0]
-        assert f"<@{admin}> **limits set** <@{limited}>: none → images_per_hour=2" in lines[1]
+        assert f"<@{admin}> **limits set** <@{limited}>: images_per_hour=unset → images_per_hour=2" in lines[1]
         assert lines[0].startswith("<t:")
 
 
