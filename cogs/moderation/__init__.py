@@ -103,7 +103,7 @@ class Moderation(commands.Cog):
             title = f"Limits in force for {user.mention}"
         elif role is not None:
             resolved = self.moderation.limits(guild_id, 0, [role.id])
-            title = f"Limits in force for a member whose only overridden role is {role.mention}"
+            title = f"Limits in force for members with {role.mention} (and no other override)"
         else:
             resolved = self.moderation.limits(guild_id, 0)
             title = "Server default limits"
