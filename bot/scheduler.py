@@ -104,7 +104,8 @@ class Scheduler:
         self._on_batch = on_batch
         # Users in turn order; each has a FIFO of tickets. The user served last moves to the back.
         self._waiting: collections.OrderedDict[int, collections.deque[Ticket]] = collections.OrderedDict()
-        self._places: list[Place] = []
+        self._places: dict[int, list[Place]] = {}  # by user, so a user's count never walks the whole queue
+        self._place_count = 0
         self._running: _Running | None = None
         self._paused: set[int] = set()
         self._draining = False
@@ -159,7 +160,7 @@ class Scheduler:
 
         ``max_queued`` is how many jobs the user may have waiting or rendering in that server at once.
         """
-        if self.pending + len(self._places) >= self._max_queue:
+        if self.pending + self._place_count >= self._max_queue:
             raise QueueFull(f"The queue is full ({self._max_queue} jobs waiting). Please try again in a minute or two.")
         mine = self.jobs_of(user_id=user_id, guild_id=guild_id)
         if mine >= max_queued:
@@ -170,14 +171,19 @@ class Scheduler:
                 "Wait for one to finish, or cancel one with its Cancel button, then try again."
             )
         place = Place(user_id=user_id, guild_id=guild_id)
-        self._places.append(place)
+        self._places.setdefault(user_id, []).append(place)
+        self._place_count += 1
         return place
 
     def release(self, place: Place) -> None:
         """Give back a place whose job was never submitted (storing it failed, or the interaction expired)."""
         if place.taken:
             place.taken = False
-            self._places.remove(place)
+            places = self._places[place.user_id]
+            places.remove(place)
+            if not places:
+                del self._places[place.user_id]
+            self._place_count -= 1
 
     def submit(
         self,
@@ -213,7 +219,7 @@ class Scheduler:
         return (
             sum(ticket.guild_id == guild_id for ticket in self._waiting.get(user_id, ()))
             + sum(ticket.user_id == user_id and ticket.guild_id == guild_id for ticket in self.running)
-            + sum(place.user_id == user_id and place.guild_id == guild_id for place in self._places)
+            + sum(place.guild_id == guild_id for place in self._places.get(user_id, ()))
         )
 
     def cancel(self, job_id: int, reason: str) -> bool | None:

@@ -26,3 +26,20 @@ def test_prompt_benchmark_prints_json() -> None:
     assert report["benchmark"] == "prompts" and report["prompts"] == 300
     assert 0 < report["accepted"] <= 300
     assert report["prompts_per_second"] > 0 and report["baseline_tokenize_only_per_second"] > 0
+
+
+def test_admission_benchmark_prints_json() -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/admission.py", "--requests", "200", "--users", "10"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["benchmark"] == "admission" and report["requests"] == 200
+    assert 0 < report["accepted_per_pass"] <= 200 and report["refused_at_the_limit_per_pass"] == 200
+    assert report["admissions_per_second"] > 0 and report["baseline_prompt_checks_per_second"] > 0
