@@ -14,6 +14,7 @@ from typing import Protocol, Self
 
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.errors import JobCancelled, QueueFull
+from bot.limits import describe_wait
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,15 @@ class Scheduler:
         if mine >= max_queued:
             if max_queued == 0:
                 raise QueueFull("You cannot queue images in this server (your limit is 0 jobs at once).")
+            etas = [
+                eta
+                for ticket in [*self.running, *self._waiting.get(user_id, ())]
+                if ticket.user_id == user_id and ticket.guild_id == guild_id and (eta := self.eta(ticket.job_id))
+            ]
+            when = f" One should be done in about {describe_wait(min(etas))}." if etas else ""
             raise QueueFull(
                 f"You already have {mine} job{'s' if mine != 1 else ''} in the queue (your limit is {max_queued}). "
-                "Wait for one to finish, or cancel one with its Cancel button, then try again."
+                f"Try again when one has finished, or cancel one with its Cancel button.{when}"
             )
         place = Place(user_id=user_id, guild_id=guild_id)
         self._places.setdefault(user_id, []).append(place)

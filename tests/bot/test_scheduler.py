@@ -271,6 +271,9 @@ async def test_estimates_come_from_measured_speed() -> None:
         large = scheduler.submit(job_id=4, user_id=3, guild_id=GUILD, specs=specs("d", 4, settings=LARGE))
         small_eta, large_eta = scheduler.eta(3), scheduler.eta(4)
         assert small_eta is not None and large_eta is not None and large_eta > small_eta
+        # A user at their limit is told when a place should free up.
+        with pytest.raises(QueueFull, match=r"One should be done in about \d+ s"):
+            scheduler.reserve(user_id=2, guild_id=GUILD, max_queued=1)
         render.gate.set()
         await asyncio.gather(blocker.result, small.result, large.result)
 
