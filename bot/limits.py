@@ -78,6 +78,16 @@ class Origin:
     kind: Scope | None  # None: the config file
     role_id: int | None = None
 
+    def describe(self, user_id: int | None = None) -> str:
+        """Say where the limit comes from; mentions render as names (messages are sent with pings off)."""
+        if self.kind is Scope.USER:
+            return f"set for <@{user_id}>" if user_id is not None else "set for this user"
+        if self.kind is Scope.ROLE:
+            return f"role <@&{self.role_id}>"
+        if self.kind is Scope.SERVER:
+            return "server default"
+        return "config default"
+
 
 @dataclass(frozen=True, slots=True)
 class Resolved:

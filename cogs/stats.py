@@ -11,7 +11,6 @@ from discord.ext import commands
 
 from bot.client import requester
 from bot.limits import DESCRIPTIONS, describe_images, describe_wait
-from cogs.moderation._format import origin
 
 if TYPE_CHECKING:
     from bot.client import SygilBot
@@ -62,7 +61,7 @@ class Stats(commands.Cog):
         hourly = limits.images_per_hour
         lines = [
             "**Your limits here**",
-            f"• {DESCRIPTIONS['images_per_hour']}: **{hourly}** ({origin(limits.origins['images_per_hour'])}); "
+            f"• {DESCRIPTIONS['images_per_hour']}: **{hourly}** ({limits.origins['images_per_hour'].describe()}); "
             f"used in the last hour: **{describe_images(allowance.used)}**.",
         ]
         if hourly == 0:
@@ -77,11 +76,11 @@ class Stats(commands.Cog):
             "(768×512 at 50 steps counts 3)."
         )
         lines.append(
-            f"• {DESCRIPTIONS['max_queued']}: **{limits.max_queued}** ({origin(limits.origins['max_queued'])}); "
+            f"• {DESCRIPTIONS['max_queued']}: **{limits.max_queued}** ({limits.origins['max_queued'].describe()}); "
             f"you have {allowance.queued} now."
         )
         for name in ("max_count", "max_steps"):
-            lines.append(f"• {DESCRIPTIONS[name]}: **{limits.value(name)}** ({origin(limits.origins[name])})")
+            lines.append(f"• {DESCRIPTIONS[name]}: **{limits.value(name)}** ({limits.origins[name].describe()})")
         await interaction.response.send_message("\n".join(lines), ephemeral=True, allowed_mentions=_NO_PINGS)
 
 

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from bot.limits import DESCRIPTIONS, FIELDS, Limits, Origin, Resolved, Scope
+from bot.limits import DESCRIPTIONS, FIELDS, Limits, Resolved
 from bot.moderation import Target
 from bot.storage import AuditEntry, GuildRules
 
 _LIMIT = 2000
 
 
-def origin(source: Origin, user_id: int | None = None) -> str:
-    """Say where a limit comes from."""
-    if source.kind is Scope.USER:
-        return f"set for <@{user_id}>" if user_id is not None else "set for this user"
-    if source.kind is Scope.ROLE:
-        return f"role <@&{source.role_id}>"
-    if source.kind is Scope.SERVER:
-        return "server default"
-    return "config default"
-
-
 def limits_in_force(title: str, resolved: Resolved, *, user_id: int | None = None) -> str:
     lines = [f"**{title}**"]
     for name in FIELDS:
-        lines.append(
-            f"• {DESCRIPTIONS[name]} (`{name}`): **{resolved.value(name)}** ({origin(resolved.origins[name], user_id)})"
-        )
+        source = resolved.origins[name].describe(user_id)
+        lines.append(f"• {DESCRIPTIONS[name]} (`{name}`): **{resolved.value(name)}** ({source})")
     return "\n".join(lines)
 
 
