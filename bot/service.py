@@ -108,6 +108,18 @@ def image_specs(
     ]
 
 
+def job_specs(job: Job, init_image: bytes | None = None) -> list[ImageSpec]:
+    """Return the specs of a stored job's images."""
+    return image_specs(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        seed=job.seed,
+        count=job.count,
+        settings=job.settings,
+        init_image=init_image,
+    )
+
+
 def random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
@@ -418,16 +430,12 @@ class ImageService:
         except BaseException:
             self.release(admission)
             raise
-        specs = image_specs(
-            prompt=request.prompt,
-            negative_prompt=request.negative,
-            seed=request.seed,
-            count=request.count,
-            settings=request.settings,
-            init_image=init_image,
-        )
         ticket = self.scheduler.submit(
-            job_id=job.id, user_id=request.user_id, guild_id=request.guild_id, specs=specs, place=admission.place
+            job_id=job.id,
+            user_id=job.user_id,
+            guild_id=job.guild_id,
+            specs=job_specs(job, init_image),
+            place=admission.place,
         )
         admission.open = False
         self.usage.attach(admission.charge, job.id)
@@ -463,15 +471,9 @@ class ImageService:
                         job_id=job.id, error="the bot restarted before this variation ran", status=JobStatus.CANCELLED
                     )
                     continue
-            specs = image_specs(
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
-                seed=job.seed,
-                count=job.count,
-                settings=job.settings,
-                init_image=init_image,
+            ticket = self.scheduler.submit(
+                job_id=job.id, user_id=job.user_id, guild_id=job.guild_id, specs=job_specs(job, init_image)
             )
-            ticket = self.scheduler.submit(job_id=job.id, user_id=job.user_id, guild_id=job.guild_id, specs=specs)
             restored.append(Queued(job=job, ticket=ticket, restored=True))
         if restored:
             log.info("Restored %d unfinished jobs to the queue", len(restored))
