@@ -18,6 +18,7 @@ from bot.config import Config, ModelConfig, PromptsConfig
 from bot.errors import BotError, ConfigError
 
 if TYPE_CHECKING:
+    from bot.engine.process import WorkerProcess
     from bot.prompts import Rules
 
 log = logging.getLogger("bot")
@@ -103,7 +104,7 @@ async def _serve(config: Config) -> None:
     import discord
 
     from bot.client import SygilBot
-    from bot.engine import Engine
+    from bot.prompts import load_tokenizer
     from bot.scheduler import Scheduler
     from bot.service import open_service
     from bot.storage import Database
@@ -121,26 +122,15 @@ async def _serve(config: Config) -> None:
     # cleanly (a cancellation can be swallowed inside a reconnect loop, and then the process would never stop).
     on_signal(main_task.cancel)
 
-    _quiet_libraries()
-    device, dtype = _resolve_device(config.model)
-    log.info("Loading %s on %s (%s)", config.model.id, device, dtype)
-    engine = await asyncio.to_thread(
-        Engine.load,
-        config.model.id,
-        device=device,
-        dtype=dtype,
-        scheduler=config.model.scheduler,
-        safety_checker=config.model.safety_checker,
-        attention_slicing=config.model.attention_slicing,
-    )
     queue = config.queue
-    async with (
-        await Database.open(config.storage.path) as db,
-        Scheduler(engine.render, max_batch=queue.max_batch, max_queue=queue.max_queue) as scheduler,
-    ):
-        service = await open_service(
-            config, db=db, scheduler=scheduler, model=config.model.id, tokenizer=engine.tokenizer
+    async with contextlib.AsyncExitStack() as stack:
+        workers = await _start_workers(config, stack)
+        tokenizer = await asyncio.to_thread(load_tokenizer, config.model.id)
+        db = await stack.enter_async_context(await Database.open(config.storage.path))
+        scheduler = await stack.enter_async_context(
+            Scheduler(workers=workers, max_batch=queue.max_batch, max_queue=queue.max_queue)
         )
+        service = await open_service(config, db=db, scheduler=scheduler, model=config.model.id, tokenizer=tokenizer)
         async with SygilBot(config=config, service=service) as bot:
             closing: set[asyncio.Task[None]] = set()  # keeps the closing task alive until it is done
 
@@ -159,6 +149,40 @@ async def _serve(config: Config) -> None:
                 ) from None
 
 
+async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> list[WorkerProcess]:
+    """Start one GPU worker process per configured device, each loading the model; raise if any cannot."""
+    from bot.engine.process import WorkerProcess
+    from bot.engine.protocol import WorkerSettings
+
+    devices = _resolve_devices(config.model)
+    cpu_workers = sum(device == "cpu" for device, _ in devices)
+    # CPU workers share the cores rather than each spawning a thread per core.
+    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+    workers = [
+        WorkerProcess(
+            WorkerSettings(
+                model_id=config.model.id,
+                device=device,
+                dtype=dtype,
+                scheduler=config.model.scheduler,
+                safety_checker=config.model.safety_checker,
+                threads=threads if device == "cpu" else None,
+                verbose=log.isEnabledFor(logging.DEBUG),
+            ),
+            name=f"{index}:{device}" if len(devices) > 1 else device,
+        )
+        for index, (device, dtype) in enumerate(devices)
+    ]
+    for worker in workers:
+        stack.push_async_callback(worker.close)
+    log.info("Loading %s on %s", config.model.id, ", ".join(f"{device} ({dtype})" for device, dtype in devices))
+    results = await asyncio.gather(*(worker.start() for worker in workers), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return workers
+
+
 def _quiet_libraries() -> None:
     """Keep library progress bars and notices off the terminal; the bot's own log says what happens."""
     import diffusers.utils.logging
@@ -172,14 +196,26 @@ def _quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def _resolve_device(model: ModelConfig) -> tuple[str, str]:
+def _resolve_devices(model: ModelConfig) -> list[tuple[str, str]]:
+    """Return (device, dtype) for each worker: "auto" means every CUDA GPU, else the CPU."""
     import torch
 
-    device = model.device
+    if model.devices == ("auto",) and torch.cuda.is_available():
+        devices = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    else:
+        devices = list(model.devices)
+    return [_resolve_device(model, device) for device in devices]
+
+
+def _resolve_device(model: ModelConfig, device: str) -> tuple[str, str]:
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError('model.device is cuda, but this machine has no CUDA GPU (set model.device = "cpu")')
+        raise ConfigError(
+            f'model.devices names {device}, but this machine has no CUDA GPU (set model.devices = ["cpu"])'
+        )
     dtype = model.dtype
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
@@ -212,9 +248,7 @@ def _imagine(args: argparse.Namespace) -> int:
     from bot.engine import Engine
 
     _quiet_libraries()
-    device, dtype = _resolve_device(
-        ModelConfig(id=args.model or model.id, device=args.device or model.device, dtype=model.dtype)
-    )
+    device, dtype = _resolve_device(model, args.device or model.devices[0])
     engine = Engine.load(
         args.model or model.id,
         device=device,

@@ -6,7 +6,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +33,8 @@ class DiscordConfig:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     id: str = "Sygil/Sygil-Diffusion"
-    device: str = "auto"
+    devices: tuple[str, ...] = ("auto",)  # one GPU worker process per entry
+    device: str | None = None  # the older spelling of one device; read into ``devices``
     dtype: str = "auto"
     scheduler: str = "dpm++"
     safety_checker: bool = True
@@ -132,7 +133,7 @@ class Config:
         config = cls(
             token=token,
             discord=reader.section("discord", DiscordConfig, {"guild_ids": _ids}),
-            model=reader.section("model", ModelConfig),
+            model=_model(reader.section("model", ModelConfig, {"devices": _devices, "device": _device}), source),
             generation=reader.section("generation", GenerationConfig, {"sizes": _sizes}),
             prompts=reader.section("prompts", PromptsConfig, {"blocklist": _terms, "rating_channels": _ids}),
             queue=reader.section("queue", QueueConfig),
@@ -206,6 +207,33 @@ def _convert(value: Any, kind: type) -> Any:
     raise TypeError(f"unsupported setting type {kind.__name__}")
 
 
+def _device(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(f'must be a device name like "cuda:0", got {value!r}')
+    name = value.strip()
+    if name not in DEVICES and not re.fullmatch(r"cuda:\d+", name):
+        raise ValueError(f"must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
+    return name
+
+
+def _devices(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise TypeError(f'must be a non-empty list of devices, like ["auto"] or ["cuda:0", "cuda:1"], got {value!r}')
+    devices = tuple(_device(item) for item in value)  # pyright: ignore[reportUnknownVariableType]
+    if "auto" in devices and len(devices) > 1:
+        raise ValueError('"auto" (every GPU, else the CPU) cannot be combined with other devices')
+    return devices
+
+
+def _model(model: ModelConfig, source: str) -> ModelConfig:
+    """Read the older ``model.device`` into ``model.devices``."""
+    if model.device is None:
+        return model
+    if model.devices != ModelConfig().devices:
+        raise ConfigError(f"{source}: model.device: set model.devices only (model.device is its older one-device form)")
+    return replace(model, devices=(model.device,), device=None)
+
+
 def _ids(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise TypeError(f"must be a list of Discord ids, got {value!r}")
@@ -272,8 +300,6 @@ def _check(config: Config, source: str) -> None:
             fail(key, f"must start with {' or '.join(schemes)}, got {url!r}")
     if config.discord.guild_ready_timeout < 0:
         fail("discord.guild_ready_timeout", "must not be negative")
-    if config.model.device not in DEVICES and not config.model.device.startswith("cuda:"):
-        fail("model.device", f"must be one of {', '.join(DEVICES)} (or cuda:N), got {config.model.device!r}")
     if config.model.dtype not in DTYPES:
         fail("model.dtype", f"must be one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
     if config.model.scheduler not in SCHEDULERS:

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from bot.engine.types import ImageSpec, RenderedImage, Settings
-from bot.errors import JobCancelled, QueueFull
+from bot.errors import BotError, JobCancelled, OutOfMemory, QueueFull, RenderFailed
 from bot.limits import describe_wait
 
 log = logging.getLogger(__name__)
@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 _RATE_WEIGHT = 0.3  # weight of the newest batch in the moving average of rendering speed
+MAX_ATTEMPTS = 3  # workers a job may see die under it before it fails
 
 
 class Render(Protocol):
-    """The executor seam: a batch of plain specs in, PNGs out; runs on the one GPU thread.
+    """A batch of plain specs in, PNGs out, on the calling thread: what ``ThreadWorker`` runs.
 
     ``progress`` may raise to stop the batch early (the scheduler does when nobody wants its images any more).
     """
@@ -33,7 +34,80 @@ class Render(Protocol):
 
 
 class RenderStopped(Exception):
-    """Raised from the progress callback to stop a batch whose images nobody will receive."""
+    """A batch was stopped before it finished, because the scheduler asked (``Call.stop``)."""
+
+
+class WorkerLost(Exception):
+    """The worker died holding the batch; its jobs go back to the front of the queue."""
+
+
+class Worker(Protocol):
+    """The executor seam: whoever renders batches for the scheduler (a thread here, a GPU process, a remote host).
+
+    ``render`` returns the call's images in order, or raises ``OutOfMemory`` (the scheduler splits the batch),
+    ``RenderStopped`` (after ``Call.stop``), ``WorkerLost`` (the jobs are queued again), or a ``BotError`` whose
+    message is for the users whose jobs were in the batch.
+    """
+
+    name: str
+    depth: int  # batches it may hold at once: 2 lets it prepare the next batch while the GPU renders this one
+
+    async def ready(self) -> None:
+        """Return once the worker can take a batch (at once, or after a restart)."""
+        ...
+
+    async def render(self, call: Call) -> list[RenderedImage]: ...
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    """One batch handed to a worker: the worker reports its start and progress; the scheduler may stop it."""
+
+    specs: tuple[ImageSpec, ...]
+    on_started: Callable[[], None]
+    on_progress: Progress
+    stopping: bool = False
+    _on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Ask the worker to stop this batch at its next step."""
+        if not self.stopping:
+            self.stopping = True
+            for callback in self._on_stop:
+                callback()
+
+    def when_stopped(self, callback: Callable[[], None]) -> None:
+        self._on_stop.append(callback)
+
+
+class ThreadWorker:
+    """Render on one thread of this process: for the CLI, the tests and the benchmarks' baselines."""
+
+    depth = 1
+
+    def __init__(self, render: Render, *, name: str = "thread") -> None:
+        self.name = name
+        self._render = render
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+
+    async def ready(self) -> None:
+        return
+
+    async def render(self, call: Call) -> list[RenderedImage]:
+        loop = asyncio.get_running_loop()
+
+        def progress(step: int, total: int) -> None:
+            # On the render thread: stop if asked, else hand the numbers to the loop.
+            if call.stopping:
+                raise RenderStopped
+            loop.call_soon_threadsafe(call.on_progress, step, total)
+
+        call.on_started()
+        return await loop.run_in_executor(self._executor, self._render, call.specs, progress)
+
+    async def close(self) -> None:
+        """Wait for the batch in hand: a pipeline must never be driven by two threads at once."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +117,7 @@ class Batch:
     job_ids: tuple[int, ...]
     images: int
     seconds: float
+    worker: str = ""
 
 
 @dataclass(eq=False, slots=True)
@@ -57,6 +132,7 @@ class Ticket:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     step: int = 0
     total_steps: int = 0
+    attempts: int = 0  # workers that died while holding it
 
     @property
     def settings(self) -> Settings:
@@ -64,7 +140,7 @@ class Ticket:
 
     @property
     def work(self) -> int:
-        """Pixel-steps this job costs the GPU, the unit its time estimates are kept in."""
+        """Pixel-steps this job costs the GPU, the unit its time estimates fall back on."""
         settings = self.settings
         return len(self.specs) * settings.width * settings.height * settings.steps
 
@@ -80,26 +156,41 @@ class Place:
 
 @dataclass(eq=False, slots=True)
 class _Running:
+    """A call in flight on a worker, with the tickets whose images it renders."""
+
+    worker: Worker
     tickets: list[Ticket]
-    started: float
+    call: Call
     estimate: float | None
-    stop: bool = False  # read on the GPU thread at every step
+    started: float | None = None  # perf_counter when the worker began it
+
+    def remaining(self, now: float) -> float:
+        if self.estimate is None:
+            return 0.0
+        if self.started is None:
+            return self.estimate
+        return max(0.0, self.estimate - (now - self.started))
 
 
 class Scheduler:
-    """Serve jobs from many users in turn, rendering compatible ones together."""
+    """Serve jobs from many users in turn, rendering compatible ones together on whichever worker is free."""
 
     def __init__(
         self,
-        render: Render,
+        render: Render | None = None,
         *,
+        workers: Sequence[Worker] = (),
         max_batch: int = 8,
         max_queue: int = 32,
         on_batch: Callable[[Batch], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
-        self._render = render
+        if (render is None) == (not workers):
+            raise ValueError("give either a render function or workers")
+        # A render function gets a thread of its own, which the scheduler owns and closes.
+        self._own = [ThreadWorker(render)] if render is not None else []
+        self._workers: tuple[Worker, ...] = tuple(workers) or tuple(self._own)
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._on_batch = on_batch
@@ -107,15 +198,17 @@ class Scheduler:
         self._waiting: collections.OrderedDict[int, collections.deque[Ticket]] = collections.OrderedDict()
         self._places: dict[int, list[Place]] = {}  # by user, so a user's count never walks the whole queue
         self._place_count = 0
-        self._running: _Running | None = None
+        self._running: list[_Running] = []  # calls in flight, in the order they were handed out
+        self._busy = 0  # slots between taking a batch and delivering it (an out-of-memory split spans calls)
+        self._finished_at: dict[str, float] = {}  # by worker: when its last call ended, to time busy workers
         self._paused: set[int] = set()
         self._draining = False
+        self._seconds_per_image: dict[Settings, float] = {}
         self._seconds_per_work: float | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._slots: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -127,31 +220,33 @@ class Scheduler:
         await self.close()
 
     def start(self) -> None:
-        if self._worker is not None:
+        if self._slots:
             raise RuntimeError("scheduler already started")
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name="gpu-scheduler")
+        loop = asyncio.get_running_loop()
+        for worker in self._workers:
+            for slot in range(worker.depth):
+                self._slots.append(loop.create_task(self._serve(worker), name=f"gpu-{worker.name}-{slot}"))
 
     async def close(self) -> None:
-        """Stop the worker and wait for the batch on the GPU; waiting jobs are cancelled (the database keeps them)."""
-        unfinished = [*self.running, *self._iter_waiting()]
-        if self._worker is not None:
-            self._worker.cancel()
+        """Stop handing out batches and wait for the thread worker's batch; waiting jobs are cancelled (the
+        database keeps them). Worker processes are closed by whoever started them."""
+        unfinished = [*self._in_flight(), *self._iter_waiting()]
+        for task in self._slots:
+            task.cancel()
+        for task in self._slots:
             try:
-                await self._worker
+                await task
             except asyncio.CancelledError:
                 pass
-            self._worker = None
+        self._slots.clear()
         for ticket in unfinished:
             if not ticket.result.done():
                 ticket.result.cancel()
         self._waiting.clear()
-        if self._executor is not None:
-            # Let the batch in hand finish: a pipeline must never be driven by two threads (a restart in the same
-            # process would otherwise start a second GPU thread on the same weights and scheduler state).
-            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-            self._executor = None
-        self._running = None
+        for worker in self._own:
+            await worker.close()
+        self._running.clear()
+        self._busy = 0
         self._idle.set()
 
     # Admission
@@ -169,7 +264,7 @@ class Scheduler:
                 raise QueueFull("You cannot queue images in this server (your limit is 0 jobs at once).")
             etas = [
                 eta
-                for ticket in [*self.running, *self._waiting.get(user_id, ())]
+                for ticket in [*self._in_flight(), *self._waiting.get(user_id, ())]
                 if ticket.user_id == user_id and ticket.guild_id == guild_id and (eta := self.eta(ticket.job_id))
             ]
             when = f" One should be done in about {describe_wait(min(etas))}." if etas else ""
@@ -225,7 +320,7 @@ class Scheduler:
         """Return a user's jobs in a server that wait, render, or are being stored."""
         return (
             sum(ticket.guild_id == guild_id for ticket in self._waiting.get(user_id, ()))
-            + sum(ticket.user_id == user_id and ticket.guild_id == guild_id for ticket in self.running)
+            + sum(ticket.user_id == user_id and ticket.guild_id == guild_id for ticket in self._in_flight())
             + sum(place.guild_id == guild_id for place in self._places.get(user_id, ()))
         )
 
@@ -244,15 +339,17 @@ class Scheduler:
                     if not ticket.result.done():
                         ticket.result.set_exception(JobCancelled(reason))
                     return False
-        running = self._running
-        for ticket in running.tickets if running else ():
-            if ticket.job_id == job_id:
+        found = False
+        for running in self._running:
+            for ticket in running.tickets:
+                if ticket.job_id != job_id:
+                    continue
+                found = True
                 if not ticket.result.done():
                     ticket.result.set_exception(JobCancelled(reason))
-                if running is not None and all(other.result.done() for other in running.tickets):
-                    running.stop = True
-                return True
-        return None
+                if all(other.result.done() for other in running.tickets):
+                    running.call.stop()
+        return True if found else None
 
     # Pausing and stopping
 
@@ -272,58 +369,89 @@ class Scheduler:
         self._draining = True
 
     async def wait_idle(self) -> None:
-        """Wait until no batch is on the GPU."""
+        """Wait until no batch is on a GPU."""
         await self._idle.wait()
 
     def stop_rendering(self) -> None:
-        """Stop the batch on the GPU at its next step; its jobs stay unfinished, to run again after a restart."""
-        if self._running is not None:
-            self._running.stop = True
+        """Stop the batches on the GPUs at their next step; their jobs stay unfinished, to run again after a restart."""
+        for running in self._running:
+            running.call.stop()
 
     # What users see
 
     @property
     def pending(self) -> int:
-        """Jobs waiting, not counting those on the GPU."""
-        return sum(len(tickets) for tickets in self._waiting.values())
+        """Jobs waiting, counting those next on a worker but not those rendering."""
+        return sum(len(tickets) for tickets in self._waiting.values()) + len(self._next())
 
     @property
     def running(self) -> list[Ticket]:
-        return list(self._running.tickets) if self._running else []
+        """Jobs on a GPU now."""
+        return [ticket for ticket in self._in_flight() if ticket.started.is_set()]
+
+    @property
+    def workers(self) -> tuple[Worker, ...]:
+        return self._workers
 
     def waiting(self, guild_id: int | None = None) -> list[Ticket]:
         """Return the waiting jobs in the order they will be served, of one server or of all."""
-        return [ticket for ticket in self._fair_order() if guild_id is None or ticket.guild_id == guild_id]
+        return [ticket for ticket in self._line() if guild_id is None or ticket.guild_id == guild_id]
 
     def position(self, job_id: int) -> int | None:
         """Return 0 while the job renders, its 1-based place in line while it waits, None when unknown."""
         if any(ticket.job_id == job_id for ticket in self.running):
             return 0
-        for place, ticket in enumerate(self._fair_order(), 1):
+        for place, ticket in enumerate(self._line(), 1):
             if ticket.job_id == job_id:
                 return place
         return None
 
     def eta(self, job_id: int) -> float | None:
-        """Estimate the seconds until a job's images are ready, from measured speed; None before any measurement."""
-        rate = self._seconds_per_work
-        if rate is None:
+        """Estimate the seconds until a job's images are ready, from measured speed; None before any measurement.
+
+        Each settings' seconds per image is a moving average over the batches rendered, so it includes what
+        batching gains; the work ahead is shared by the workers.
+        """
+        if self._seconds_per_work is None:
             return None
-        running = self._running
+        now = time.perf_counter()
         ahead = 0.0
-        if running is not None:
-            elapsed = time.perf_counter() - running.started
-            remaining = max(0.0, (running.estimate or 0.0) - elapsed)
+        for running in self._running:
             if any(ticket.job_id == job_id for ticket in running.tickets):
-                return remaining
-            ahead = remaining
+                # Calls on one worker run in the order handed out: this one waits for those before it.
+                return sum(
+                    other.remaining(now)
+                    for other in self._running[: self._running.index(running) + 1]
+                    if other.worker is running.worker
+                )
+            ahead += running.remaining(now)
         for ticket in self._fair_order():
             if self.is_paused(ticket.guild_id):
                 continue
-            ahead += ticket.work * rate
+            ahead += self._estimate(ticket)
             if ticket.job_id == job_id:
-                return ahead
+                return ahead / len(self._workers)
         return None
+
+    def _estimate(self, ticket: Ticket) -> float:
+        """Return the seconds a job should take its worker, measured for its settings where possible."""
+        per_image = self._seconds_per_image.get(ticket.settings)
+        if per_image is not None:
+            return per_image * len(ticket.specs)
+        assert self._seconds_per_work is not None
+        return ticket.work * self._seconds_per_work
+
+    def _in_flight(self) -> list[Ticket]:
+        """Jobs handed to a worker: rendering, or held by the worker to render next."""
+        return list(dict.fromkeys(ticket for running in self._running for ticket in running.tickets))
+
+    def _next(self) -> list[Ticket]:
+        """Jobs a worker holds but has not started: the head of the line."""
+        return [ticket for ticket in self._in_flight() if not ticket.started.is_set()]
+
+    def _line(self) -> Iterator[Ticket]:
+        yield from self._next()
+        yield from self._fair_order()
 
     def _iter_waiting(self) -> Iterator[Ticket]:
         for tickets in self._waiting.values():
@@ -361,72 +489,186 @@ class Scheduler:
             self._waiting.move_to_end(first.user_id)
         return batch
 
-    # Worker
+    # Workers
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._executor is not None
+    async def _serve(self, worker: Worker) -> None:
+        """Hand the next fair batch to this worker whenever it can take one; one task per place the worker has."""
         while True:
+            await worker.ready()
             while not (order := self._ready()):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._take_batch(order)
-            specs = [spec for ticket in batch for spec in ticket.specs]
-            work = sum(ticket.work for ticket in batch)
-            rate = self._seconds_per_work
-            running = _Running(batch, time.perf_counter(), work * rate if rate is not None else None)
-            self._running = running
+            self._busy += 1
             self._idle.clear()
-            total = batch[0].settings.steps
-
-            def progress(step: int, total_steps: int, running: _Running = running) -> None:
-                # Called on the GPU thread: stop if asked, else hand the numbers to the loop.
-                if running.stop:
-                    raise RenderStopped
-                loop.call_soon_threadsafe(_set_progress, running.tickets, step, total_steps)
-
-            for ticket in batch:
-                ticket.total_steps = total
-                ticket.started.set()
             try:
-                images = await loop.run_in_executor(self._executor, self._render, specs, progress)
-            except asyncio.CancelledError:
-                raise
-            except RenderStopped:
-                # Cancelled jobs already have their answer. A stop for shutdown leaves the others unfinished in the
-                # database, to run after the restart: their waiters see a cancellation, not a failure.
-                log.info("Stopped a batch of %d images early", len(specs))
-                for ticket in batch:
-                    if not ticket.result.done():
-                        ticket.result.cancel()
-            except Exception as exc:
-                log.exception("Rendering a batch of %d images failed", len(specs))
-                for ticket in batch:
-                    if not ticket.result.done():
-                        ticket.result.set_exception(exc)
-            else:
-                seconds = time.perf_counter() - running.started
-                log.info("Rendered %d images for %d jobs in %.2f s", len(specs), len(batch), seconds)
-                if len(images) != len(specs):
-                    raise RuntimeError(f"render returned {len(images)} images for {len(specs)} specs")
-                measured = seconds / work
-                self._seconds_per_work = (
-                    measured if rate is None else (1 - _RATE_WEIGHT) * rate + _RATE_WEIGHT * measured
-                )
-                offset = 0
-                for ticket in batch:
-                    mine = images[offset : offset + len(ticket.specs)]
-                    offset += len(ticket.specs)
-                    if not ticket.result.done():
-                        ticket.result.set_result(mine)
-                if self._on_batch is not None:
-                    self._on_batch(Batch(tuple(t.job_id for t in batch), len(specs), seconds))
+                await self._run(worker, batch)
             finally:
-                self._running = None
-                self._idle.set()
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+
+    async def _run(self, worker: Worker, batch: list[Ticket]) -> None:
+        """Render a batch and answer each of its jobs: images, a failure, or back in line if the worker died."""
+        pairs = [(ticket, spec) for ticket in batch for spec in ticket.specs]
+        try:
+            results = await self._render_split(worker, pairs)
+        except WorkerLost as error:
+            log.warning(
+                "Worker %s was lost holding %d jobs (%s); they go back to the front of the queue",
+                worker.name,
+                len(batch),
+                error,
+            )
+            self._requeue(batch)
+            return
+        except RenderStopped:
+            # Cancelled jobs already have their answer. A stop for shutdown leaves the others unfinished in the
+            # database, to run after the restart: their waiters see a cancellation, not a failure.
+            log.info("Stopped a batch of %d images early", len(pairs))
+            for ticket in batch:
+                if not ticket.result.done():
+                    ticket.result.cancel()
+            return
+        except BotError as error:
+            log.warning("A batch of %d images failed: %s", len(pairs), error)
+            for ticket in batch:
+                if not ticket.result.done():
+                    ticket.result.set_exception(error)
+            return
+        except Exception as error:
+            log.exception("Rendering a batch of %d images failed", len(pairs))
+            for ticket in batch:
+                if not ticket.result.done():
+                    ticket.result.set_exception(error)
+            return
+        offset = 0
+        for ticket in batch:
+            mine = results[offset : offset + len(ticket.specs)]
+            offset += len(ticket.specs)
+            if ticket.result.done():
+                continue
+            failure = next((result for result in mine if isinstance(result, BaseException)), None)
+            if failure is not None:
+                ticket.result.set_exception(failure)
+            else:
+                ticket.result.set_result([image for image in mine if isinstance(image, RenderedImage)])
+
+    async def _render_split(
+        self, worker: Worker, pairs: list[tuple[Ticket, ImageSpec]]
+    ) -> list[RenderedImage | BaseException | None]:
+        """Render the pairs' specs; when the GPU runs out of memory, render the two halves one after the other.
+
+        An image that does not fit even alone gets its own failure; None stands for images nobody wants any more.
+        """
+        if all(ticket.result.done() for ticket, _ in pairs):
+            return [None] * len(pairs)
+        try:
+            return list(await self._render_once(worker, pairs))
+        except OutOfMemory as error:
+            if len(pairs) == 1:
+                size = f"{pairs[0][1].settings.width}x{pairs[0][1].settings.height}"
+                return [
+                    OutOfMemory(
+                        f"{error} This image does not fit in the GPU's free memory even alone: "
+                        f"try a smaller size than {size}."
+                    )
+                ]
+            middle = _middle(pairs)
+            log.warning(
+                "Out of memory with %d images on %s; rendering %d and %d",
+                len(pairs),
+                worker.name,
+                middle,
+                len(pairs) - middle,
+            )
+            first = await self._render_split(worker, pairs[:middle])
+            return first + await self._render_split(worker, pairs[middle:])
+
+    async def _render_once(self, worker: Worker, pairs: list[tuple[Ticket, ImageSpec]]) -> list[RenderedImage]:
+        tickets = list(dict.fromkeys(ticket for ticket, _ in pairs))
+        specs = tuple(spec for _, spec in pairs)
+        settings = specs[0].settings
+        estimate = self._estimate_images(settings, len(specs))
+
+        def on_started() -> None:
+            running.started = time.perf_counter()
+            for ticket in tickets:
+                ticket.started.set()
+
+        def on_progress(step: int, total: int) -> None:
+            for ticket in tickets:
+                ticket.step = step
+                ticket.total_steps = total
+
+        running = _Running(worker, tickets, Call(specs, on_started, on_progress), estimate)
+        for ticket in tickets:
+            ticket.step = 0
+            ticket.total_steps = settings.steps
+        self._running.append(running)
+        try:
+            images = await worker.render(running.call)
+        finally:
+            self._running.remove(running)
+        if len(images) != len(specs):
+            raise RuntimeError(f"worker {worker.name} returned {len(images)} images for {len(specs)} specs")
+        now = time.perf_counter()
+        # A busy worker prepares and encodes around the GPU work, so what one call costs is the time since the
+        # worker last finished, when that is later than this call's start.
+        began = max(running.started or now, self._finished_at.get(worker.name, 0.0))
+        self._finished_at[worker.name] = now
+        self._measure(settings, len(specs), now - began)
+        log.info("Rendered %d images for %d jobs on %s in %.2f s", len(specs), len(tickets), worker.name, now - began)
+        if self._on_batch is not None:
+            self._on_batch(Batch(tuple(ticket.job_id for ticket in tickets), len(specs), now - began, worker.name))
+        return images
+
+    def _estimate_images(self, settings: Settings, images: int) -> float | None:
+        per_image = self._seconds_per_image.get(settings)
+        if per_image is not None:
+            return per_image * images
+        if self._seconds_per_work is None:
+            return None
+        return self._seconds_per_work * images * settings.width * settings.height * settings.steps
+
+    def _measure(self, settings: Settings, images: int, seconds: float) -> None:
+        """Fold one call's time into the moving averages the estimates come from."""
+        per_image = seconds / images
+        old = self._seconds_per_image.get(settings)
+        self._seconds_per_image[settings] = per_image if old is None else _average(old, per_image)
+        per_work = per_image / (settings.width * settings.height * settings.steps)
+        old = self._seconds_per_work
+        self._seconds_per_work = per_work if old is None else _average(old, per_work)
+
+    def _requeue(self, batch: list[Ticket]) -> None:
+        """Put a dead worker's jobs back at the front of the line, in their order; a job that keeps killing
+        workers fails instead of taking the next one down."""
+        for ticket in reversed(batch):
+            if ticket.result.done():
+                continue
+            if ticket.started.is_set():  # it was on the GPU when the worker died, so it may be the cause
+                ticket.attempts += 1
+                if ticket.attempts >= MAX_ATTEMPTS:
+                    ticket.result.set_exception(
+                        RenderFailed(
+                            f"Rendering this job stopped the GPU worker {ticket.attempts} times, so it was "
+                            "given up. Try other settings, or tell the bot's operator."
+                        )
+                    )
+                    continue
+                ticket.started.clear()
+                ticket.step = 0
+            self._waiting.setdefault(ticket.user_id, collections.deque()).appendleft(ticket)
+            self._waiting.move_to_end(ticket.user_id, last=False)
+        self._wakeup.set()
 
 
-def _set_progress(tickets: list[Ticket], step: int, total_steps: int) -> None:
-    for ticket in tickets:
-        ticket.step = step
-        ticket.total_steps = total_steps
+def _average(old: float, new: float) -> float:
+    return (1 - _RATE_WEIGHT) * old + _RATE_WEIGHT * new
+
+
+def _middle(pairs: list[tuple[Ticket, ImageSpec]]) -> int:
+    """Return where to split a batch in two: at the job boundary nearest the middle, else the middle."""
+    half = len(pairs) / 2
+    boundaries = [index for index in range(1, len(pairs)) if pairs[index][0] is not pairs[index - 1][0]]
+    return min(boundaries, key=lambda index: abs(index - half)) if boundaries else len(pairs) // 2

@@ -59,3 +59,16 @@ class RenderedImage:
     png: bytes = field(repr=False)
     seed: int
     nsfw: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    compile: bool = False  # torch.compile the UNet and the VAE decoder
+    cuda_graphs: bool = False  # with compile: mode="reduce-overhead" (CUDA graphs); ignored on CPU
+    channels_last: bool = True
+    fused_qkv: bool = True  # pipe.fuse_qkv_projections() (diffusers)
+    attention: str = "sdpa"  # "sdpa" | "xformers" | "slicing" (attention slicing for small GPUs)
+    warmup_batches: tuple[int, ...] = (1,)  # image batch sizes compiled at warm-up
+    warmup_sizes: tuple[tuple[int, int], ...] = ((512, 512),)  # (width, height) compiled at warm-up
+    warmup_steps: int = 2
+    compile_cache: str | None = None  # folder for the inductor/FX compile cache, so a restart is warm

@@ -1,0 +1,214 @@
+"""The plain data between the bot and a GPU worker: the one seam the bot scales out on.
+
+Every message turns into a dict of str, int, float, bool, bytes, None, lists and dicts (``encode``) and back
+(``decode``): nothing of torch, diffusers or Discord crosses. Today the dicts travel through a local pipe to a worker
+process; the same dicts can travel through Redis to a worker on another host.
+
+Bot to worker:
+    ``RenderBatch``  render these specs (a worker takes batches in the order sent; it may hold two at once, so it
+                     prepares the next while the GPU renders the current one)
+    ``StopBatch``    stop that batch at its next step (nobody wants its images any more, or the bot is stopping)
+    ``Shutdown``     finish nothing more and exit
+
+Worker to bot:
+    ``Hello``        the model is loaded and warmed up: where, on what, how long warm-up took
+    ``LoadFailed``   the model could not be loaded (the message is for the person running the bot)
+    ``Started``      a batch went on the GPU
+    ``Progress``     a batch finished a denoising step
+    ``Rendered``     a batch's images: PNG bytes, seeds, safety flags, and the GPU seconds they took
+    ``Failed``       a batch did not render: out of memory, stopped, or an error whose message is for users
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.engine.types import EngineOptions, ImageSpec, Mode, RenderedImage, Settings
+
+
+class FailureKind(enum.StrEnum):
+    OUT_OF_MEMORY = "oom"  # the batch may render in smaller parts
+    STOPPED = "stopped"  # the bot asked for it
+    ERROR = "error"  # this batch cannot render; the message says why
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """What a worker needs to load its model: given once, when the process starts."""
+
+    model_id: str
+    device: str
+    dtype: str = "float32"
+    scheduler: str = "dpm++"
+    safety_checker: bool = True
+    options: EngineOptions = field(default_factory=EngineOptions)
+    threads: int | None = None  # CPU threads for torch; None leaves torch's default
+    verbose: bool = False
+    environ: Mapping[str, str] = field(default_factory=dict)  # set in the worker's environment before loading
+
+
+@dataclass(frozen=True, slots=True)
+class RenderBatch:
+    batch_id: int
+    specs: tuple[ImageSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StopBatch:
+    batch_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    pid: int
+    device: str
+    device_name: str
+    warmup_seconds: float
+    engine: Mapping[str, Any] = field(default_factory=dict)  # what is on: compile, channels_last, attention…
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    batch_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    batch_id: int
+    step: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    batch_id: int
+    images: tuple[RenderedImage, ...]
+    seconds: float  # from Started to the last PNG: what the batch cost this worker
+    peak_memory: int | None = None  # bytes of GPU memory at the peak, where the device reports it
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    batch_id: int
+    kind: FailureKind
+    message: str
+
+
+ToWorker = RenderBatch | StopBatch | Shutdown
+FromWorker = Hello | LoadFailed | Started | Progress | Rendered | Failed
+Message = ToWorker | FromWorker
+
+
+def encode(message: Message) -> dict[str, Any]:
+    """Return a message as plain data."""
+    match message:
+        case RenderBatch(batch_id, specs):
+            return {"type": "render", "batch_id": batch_id, "specs": [_spec_data(spec) for spec in specs]}
+        case StopBatch(batch_id):
+            return {"type": "stop", "batch_id": batch_id}
+        case Shutdown():
+            return {"type": "shutdown"}
+        case Hello(pid, device, device_name, warmup_seconds, engine):
+            return {
+                "type": "hello",
+                "pid": pid,
+                "device": device,
+                "device_name": device_name,
+                "warmup_seconds": warmup_seconds,
+                "engine": dict(engine),
+            }
+        case LoadFailed(text):
+            return {"type": "load_failed", "message": text}
+        case Started(batch_id):
+            return {"type": "started", "batch_id": batch_id}
+        case Progress(batch_id, step, total):
+            return {"type": "progress", "batch_id": batch_id, "step": step, "total": total}
+        case Rendered(batch_id, images, seconds, peak_memory):
+            return {
+                "type": "rendered",
+                "batch_id": batch_id,
+                "images": [{"png": image.png, "seed": image.seed, "nsfw": image.nsfw} for image in images],
+                "seconds": seconds,
+                "peak_memory": peak_memory,
+            }
+        case Failed(batch_id, kind, text):
+            return {"type": "failed", "batch_id": batch_id, "kind": kind.value, "message": text}
+
+
+def decode(data: Mapping[str, Any]) -> Message:
+    """Return the message that ``encode`` turned into ``data``; raise ValueError for anything else."""
+    try:
+        kind = data["type"]
+        if kind == "render":
+            return RenderBatch(data["batch_id"], tuple(_spec(item) for item in data["specs"]))
+        if kind == "stop":
+            return StopBatch(data["batch_id"])
+        if kind == "shutdown":
+            return Shutdown()
+        if kind == "hello":
+            return Hello(data["pid"], data["device"], data["device_name"], data["warmup_seconds"], dict(data["engine"]))
+        if kind == "load_failed":
+            return LoadFailed(data["message"])
+        if kind == "started":
+            return Started(data["batch_id"])
+        if kind == "progress":
+            return Progress(data["batch_id"], data["step"], data["total"])
+        if kind == "rendered":
+            images = tuple(
+                RenderedImage(png=item["png"], seed=item["seed"], nsfw=item["nsfw"]) for item in data["images"]
+            )
+            return Rendered(data["batch_id"], images, data["seconds"], data["peak_memory"])
+        if kind == "failed":
+            return Failed(data["batch_id"], FailureKind(data["kind"]), data["message"])
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"malformed {data.get('type', 'untyped')!r} message: {error!r}") from None
+    raise ValueError(f"unknown message type {kind!r}")
+
+
+def _spec_data(spec: ImageSpec) -> dict[str, Any]:
+    settings = spec.settings
+    return {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "seed": spec.seed,
+        "init_image": spec.init_image,
+        "settings": {
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "width": settings.width,
+            "height": settings.height,
+            "mode": settings.mode.value,
+            "strength": settings.strength,
+        },
+    }
+
+
+def _spec(data: Mapping[str, Any]) -> ImageSpec:
+    settings = data["settings"]
+    return ImageSpec(
+        prompt=data["prompt"],
+        negative_prompt=data["negative_prompt"],
+        seed=data["seed"],
+        init_image=data["init_image"],
+        settings=Settings(
+            steps=settings["steps"],
+            guidance=settings["guidance"],
+            width=settings["width"],
+            height=settings["height"],
+            mode=Mode(settings["mode"]),
+            strength=settings["strength"],
+        ),
+    )

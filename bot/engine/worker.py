@@ -1,0 +1,185 @@
+"""The GPU worker process: one model on one device, rendering the batches the bot sends (see ``protocol``).
+
+The bot starts it (``bot.engine.process``) and restarts it when it dies: a CUDA fault, a segfault or an exhausted
+GPU ends this process only. It exits on its own when the bot goes away, so a killed bot never leaves a GPU held.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from multiprocessing.connection import Connection
+
+import torch
+
+from bot.engine.pipeline import Engine
+from bot.engine.protocol import (
+    Failed,
+    FailureKind,
+    FromWorker,
+    Hello,
+    LoadFailed,
+    Progress,
+    RenderBatch,
+    Rendered,
+    Shutdown,
+    Started,
+    StopBatch,
+    WorkerSettings,
+    decode,
+    encode,
+)
+from bot.errors import BotError, OutOfMemory
+
+log = logging.getLogger(__name__)
+
+# Faults that cannot be produced on a CPU, injected by the tests through the environment.
+_OOM_ABOVE = "SYGIL_TEST_OOM_ABOVE"  # batches of more images than this run out of memory
+_OOM_PROMPT = "SYGIL_TEST_OOM_PROMPT"  # batches holding a prompt with this text run out of memory
+EXIT_CUDA_FAULT = 70
+
+
+class _Stopped(Exception):
+    """Raised from the step callback when the bot asked to stop the batch."""
+
+
+def main(conn: Connection, settings: WorkerSettings) -> None:
+    """Serve until the bot says to shut down or goes away; run as the worker process's target."""
+    logging.basicConfig(
+        level=logging.DEBUG if settings.verbose else logging.INFO,
+        format=f"%(asctime)s %(levelname)-7s %(name)s[{settings.device} pid {os.getpid()}]: %(message)s",
+    )
+    os.environ.update(settings.environ)
+    _Worker(conn, settings).run()
+
+
+class _Worker:
+    def __init__(self, conn: Connection, settings: WorkerSettings) -> None:
+        self._conn = conn
+        self._settings = settings
+        self._send_lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[RenderBatch | None] = queue.SimpleQueue()
+        self._stopped: set[int] = set()
+        self._shutting_down = False
+        self._oom_above = int(os.environ.get(_OOM_ABOVE, "0") or 0)
+        self._oom_prompt = os.environ.get(_OOM_PROMPT, "")
+
+    def run(self) -> None:
+        settings = self._settings
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        started = time.perf_counter()
+        try:
+            engine = Engine.load(
+                settings.model_id,
+                device=settings.device,
+                dtype=settings.dtype,
+                scheduler=settings.scheduler,
+                safety_checker=settings.safety_checker,
+            )
+        except BotError as error:
+            self._send(LoadFailed(str(error)))
+            return
+        # Whatever else goes wrong while loading (a driver fault, a corrupt file) is reported the same way, so
+        # the bot's operator reads one line instead of a dead process.
+        except Exception as error:
+            log.exception("Loading the model failed")
+            self._send(LoadFailed(f"Could not load model {settings.model_id!r} on {settings.device}: {error}"))
+            return
+        warmup = time.perf_counter() - started
+        device_name = torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu"
+        log.info("Model loaded on %s (%s) in %.1f s", settings.device, device_name, warmup)
+        self._send(Hello(os.getpid(), settings.device, device_name, round(warmup, 3), {}))
+        threading.Thread(target=self._read, name="worker-inbox", daemon=True).start()
+        while (batch := self._inbox.get()) is not None:
+            self._serve(engine, batch)
+
+    def _read(self) -> None:
+        """Take the bot's messages as they come, so a stop reaches a batch mid-render."""
+        try:
+            while True:
+                message = decode(self._conn.recv())
+                if isinstance(message, RenderBatch):
+                    self._inbox.put(message)
+                elif isinstance(message, StopBatch):
+                    self._stopped.add(message.batch_id)
+                elif isinstance(message, Shutdown):
+                    self._shutting_down = True  # the batch in hand stops at its next step; no other starts
+                    break
+        except (EOFError, OSError):
+            log.info("The bot went away; exiting")
+        self._inbox.put(None)
+
+    def _serve(self, engine: Engine, batch: RenderBatch) -> None:
+        batch_id = batch.batch_id
+        if batch_id in self._stopped or self._shutting_down:
+            self._send(Failed(batch_id, FailureKind.STOPPED, "stopped before it started"))
+            return
+        self._send(Started(batch_id))
+        started = time.perf_counter()
+
+        def progress(step: int, total: int) -> None:
+            if batch_id in self._stopped or self._shutting_down:
+                raise _Stopped
+            self._send(Progress(batch_id, step, total))
+
+        try:
+            self._inject_faults(batch)
+            images = engine.render(batch.specs, progress)
+        except _Stopped:
+            self._send(Failed(batch_id, FailureKind.STOPPED, "stopped"))
+        except (OutOfMemory, torch.OutOfMemoryError) as error:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("Out of memory rendering %d images: %s", len(batch.specs), error)
+            message = f"The GPU ran out of memory rendering {len(batch.specs)} images at {_size(batch)}."
+            self._send(Failed(batch_id, FailureKind.OUT_OF_MEMORY, message))
+        except (BotError, ValueError) as error:
+            self._send(Failed(batch_id, FailureKind.ERROR, str(error)))
+        # Anything else is a bug or a device fault. A CUDA fault leaves the context unusable: exit, and the bot
+        # restarts this worker and gives the batch to a fresh one. Any other bug fails only this batch.
+        except Exception as error:
+            if _is_device_fault(error):
+                log.critical("Device fault; exiting so the bot starts a fresh worker", exc_info=True)
+                os._exit(EXIT_CUDA_FAULT)
+            log.exception("Rendering a batch of %d images failed", len(batch.specs))
+            self._send(
+                Failed(batch_id, FailureKind.ERROR, f"Rendering failed ({type(error).__name__}); it was logged.")
+            )
+        else:
+            on_cuda = self._settings.device.startswith("cuda")
+            peak = torch.cuda.max_memory_allocated(self._settings.device) if on_cuda else None
+            self._send(Rendered(batch_id, tuple(images), time.perf_counter() - started, peak))
+        finally:
+            self._stopped.discard(batch_id)
+
+    def _inject_faults(self, batch: RenderBatch) -> None:
+        if self._oom_above and len(batch.specs) > self._oom_above:
+            raise torch.OutOfMemoryError(f"injected: more than {self._oom_above} images")
+        if self._oom_prompt and any(self._oom_prompt in spec.prompt for spec in batch.specs):
+            raise torch.OutOfMemoryError(f"injected: a prompt holds {self._oom_prompt!r}")
+
+    def _send(self, message: FromWorker) -> None:
+        data = encode(message)
+        with self._send_lock:
+            try:
+                self._conn.send(data)
+            except (BrokenPipeError, OSError):
+                # The bot is gone; nobody will read this. Exit without a traceback.
+                os._exit(0)
+
+
+def _size(batch: RenderBatch) -> str:
+    settings = batch.specs[0].settings
+    return f"{settings.width}x{settings.height}"
+
+
+def _is_device_fault(error: BaseException) -> bool:
+    """Return whether an error means the device context is no longer usable."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return isinstance(error, RuntimeError) and "CUDA error" in str(error)
