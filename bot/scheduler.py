@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -67,7 +68,7 @@ class Call:
     on_started: Callable[[], None]
     on_progress: Progress
     stopping: bool = False
-    _on_stop: list[Callable[[], None]] = field(default_factory=list)
+    _on_stop: list[Callable[[], None]] = field(default_factory=lambda: list[Callable[[], None]]())
 
     def stop(self) -> None:
         """Ask the worker to stop this batch at its next step."""
@@ -154,6 +155,12 @@ class Place:
     taken: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class _Place:
+    place: int
+    work_ahead: float | None  # seconds of waiting work up to and including this job; None when unknown or paused
+
+
 @dataclass(eq=False, slots=True)
 class _Running:
     """A call in flight on a worker, with the tickets whose images it renders."""
@@ -209,6 +216,9 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._slots: list[asyncio.Task[None]] = []
+        self._version = 0
+        self._index_version = -1
+        self._line_index: dict[int, _Place] = {}
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -243,6 +253,7 @@ class Scheduler:
             if not ticket.result.done():
                 ticket.result.cancel()
         self._waiting.clear()
+        self._touch()
         for worker in self._own:
             await worker.close()
         self._running.clear()
@@ -313,6 +324,7 @@ class Scheduler:
             job_id=job_id, user_id=user_id, guild_id=guild_id, specs=tuple(specs), result=loop.create_future()
         )
         self._waiting.setdefault(user_id, collections.deque()).append(ticket)
+        self._touch()
         self._wakeup.set()
         return ticket
 
@@ -338,6 +350,7 @@ class Scheduler:
                         del self._waiting[user_id]
                     if not ticket.result.done():
                         ticket.result.set_exception(JobCancelled(reason))
+                    self._touch()
                     return False
         found = False
         for running in self._running:
@@ -356,9 +369,11 @@ class Scheduler:
     def pause(self, guild_id: int) -> None:
         """Start no new batch of this server's jobs; they keep their places, and the batch on the GPU finishes."""
         self._paused.add(guild_id)
+        self._touch()
 
     def resume(self, guild_id: int) -> None:
         self._paused.discard(guild_id)
+        self._touch()
         self._wakeup.set()
 
     def is_paused(self, guild_id: int | None) -> bool:
@@ -401,10 +416,32 @@ class Scheduler:
         """Return 0 while the job renders, its 1-based place in line while it waits, None when unknown."""
         if any(ticket.job_id == job_id for ticket in self.running):
             return 0
-        for place, ticket in enumerate(self._line(), 1):
-            if ticket.job_id == job_id:
-                return place
-        return None
+        place = self._index().get(job_id)
+        return place.place if place is not None else None
+
+    def _index(self) -> dict[int, _Place]:
+        """Return every waiting job's place and the work ahead of it, rebuilt only after the queue changed.
+
+        Every waiting job's message asks for its place every few seconds: with a thousand jobs queued, walking
+        the queue for each of them would keep the event loop busy.
+        """
+        if self._index_version != self._version:
+            index: dict[int, _Place] = {}
+            work: float | None = 0.0 if self._seconds_per_work is not None else None
+            for place, ticket in enumerate(self._next(), 1):
+                index[ticket.job_id] = _Place(place, None)
+            for place, ticket in enumerate(self._fair_order(), len(index) + 1):
+                if self.is_paused(ticket.guild_id) or work is None:
+                    index[ticket.job_id] = _Place(place, None)
+                    continue
+                work += self._estimate(ticket)
+                index[ticket.job_id] = _Place(place, work)
+            self._line_index, self._index_version = index, self._version
+        return self._line_index
+
+    def _touch(self) -> None:
+        """Note that the queue changed: places and estimates are computed again when next asked for."""
+        self._version += 1
 
     def eta(self, job_id: int) -> float | None:
         """Estimate the seconds until a job's images are ready, from measured speed; None before any measurement.
@@ -425,13 +462,10 @@ class Scheduler:
                     if other.worker is running.worker
                 )
             ahead += running.remaining(now)
-        for ticket in self._fair_order():
-            if self.is_paused(ticket.guild_id):
-                continue
-            ahead += self._estimate(ticket)
-            if ticket.job_id == job_id:
-                return ahead / len(self._workers)
-        return None
+        place = self._index().get(job_id)
+        if place is None or place.work_ahead is None:
+            return None
+        return (ahead + place.work_ahead) / len(self._workers)
 
     def _estimate(self, ticket: Ticket) -> float:
         """Return the seconds a job should take its worker, measured for its settings where possible."""
@@ -465,17 +499,22 @@ class Scheduler:
                 if depth < len(queue):
                     yield queue[depth]
 
-    def _ready(self) -> list[Ticket]:
-        if self._draining:
-            return []
-        return [ticket for ticket in self._fair_order() if not self.is_paused(ticket.guild_id)]
+    def _ready(self) -> Iterator[Ticket] | None:
+        """Return the waiting tickets that may start, in fair order, or None when none may."""
+        if self._draining or not self._waiting:
+            return None
+        order = (ticket for ticket in self._fair_order() if not self.is_paused(ticket.guild_id))
+        first = next(order, None)
+        return itertools.chain((first,), order) if first is not None else None
 
-    def _take_batch(self, order: list[Ticket]) -> list[Ticket]:
+    def _take_batch(self, order: Iterator[Ticket]) -> list[Ticket]:
         """Take the next ticket in fair order and every later compatible ticket that fits beside it."""
-        first = order[0]
+        first = next(order)
         batch = [first]
         images = len(first.specs)
-        for ticket in order[1:]:
+        for ticket in order:
+            if images >= self._max_batch:
+                break
             if images + len(ticket.specs) <= self._max_batch and ticket.settings == first.settings:
                 batch.append(ticket)
                 images += len(ticket.specs)
@@ -487,6 +526,7 @@ class Scheduler:
         # The first user has had their turn: to the back of the line.
         if first.user_id in self._waiting:
             self._waiting.move_to_end(first.user_id)
+        self._touch()
         return batch
 
     # Workers
@@ -495,7 +535,7 @@ class Scheduler:
         """Hand the next fair batch to this worker whenever it can take one; one task per place the worker has."""
         while True:
             await worker.ready()
-            while not (order := self._ready()):
+            while (order := self._ready()) is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._take_batch(order)
@@ -593,6 +633,7 @@ class Scheduler:
 
         def on_started() -> None:
             running.started = time.perf_counter()
+            self._touch()
             for ticket in tickets:
                 ticket.started.set()
 
@@ -606,10 +647,12 @@ class Scheduler:
             ticket.step = 0
             ticket.total_steps = settings.steps
         self._running.append(running)
+        self._touch()
         try:
             images = await worker.render(running.call)
         finally:
             self._running.remove(running)
+            self._touch()
         if len(images) != len(specs):
             raise RuntimeError(f"worker {worker.name} returned {len(images)} images for {len(specs)} specs")
         now = time.perf_counter()
@@ -639,6 +682,7 @@ class Scheduler:
         per_work = per_image / (settings.width * settings.height * settings.steps)
         old = self._seconds_per_work
         self._seconds_per_work = per_work if old is None else _average(old, per_work)
+        self._touch()
 
     def _requeue(self, batch: list[Ticket]) -> None:
         """Put a dead worker's jobs back at the front of the line, in their order; a job that keeps killing
@@ -660,6 +704,7 @@ class Scheduler:
                 ticket.step = 0
             self._waiting.setdefault(ticket.user_id, collections.deque()).appendleft(ticket)
             self._waiting.move_to_end(ticket.user_id, last=False)
+        self._touch()
         self._wakeup.set()
 
 

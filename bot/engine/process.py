@@ -198,6 +198,9 @@ class WorkerProcess:
             except ValueError:
                 log.exception("GPU worker %s sent a malformed message", self.name)
                 continue
+            if isinstance(message, RenderBatch | StopBatch | Shutdown):
+                log.error("GPU worker %s sent a message meant for workers: %r", self.name, message)
+                continue
             with contextlib.suppress(RuntimeError):  # the loop closed: the bot is gone
                 loop.call_soon_threadsafe(self._on_message, incarnation, message)
         process.join(5)

@@ -27,6 +27,7 @@ from cogs.imagine._views import (
     filename,
     result_text,
     result_view,
+    status_interval,
     status_text,
     vote_value,
 )
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL = 2.0  # seconds between edits of the "queued / rendering" message
 _TOKEN_LIFETIME = 15 * 60.0
 _TOKEN_MARGIN = 60.0  # stop using an interaction token a minute before Discord expires it
 _DOWNLOAD_TIMEOUT = 1.5  # seconds for a variation's source image, of the 3 Discord allows for an answer
@@ -236,7 +236,7 @@ class Imagine(commands.Cog):
                         log.warning("Could not update the status of job %d: %s", job.id, exc)
                         break
                     shown = text
-                await asyncio.wait({finished}, timeout=STATUS_INTERVAL)
+                await asyncio.wait({finished}, timeout=status_interval(self.service.scheduler.position(job.id)))
             images = await finished
         except asyncio.CancelledError:
             finished.cancel()
@@ -244,6 +244,11 @@ class Imagine(commands.Cog):
         except JobCancelled as exc:
             self._posting_now()
             await self._post(job, content=f"🚫 {exc}\n-# {_prompt_line(job)}")
+            return
+        except BotError as exc:  # a failure whose message is for the user, such as an image too big for the GPU
+            log.warning("Job %d failed: %s", job.id, exc)
+            self._posting_now()
+            await self._post(job, content=f"❌ {exc}\n-# {_prompt_line(job)}")
             return
         except Exception:
             log.exception("Job %d failed", job.id)

@@ -199,6 +199,21 @@ def result_text(job: Job, images: Sequence[RenderedImage], notes: Sequence[str] 
     return "\n".join(lines)[:2000]
 
 
+def _place(position: int) -> str:
+    """Say a place in line; far back only roughly, so a long queue's messages are not edited at every move."""
+    if position <= 20:
+        return f"position {position}"
+    step = 10 if position <= 100 else 50
+    return f"about position {max(step, round(position / step) * step)}"
+
+
+def status_interval(position: int | None) -> float:
+    """Return the seconds until a job's status message is refreshed: often near the front, rarely far back."""
+    if position is None or position <= 10:
+        return 2.0
+    return 10.0 if position <= 100 else 30.0
+
+
 def status_text(
     position: int | None,
     step: int,
@@ -212,7 +227,7 @@ def status_text(
     if position is None or position == 0:
         text = f"🎨 Rendering… step {step}/{total_steps}" if total_steps else "🎨 Rendering…"
     else:
-        text = "⏳ Queued: you are next in line." if position == 1 else f"⏳ Queued: position {position} in line."
+        text = "⏳ Queued: you are next in line." if position == 1 else f"⏳ Queued: {_place(position)} in line."
         if paused is not None:
             text += f"\n⏸️ {paused} Your job keeps its place."
         elif eta is not None:

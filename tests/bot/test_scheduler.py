@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import pytest
 
 from bot.engine.types import ImageSpec, RenderedImage, Settings
-from bot.errors import JobCancelled, QueueFull
-from bot.scheduler import Batch, Progress, Scheduler
+from bot.errors import JobCancelled, OutOfMemory, QueueFull
+from bot.scheduler import Batch, Progress, Scheduler, ThreadWorker
 
 GUILD = 10
 SMALL = Settings(steps=4, width=64, height=64)
@@ -24,6 +24,8 @@ class FakeRender:
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
+        self.memory: int | None = None  # images that fit on the GPU at once; more raise OutOfMemory
+        self.too_big = ""  # a prompt that never fits
 
     def __call__(self, specs: Sequence[ImageSpec], progress: Progress | None = None, /) -> list[RenderedImage]:
         self.gate.wait(5)
@@ -31,6 +33,8 @@ class FakeRender:
         self.batches.append(list(specs))
         if self.fail:
             raise RuntimeError("GPU on fire")
+        if (self.memory is not None and len(specs) > self.memory) or any(self.too_big == s.prompt for s in specs):
+            raise OutOfMemory(f"The GPU ran out of memory rendering {len(specs)} images.")
         for step in range(1, 5):
             if progress:
                 progress(step, 4)
@@ -284,3 +288,97 @@ async def test_bad_jobs_are_refused() -> None:
             scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a", 3))
         with pytest.raises(ValueError, match="share their settings"):
             scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a") + specs("b", settings=LARGE))
+
+
+async def test_out_of_memory_splits_the_batch_until_every_job_fits() -> None:
+    render = FakeRender()
+    render.gate.clear()
+    render.memory = 2
+    batches: list[Batch] = []
+    async with Scheduler(render, max_batch=8, on_batch=batches.append) as scheduler:
+        blocker = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("first"))
+        await blocker.started.wait()
+        tickets = [
+            scheduler.submit(job_id=2, user_id=2, guild_id=GUILD, specs=specs("two", 2)),
+            scheduler.submit(job_id=3, user_id=3, guild_id=GUILD, specs=specs("one")),
+            scheduler.submit(job_id=4, user_id=4, guild_id=GUILD, specs=specs("four", 4, seed=20)),
+        ]
+        render.gate.set()
+        results = await asyncio.gather(blocker.result, *(ticket.result for ticket in tickets))
+    assert [[image.png for image in images] for images in results] == [
+        [b"first|1"],
+        [b"two|1", b"two|2"],
+        [b"one|1"],
+        [b"four|20", b"four|21", b"four|22", b"four|23"],
+    ]
+    # 7 images failed together, then split at the job nearest the middle, down to what fits.
+    assert [len(batch) for batch in render.batches] == [1, 7, 3, 2, 1, 4, 2, 2]
+    assert [batch.images for batch in batches] == [1, 2, 1, 2, 2]
+
+
+async def test_an_image_too_big_even_alone_fails_only_its_own_job() -> None:
+    render = FakeRender()
+    render.gate.clear()
+    render.too_big = "huge"
+    async with Scheduler(render, max_batch=8) as scheduler:
+        blocker = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("first"))
+        await blocker.started.wait()
+        small = scheduler.submit(job_id=2, user_id=2, guild_id=GUILD, specs=specs("small"))
+        huge = scheduler.submit(job_id=3, user_id=3, guild_id=GUILD, specs=specs("huge"))
+        other = scheduler.submit(job_id=4, user_id=4, guild_id=GUILD, specs=specs("other", 2))
+        render.gate.set()
+        assert [image.png for image in await small.result] == [b"small|1"]
+        assert len(await other.result) == 2
+        with pytest.raises(OutOfMemory, match="even alone: try a smaller size than 64x64"):
+            await huge.result
+        # The queue goes on.
+        later = scheduler.submit(job_id=5, user_id=3, guild_id=GUILD, specs=specs("later"))
+        assert [image.png for image in await later.result] == [b"later|1"]
+
+
+async def test_two_workers_share_the_queue_and_never_render_a_job_twice() -> None:
+    renders = [FakeRender(), FakeRender()]
+    for render in renders:
+        render.gate.clear()
+    workers = [ThreadWorker(render, name=f"gpu{index}") for index, render in enumerate(renders)]
+    batches: list[Batch] = []
+    async with Scheduler(workers=workers, max_batch=2, on_batch=batches.append) as scheduler:
+        tickets = [
+            scheduler.submit(job_id=job, user_id=job, guild_id=GUILD, specs=specs(f"p{job}", seed=job))
+            for job in range(12)
+        ]
+        await asyncio.sleep(0.05)
+        # Each worker holds one batch of two; the rest wait in line.
+        assert len(scheduler.running) == 4 and scheduler.pending == 8
+        for render in renders:
+            render.gate.set()
+        results = await asyncio.gather(*(ticket.result for ticket in tickets))
+    for worker in workers:
+        await worker.close()
+    assert [images[0].png for images in results] == [f"p{job}|{job}".encode() for job in range(12)]
+    rendered = sorted(spec.seed for render in renders for batch in render.batches for spec in batch)
+    assert rendered == list(range(12)), "every job rendered exactly once"
+    assert {batch.worker for batch in batches} == {"gpu0", "gpu1"}
+    assert all(len(render.batches) >= 2 for render in renders)
+
+
+async def test_estimates_are_kept_per_settings_and_shared_by_the_workers() -> None:
+    renders = [FakeRender(), FakeRender()]
+    workers = [ThreadWorker(render, name=f"gpu{index}") for index, render in enumerate(renders)]
+    async with Scheduler(workers=workers, max_batch=1) as scheduler:
+        await scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a")).result
+        for render in renders:
+            render.gate.clear()
+        held = [scheduler.submit(job_id=2 + i, user_id=2 + i, guild_id=GUILD, specs=specs("b")) for i in range(2)]
+        for ticket in held:
+            await ticket.started.wait()
+        line = [scheduler.submit(job_id=10 + i, user_id=10 + i, guild_id=GUILD, specs=specs("c")) for i in range(4)]
+        etas = [eta for ticket in line if (eta := scheduler.eta(ticket.job_id)) is not None]
+        assert len(etas) == 4
+        # Two workers take the line two at a time: each place later waits longer, the fourth about twice the second.
+        assert etas == sorted(etas) and etas[3] > etas[1]
+        for render in renders:
+            render.gate.set()
+        await asyncio.gather(*(ticket.result for ticket in [*held, *line]))
+    for worker in workers:
+        await worker.close()
