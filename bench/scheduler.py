@@ -6,19 +6,28 @@ returns a tiny fixed PNG, so the numbers are the scheduler's and the bot's, not 
 1. Overhead: ``--jobs`` one-image jobs from ``--users`` users, submitted at once, through a render that costs
    nothing. Overhead per job is the wall time over the jobs (best of three passes); the baseline, in the same run,
    calls the render function directly for batches of the same size.
-2. Fairness: one heavy user keeps ``--heavy-jobs`` jobs of ``--heavy-images`` images each in the queue (it submits
-   another whenever one finishes, as a user at their ``max_per_user`` does), while ``--light-users`` light users
-   arrive at random (Poisson, ``--arrival-rate`` per second, seeded) with one one-image job each. A job's waiting
-   time runs from when it reaches the head of its own user's line (it was submitted and all of that user's earlier
-   jobs have started) until its batch starts (``Ticket.started``): the time it waits because of other users, which
-   a fair queue bounds. A user's waiting time is the mean over their jobs that started, and Jain's index over the
-   users is (Σx)² / (n·Σx²): 1 when every user waits alike, 1/n when one user takes all the waiting. The FIFO
-   baseline, in the same run, is the same scheduler with every job submitted under one shared user id (the real
-   user kept for the statistics), so it serves jobs in arrival order and batches them the same way.
-   Read the index with the light users' mean and p95 beside it: a light user who arrives while a batch renders waits
-   for it to end, anywhere between 0 and one batch, and waits spread evenly like that have an index of 0.75 however
-   fair the order; a FIFO that keeps every light user waiting about equally long behind the heavy user's backlog
-   scores higher. ``jain_index_heavy_vs_light_means`` (the index of the two classes' mean waits) shows that split.
+2. Fairness: one heavy user keeps ``--heavy-jobs`` jobs of ``--heavy-images`` images each in the queue the whole run
+   (it submits another whenever one finishes, as a user at their ``max_per_user`` does), so the GPU is never idle,
+   while ``--light-users`` light users each send ``--light-jobs`` one-image jobs at seeded random times (uniform over
+   ``--span`` seconds; the same times for both runs), with at most ``--light-cap`` queued at once (a job that finds
+   its user at the cap is sent when one of theirs finishes). A job's waiting time runs from when it reaches the head
+   of its own user's line (it was submitted and all of that user's earlier jobs have started) until its batch
+   starts (``Ticket.started``): the time it waits because of other users, which a fair queue bounds and a user's own
+   backlog does not enter. Only jobs that reach the head of their line after the first light user starts and start
+   by the last light job's start count. A user's waiting time is the mean over their jobs, and ``jain_index`` is
+   Jain's index over those per-user means, the heavy user's included: (Σx)² / (n·Σx²), 1 when every user waits
+   alike, 1/n when one user does all the waiting. Per-user means over several jobs, because one job per user
+   measures batch-boundary luck, not order: a job that arrives while a batch renders waits for it to end, anywhere
+   between 0 and one batch, and one such sample per user spreads evenly over that range, which caps the index near
+   0.75 however fair the order. Averaging ``--light-jobs`` samples narrows that spread by the square root of their
+   number, so what is left of the differences between users is the order the scheduler serves them in.
+   The FIFO baseline, in the same run, is the same scheduler with every job submitted under one shared user id (the
+   real user kept for the statistics), so it serves jobs in arrival order and batches them the same way. Read the
+   index beside the rest: under FIFO every light user waits about equally long behind the heavy user's backlog and
+   the heavy user is one of n, so its index over all users is high too; ``jain_index_heavy_vs_light_means`` (the
+   index of the two classes' mean waits), the light users' mean/p95 waits (over their jobs) and
+   ``light_wait_mean_ratio_fifo_to_fair`` show what the fair order changes. ``jain_index_light_users_only`` leaves
+   the heavy user out.
 3. Acknowledgement: the real bot (``SygilBot`` with its cogs, as ``tests/cogs/conftest.py`` builds it) logged in to
    the fake Discord, with its render held closed so jobs stay queued. ``--queued`` /imagine jobs from ``--fill-users``
    users fill the queue (in waves that are each answered within Discord's 3 s), then ``--requests`` more, each from
@@ -27,7 +36,7 @@ returns a tiny fixed PNG, so the numbers are the scheduler's and the bot's, not 
    stamped by the fake server, which shares the bot's event loop as in the cog tests.
 
     python bench/scheduler.py                                                   # about 2 minutes on 2 cores
-    python bench/scheduler.py --jobs 500 --light-users 40 --queued 100 --requests 30  # a smoke run
+    python bench/scheduler.py --jobs 500 --light-jobs 4 --span 3 --queued 100 --requests 30  # a smoke run
 """
 
 from __future__ import annotations
@@ -179,8 +188,12 @@ class _Trace:
     jobs: dict[int, _Record] = field(default_factory=dict)
     by_user: dict[int, list[int]] = field(default_factory=dict)
 
-    def waits(self) -> dict[int, list[float]]:
-        """Return each user's waiting times, from the head of their own line to the start of the batch."""
+    def waits(self, since: float, until: float) -> dict[int, list[float]]:
+        """Return each user's waiting times, from the head of their own line to the start of the batch.
+
+        Only jobs that reached the head of their line at or after ``since`` and started by ``until`` count: the
+        stretch of the run in which the light users compete with the heavy one.
+        """
         waits: dict[int, list[float]] = {}
         for user_id, job_ids in self.by_user.items():
             previous_start = 0.0
@@ -189,16 +202,25 @@ class _Trace:
                 if record.started is None:
                     break  # this one and the user's later ones never reached the GPU in the run
                 head = max(record.submitted, previous_start)
-                waits.setdefault(user_id, []).append(max(0.0, record.started - head))
+                if since <= head and record.started <= until:
+                    waits.setdefault(user_id, []).append(max(0.0, record.started - head))
                 previous_start = max(previous_start, record.started)
         return waits
 
 
-async def fairness_run(args: argparse.Namespace, *, fifo: bool) -> dict[str, Any]:
+def arrival_times(args: argparse.Namespace) -> dict[int, list[float]]:
+    """Return each light user's job arrival times, seconds after the light users start: seeded, sorted uniforms."""
+    rng = random.Random(args.seed)
+    return {
+        user_id: sorted(rng.uniform(0, args.span) for _ in range(args.light_jobs))
+        for user_id in range(1, args.light_users + 1)
+    }
+
+
+async def fairness_run(args: argparse.Namespace, arrivals: dict[int, list[float]], *, fifo: bool) -> dict[str, Any]:
     """Serve one heavy and many light users; under ``fifo`` every job shares one user id (arrival order)."""
     heavy = 0
     trace = _Trace()
-    rng = random.Random(args.seed)
     render = SleepRender(args.batch_cost, args.image_cost)
     watchers: set[asyncio.Task[None]] = set()
     async with Scheduler(render, max_batch=args.max_batch, max_queue=10**6) as scheduler:
@@ -229,40 +251,56 @@ async def fairness_run(args: argparse.Namespace, *, fifo: bool) -> dict[str, Any
                     outstanding.add(submit(heavy, args.heavy_images).result)
                 _, outstanding = await asyncio.wait(outstanding, return_when=asyncio.FIRST_COMPLETED)
 
+        async def light_user(user_id: int, times: list[float]) -> None:
+            # A job arrives at its time; one that finds the user at their cap is sent when one of theirs finishes.
+            outstanding: set[asyncio.Future[list[RenderedImage]]] = set()
+            for at in times:
+                await asyncio.sleep(max(0.0, origin + at - time.perf_counter()))
+                while len(outstanding) >= args.light_cap:
+                    _, outstanding = await asyncio.wait(outstanding, return_when=asyncio.FIRST_COMPLETED)
+                outstanding.add(submit(user_id, 1).result)
+            await asyncio.gather(*outstanding)
+
         heavy_task = asyncio.create_task(heavy_user())
         await asyncio.sleep(args.batch_cost * 3)  # the heavy user's backlog is there before the first light user
-        light: list[asyncio.Future[list[RenderedImage]]] = []
-        for user_id in range(1, args.light_users + 1):
-            await asyncio.sleep(rng.expovariate(args.arrival_rate))
-            light.append(submit(user_id, 1).result)
-        await asyncio.gather(*light)
+        origin = time.perf_counter()
+        await asyncio.gather(*(light_user(user_id, times) for user_id, times in arrivals.items()))
+        until = max(record.started or 0.0 for record in trace.jobs.values() if record.user_id != heavy)
+        seconds = time.perf_counter() - origin
         heavy_task.cancel()
         await asyncio.gather(heavy_task, return_exceptions=True)
     for task in list(watchers):
         task.cancel()
-    waits = trace.waits()
+    waits = trace.waits(origin, until)
     means = {user_id: statistics.fmean(values) for user_id, values in waits.items()}
     light_waits = [wait for user_id, values in waits.items() if user_id != heavy for wait in values]
+    light_means = [mean for user_id, mean in means.items() if user_id != heavy]
     heavy_waits = waits.get(heavy, [])
     return {
         "jain_index": round(jain(list(means.values())), 4),
+        "jain_index_light_users_only": round(jain(light_means), 4),
         "jain_index_heavy_vs_light_means": round(
             jain([statistics.fmean(heavy_waits), statistics.fmean(light_waits)]), 4
         )
         if heavy_waits
         else None,
         "users": len(means),
+        "light_jobs_started": len(light_waits),
         "light_wait_mean_ms": round(statistics.fmean(light_waits) * 1000, 1),
         "light_wait_p95_ms": round(percentile(light_waits, 0.95) * 1000, 1),
         "light_wait_max_ms": round(max(light_waits) * 1000, 1),
+        "light_user_mean_min_ms": round(min(light_means) * 1000, 1),
+        "light_user_mean_max_ms": round(max(light_means) * 1000, 1),
         "heavy_wait_mean_ms": round(statistics.fmean(heavy_waits) * 1000, 1) if heavy_waits else None,
         "heavy_jobs_started": len(heavy_waits),
+        "seconds": round(seconds, 1),
     }
 
 
 async def fairness(args: argparse.Namespace) -> dict[str, Any]:
-    fair = await fairness_run(args, fifo=False)
-    fifo = await fairness_run(args, fifo=True)
+    arrivals = arrival_times(args)
+    fair = await fairness_run(args, arrivals, fifo=False)
+    fifo = await fairness_run(args, arrivals, fifo=True)
     return {
         "batch_cost_s": args.batch_cost,
         "image_cost_s": args.image_cost,
@@ -270,10 +308,15 @@ async def fairness(args: argparse.Namespace) -> dict[str, Any]:
         "heavy_jobs_queued": args.heavy_jobs,
         "heavy_images_per_job": args.heavy_images,
         "light_users": args.light_users,
-        "light_arrivals_per_second": args.arrival_rate,
+        "light_jobs_per_user": args.light_jobs,
+        "light_cap": args.light_cap,
+        "span_s": args.span,
         "seed": args.seed,
         "scheduler": fair,
         "fifo_baseline": fifo,
+        "light_wait_mean_ratio_fifo_to_fair": round(fifo["light_wait_mean_ms"] / fair["light_wait_mean_ms"], 2)
+        if fair["light_wait_mean_ms"]
+        else None,
     }
 
 
@@ -416,8 +459,10 @@ def main() -> int:
     group.add_argument("--image-cost", type=float, default=0.01, help="seconds per image")
     group.add_argument("--heavy-jobs", type=int, default=8, help="jobs the heavy user keeps queued")
     group.add_argument("--heavy-images", type=int, default=4, help="images per job of the heavy user")
-    group.add_argument("--light-users", type=int, default=200, help="light users, one one-image job each")
-    group.add_argument("--arrival-rate", type=float, default=10.0, help="light users arriving per second")
+    group.add_argument("--light-users", type=int, default=30, help="light users, several one-image jobs each")
+    group.add_argument("--light-jobs", type=int, default=12, help="one-image jobs per light user")
+    group.add_argument("--light-cap", type=int, default=1, help="jobs a light user has queued at most")
+    group.add_argument("--span", type=float, default=20.0, help="seconds over which light users' jobs arrive")
     group.add_argument("--seed", type=int, default=1)
     group = parser.add_argument_group("acknowledgement")
     group.add_argument("--queued", type=int, default=1000, help="/imagine jobs queued before measuring")

@@ -44,7 +44,7 @@ def test_scheduler_benchmark_prints_json() -> None:
     report = run_bench(
         "bench/scheduler.py",
         *("--jobs", "400", "--users", "20"),
-        *("--light-users", "30", "--arrival-rate", "20", "--batch-cost", "0.02", "--image-cost", "0.005"),
+        *("--light-users", "30", "--light-jobs", "4", "--span", "2", "--batch-cost", "0.02", "--image-cost", "0.005"),
         *("--queued", "60", "--fill-users", "15", "--requests", "20", "--settle", "0.5", "--gap", "0.02"),
     )
     assert report["benchmark"] == "scheduler" and report["cpus"] >= 1
@@ -54,6 +54,8 @@ def test_scheduler_benchmark_prints_json() -> None:
     for run in (report["fairness"]["scheduler"], report["fairness"]["fifo_baseline"]):
         assert 0 < run["jain_index"] <= 1 and run["users"] == 31
         assert 0 <= run["light_wait_mean_ms"] <= run["light_wait_p95_ms"] <= run["light_wait_max_ms"]
+        assert run["light_jobs_started"] == 30 * 4 and run["heavy_jobs_started"] > 0
+    assert report["fairness"]["light_wait_mean_ratio_fifo_to_fair"] > 0
     ack = report["acknowledgement"]
     assert ack["queued_before"] >= 60 - 8 and ack["requests"] == 20
     assert 0 < ack["ack_p50_ms"] <= ack["ack_p99_ms"] <= ack["ack_max_ms"]
