@@ -38,3 +38,26 @@ def test_admission_benchmark_prints_json() -> None:
     assert report["benchmark"] == "admission" and report["requests"] == 200
     assert 0 < report["accepted_per_pass"] <= 200 and report["refused_at_the_limit_per_pass"] == 200
     assert report["admissions_per_second"] > 0 and report["baseline_prompt_checks_per_second"] > 0
+
+
+def test_scheduler_benchmark_prints_json() -> None:
+    report = run_bench(
+        "bench/scheduler.py",
+        *("--jobs", "400", "--users", "20"),
+        *("--light-users", "30", "--light-jobs", "4", "--span", "2", "--batch-cost", "0.02", "--image-cost", "0.005"),
+        *("--queued", "60", "--fill-users", "15", "--requests", "20", "--settle", "0.5", "--gap", "0.02"),
+    )
+    assert report["benchmark"] == "scheduler" and report["cpus"] >= 1
+    overhead = report["overhead"]
+    assert overhead["jobs"] == 400 and overhead["scheduler_ms_per_job"] > 0
+    assert overhead["baseline_direct_render_ms_per_job"] > 0
+    for run in (report["fairness"]["scheduler"], report["fairness"]["fifo_baseline"]):
+        assert 0 < run["jain_index"] <= 1 and run["users"] == 31
+        assert 0 <= run["light_wait_mean_ms"] <= run["light_wait_p95_ms"] <= run["light_wait_max_ms"]
+        assert run["light_jobs_started"] == 30 * 4 and run["heavy_jobs_started"] > 0
+    assert report["fairness"]["light_wait_mean_ratio_fifo_to_fair"] > 0
+    ack = report["acknowledgement"]
+    assert ack["queued_before"] >= 60 - 8 and ack["requests"] == 20
+    assert 0 < ack["ack_p50_ms"] <= ack["ack_p99_ms"] <= ack["ack_max_ms"]
+    assert set(report["targets"]) == {"overhead_ms_per_job", "jain_index", "ack_p99_ms"}
+    assert all(isinstance(target["met"], bool) for target in report["targets"].values())
