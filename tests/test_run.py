@@ -285,3 +285,42 @@ async def test_a_burst_of_200_is_answered_in_time_with_private_refusals(tiny_mod
         public = server.messages(server.channel_id)
         assert len(public) == 20 and all(message.attachments for message in public)
         assert server.violations == []
+
+
+async def test_a_killed_gpu_worker_is_replaced_and_every_job_is_delivered_once(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    database = tmp_path / "sygil.db"
+    config = tmp_path / "config.toml"
+    log = tmp_path / "bot.log"
+    async with FakeDiscord() as server:
+        users = [server.add_user(f"user{i}") for i in range(4)]
+        write_config(config, server, tiny_model_dir, database, extra="[queue]\nmax_batch = 2")
+        async with bot_process(config, server, log) as process:
+            first_pid = _worker_pid(log.read_text())
+            interactions = [
+                await server.slash("imagine", {"prompt": f"species:seal, {n}", **SLOW}, user_id=users[n])
+                for n in range(4)
+            ]
+            await status(server, interactions[0], "Rendering")
+            os.kill(first_pid, signal.SIGKILL)
+            await logged(log, "died with exit code -9")
+            for interaction in interactions:
+                await server.wait_for_message(
+                    lambda m, i=interaction: m.interaction_id == i.id and bool(m.attachments), 180
+                )
+            # The bot itself lived on, with a new worker.
+            assert process.returncode is None
+            assert _worker_pid(log.read_text(), last=True) != first_pid
+            await asyncio.sleep(1)  # nothing more arrives
+        counts = attachment_jobs(server)
+        assert len(counts) == 4 and set(counts.values()) == {1}, counts
+        assert server.violations == []
+    assert "Traceback" not in log.read_text()
+
+
+def _worker_pid(text: str, *, last: bool = False) -> int:
+    """Return the pid the bot logged for its GPU worker (the first one, or the latest)."""
+    pids = [int(line.split("ready: pid ")[1].split()[0]) for line in text.splitlines() if "ready: pid " in line]
+    assert pids, f"no worker in the log:\n{text[-3000:]}"
+    return pids[-1] if last else pids[0]

@@ -68,6 +68,7 @@ class WorkerProcess:
         self.settings = settings
         self.hello: Hello | None = None
         self.restarts = 0
+        self.peak_memory: int | None = None  # the most GPU memory a batch has used, in bytes, where reported
         self._ids = itertools.count(1)
         self._calls: dict[int, tuple[Call, asyncio.Future[list[RenderedImage]]]] = {}
         self._ready = asyncio.Event()
@@ -229,6 +230,8 @@ class WorkerProcess:
         elif future.done():
             return
         elif isinstance(message, Rendered):
+            if message.peak_memory is not None:
+                self.peak_memory = max(self.peak_memory or 0, message.peak_memory)
             future.set_result(list(message.images))
         elif message.kind is FailureKind.OUT_OF_MEMORY:
             future.set_exception(OutOfMemory(message.message))

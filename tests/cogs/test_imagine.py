@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 import pytest
@@ -93,6 +94,22 @@ async def test_users_see_their_place_in_line_and_jobs_share_a_batch(harness: Har
             await final_message(server, interaction)
     # The two waiting jobs had the same settings: one GPU call rendered both.
     assert harness.render.batches == [1, 2]
+
+
+async def test_the_waiting_message_estimates_when_the_images_are_ready(harness: Harness) -> None:
+    server = harness.server
+    other, third = server.add_user("other"), server.add_user("third")
+    async with harness.bot():
+        await final_message(server, await server.slash("imagine", {"prompt": "species:seal"}))  # measures the speed
+        harness.render.open.clear()
+        first = await server.slash("imagine", {"prompt": "species:cat"}, user_id=other)
+        await server.wait_for_message(lambda m: m.interaction_id == first.id and "Rendering" in m.content)
+        second = await server.slash("imagine", {"prompt": "species:dog"}, user_id=third)
+        waiting = await server.wait_for_message(lambda m: m.interaction_id == second.id and "next in line" in m.content)
+        assert re.search(r"Ready in about \d+ s\.", waiting.content), waiting.content
+        harness.render.open.set()
+        for interaction in (first, second):
+            await final_message(server, interaction)
 
 
 async def test_reroll_and_variation_post_new_images(harness: Harness) -> None:
