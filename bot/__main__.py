@@ -103,7 +103,7 @@ async def _serve(config: Config) -> None:
     import discord
 
     from bot.client import SygilBot
-    from bot.engine import Engine
+    from bot.engine import Engine, EngineOptions
     from bot.scheduler import Scheduler
     from bot.service import open_service
     from bot.storage import Database
@@ -131,7 +131,7 @@ async def _serve(config: Config) -> None:
         dtype=dtype,
         scheduler=config.model.scheduler,
         safety_checker=config.model.safety_checker,
-        attention_slicing=config.model.attention_slicing,
+        options=EngineOptions(attention="slicing" if config.model.attention_slicing else "sdpa"),
     )
     queue = config.queue
     async with (
@@ -209,7 +209,7 @@ def _imagine(args: argparse.Namespace) -> int:
         print(f"sygil-bot: cannot write {args.output}: no folder {args.output.parent}", file=sys.stderr)
         return EXIT_USAGE
 
-    from bot.engine import Engine
+    from bot.engine import Engine, EngineOptions
 
     _quiet_libraries()
     device, dtype = _resolve_device(
@@ -221,7 +221,7 @@ def _imagine(args: argparse.Namespace) -> int:
         dtype=dtype,
         scheduler=args.scheduler or model.scheduler,
         safety_checker=model.safety_checker,
-        attention_slicing=model.attention_slicing,
+        options=EngineOptions(attention="slicing" if model.attention_slicing else "sdpa"),
     )
     rules = _rules(config, allow_rating=args.allow_rating)
     verdicts = [

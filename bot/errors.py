@@ -33,3 +33,7 @@ class JobCancelled(BotError):
 
 class Refused(BotError):
     """A request broke a rule of the server: a ban, a channel rule, a pause or a limit."""
+
+
+class OutOfMemory(BotError):
+    """The GPU ran out of memory for a batch; a smaller batch may fit."""
