@@ -6,6 +6,7 @@ bot does, runs in the same process as the batched runs, and the ratios compare t
 
     python bench/engine.py --device cuda --dtype float16           # the real shapes, on a GPU
     python bench/engine.py --tiny --steps 2 --users 3               # the tiny test model, a smoke run on a CPU
+    python bench/engine.py --device cuda --compile --cuda-graphs    # compiled (warm-up compiles every batch size)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from bot.engine import Engine, ImageSpec, Settings, make_tiny_model
+from bot.engine import Engine, EngineOptions, ImageSpec, Settings, make_tiny_model
 from bot.scheduler import Batch, Scheduler
 
 # pyright: reportPrivateImportUsage=false
@@ -37,7 +38,7 @@ CONFIGS = Path(__file__).parent / "sd15-configs"
 PROMPTS = ["species:seal, beach", "studio:dc, city at night", "species:fox, forest, medium:watercolor"]
 
 
-def sd15_engine(device: str, dtype: torch.dtype, scheduler: str) -> Engine:
+def sd15_engine(device: str, dtype: torch.dtype, scheduler: str, options: EngineOptions) -> Engine:
     """Build an SD 1.5-shaped pipeline with random weights on ``device``."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -69,7 +70,7 @@ def sd15_engine(device: str, dtype: torch.dtype, scheduler: str) -> Engine:
         feature_extractor=None,  # pyright: ignore[reportArgumentType]
         requires_safety_checker=False,
     ).to(dtype=dtype)
-    return Engine.from_pipeline(pipe, model_id="sd15-random", device=device, scheduler=scheduler)
+    return Engine.from_pipeline(pipe, model_id="sd15-random", device=device, scheduler=scheduler, options=options)
 
 
 def specs(count: int, settings: Settings, seed: int = 0) -> list[ImageSpec]:
@@ -150,16 +151,36 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=8, help="requests submitted at once, one image each")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="use the tiny test model at 64 px (a CPU smoke run)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder")
+    parser.add_argument("--cuda-graphs", action="store_true", help="with --compile: CUDA graphs (reduce-overhead)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--no-fused-qkv", action="store_true")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "slicing"])
+    parser.add_argument("--compile-cache", default=None, help="folder for compiled kernels, warm across runs")
     args = parser.parse_args()
 
+    size = 64 if args.tiny else args.size
+    # Every batch size the scheduler may form: the one-per-call baseline, the scheduler's partial batches, max_batch.
+    batches = tuple(range(1, args.max_batch + 1))
+    options = EngineOptions(
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        channels_last=not args.no_channels_last,
+        fused_qkv=not args.no_fused_qkv,
+        attention=args.attention,
+        warmup_batches=batches,
+        warmup_sizes=((size, size),),
+        compile_cache=args.compile_cache,
+    )
     if args.tiny:
         folder = tempfile.mkdtemp(prefix="sygil-tiny-")
         make_tiny_model(Path(folder))
-        engine = Engine.load(folder, device=args.device, dtype="float32", scheduler=args.scheduler)
-        size, dtype = 64, "float32"
+        engine = Engine.load(folder, device=args.device, dtype="float32", scheduler=args.scheduler, options=options)
+        dtype = "float32"
     else:
-        engine = sd15_engine(args.device, getattr(torch, args.dtype), args.scheduler)
-        size, dtype = args.size, args.dtype
+        engine = sd15_engine(args.device, getattr(torch, args.dtype), args.scheduler, options)
+        dtype = args.dtype
+    warm_up_seconds = engine.warm_up()
     settings = Settings(steps=args.steps, width=size, height=size)
     images = specs(args.users, settings)
 
@@ -192,6 +213,9 @@ def main() -> int:
         "png_encode_ms_per_image": round(png_ms, 1),
         "other_thread_images_per_second": round(threaded, 3),
         "other_thread_with_progress_images_per_second": round(threaded_progress, 3),
+        "warm_up_seconds": round(warm_up_seconds, 2),
+        "engine": engine.describe(),
+        "peak_memory_bytes": engine.peak_memory(),
         "torch": torch.__version__,
     }
     print(json.dumps(report))

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,7 @@ async def _serve(config: Config) -> None:
     import discord
 
     from bot.client import SygilBot
-    from bot.engine import Engine, EngineOptions
+    from bot.engine import Engine
     from bot.scheduler import Scheduler
     from bot.service import open_service
     from bot.storage import Database
@@ -131,8 +132,11 @@ async def _serve(config: Config) -> None:
         dtype=dtype,
         scheduler=config.model.scheduler,
         safety_checker=config.model.safety_checker,
-        options=EngineOptions(attention="slicing" if config.model.attention_slicing else "sdpa"),
+        # Compiled kernels are kept beside the database, on the volume that outlives a container.
+        options=config.engine_options(compile_cache=config.storage.path.parent / "compile-cache"),
     )
+    await asyncio.to_thread(engine.warm_up)
+    log.info("Engine ready: %s", engine.describe())
     queue = config.queue
     async with (
         await Database.open(config.storage.path) as db,
@@ -212,6 +216,8 @@ def _imagine(args: argparse.Namespace) -> int:
     from bot.engine import Engine, EngineOptions
 
     _quiet_libraries()
+    # One image, and no warm-up: compiling would take longer than rendering it uncompiled.
+    options = config.engine_options() if config else EngineOptions()
     device, dtype = _resolve_device(
         ModelConfig(id=args.model or model.id, device=args.device or model.device, dtype=model.dtype)
     )
@@ -221,7 +227,7 @@ def _imagine(args: argparse.Namespace) -> int:
         dtype=dtype,
         scheduler=args.scheduler or model.scheduler,
         safety_checker=model.safety_checker,
-        options=EngineOptions(attention="slicing" if model.attention_slicing else "sdpa"),
+        options=replace(options, compile=False),
     )
     rules = _rules(config, allow_rating=args.allow_rating)
     verdicts = [
