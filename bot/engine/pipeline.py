@@ -481,7 +481,7 @@ class Engine:
         return min(sizes, default=None)
 
     def _prepare(self, specs: Sequence[ImageSpec], settings: Settings, compiled_batch: int | None) -> Prepared:
-        init_images = tuple(_init_image(spec, index) for index, spec in enumerate(specs) if spec.init_image)
+        init_images = tuple(_init_image(spec, index) for index, spec in enumerate(specs) if spec.init_image is not None)
         padded = _pad(specs, compiled_batch or len(specs))
         if init_images:
             init_images = (*init_images, *[init_images[-1]] * (len(padded) - len(specs)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import io
 import os
@@ -83,6 +84,23 @@ def test_prepare_of_the_next_batch_between_stages_changes_nothing(engine: Engine
     assert [image.png for image in engine.finish(engine.denoise(prepared))] == [
         image.png for image in engine.render(first)
     ]
+
+
+def test_stages_overlap_on_threads_as_the_worker_runs_them(engine: Engine) -> None:
+    batches = [_specs(2), _specs(3, replace(FAST, steps=3)), _specs(1, replace(FAST, width=48))]
+    expected = [[image.png for image in engine.render(specs)] for specs in batches]
+    results: list[concurrent.futures.Future[list[RenderedImage]]] = []
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as side,
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+    ):
+        prepared = side.submit(engine.prepare, batches[0])
+        for index in range(len(batches)):
+            current = prepared.result()
+            if index + 1 < len(batches):
+                prepared = side.submit(engine.prepare, batches[index + 1])  # encodes while this batch denoises
+            results.append(pool.submit(engine.finish, engine.denoise(current)))
+        assert [[image.png for image in result.result()] for result in results] == expected
 
 
 def test_prompt_embeds_path_matches_the_prompt_path(engine: Engine) -> None:
