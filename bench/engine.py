@@ -1,25 +1,39 @@
-"""Benchmark rendering throughput: one request per GPU call against the scheduler batching many users; prints JSON.
+"""Benchmark rendering: one request per GPU call against the bot's scheduler and GPU worker process; prints JSON.
 
 The model is SD 1.5-shaped (``bench/sd15-configs``, the shapes of Sygil Diffusion) with random weights, which
-render exactly as fast as real ones. The baseline, one prompt per ``pipe()`` call as a one-request-at-a-time
-bot does, runs in the same process as the batched runs, and the ratios compare them.
+render exactly as fast as real ones; it is written to a folder once and every worker loads it from there, as the
+bot loads a real model. In one run, for the same model:
 
-    python bench/engine.py --device cuda --dtype float16           # the real shapes, on a GPU
-    python bench/engine.py --tiny --steps 2 --users 3               # the tiny test model, a smoke run on a CPU
+(a) the baseline: one ``pipe()`` call per request, one request after another, in this process, with no speed
+    setting on (what a one-request-at-a-time bot does);
+(b) the bot: the scheduler and a GPU worker process serving ``--users`` users who submit one image each at once;
+(c) a lone request's latency, from submit to PNG bytes, through the same scheduler and worker.
+
+(b) and (c) run for each engine setting in ``--configs`` (each starts a fresh worker, warmed up as the bot warms
+it): images/s and the ratio to (a), p50/p95 latency of the users' requests, the batch sizes the scheduler formed,
+warm-up time, peak GPU memory, and the fraction of the FLOP limit reached (one CFG image-step at 512x512 costs
+1.61 TFLOP in the SD 1.5 UNet; ``--peak-tflops`` is the card's dense fp16 rate, ~790 measured on H100/H200).
+
+    python bench/engine.py --device cuda --dtype float16 --users 16         # every setting, on a GPU
+    python bench/engine.py --device cuda --configs eager,tuned,compiled     # a subset
+    python bench/engine.py --tiny --steps 2 --users 3 --configs eager,tuned # the tiny test model, a CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
+import gc
 import json
 import os
 import platform
+import shutil
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,17 +42,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from bot.engine import Engine, ImageSpec, Settings, make_tiny_model
+from bot.engine import Engine, EngineOptions, ImageSpec, Settings, make_tiny_model
+from bot.engine.process import WorkerProcess
+from bot.engine.protocol import WorkerSettings
 from bot.scheduler import Batch, Scheduler
 
 # pyright: reportPrivateImportUsage=false
 
 CONFIGS = Path(__file__).parent / "sd15-configs"
 PROMPTS = ["species:seal, beach", "studio:dc, city at night", "species:fox, forest, medium:watercolor"]
+TFLOP_PER_CFG_STEP_512 = 1.61  # SD 1.5 UNet, one image, both halves of classifier-free guidance
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense fp16/bf16 matrix rate measured on these cards
+
+# Engine settings measured on and off. "eager" has every speed setting off; the others add to it.
+ENGINE_CONFIGS: dict[str, dict[str, Any]] = {
+    "eager": {"channels_last": False, "fused_qkv": False},
+    "channels_last": {"channels_last": True, "fused_qkv": False},
+    "fused_qkv": {"channels_last": False, "fused_qkv": True},
+    "tuned": {"channels_last": True, "fused_qkv": True},  # the bot's defaults
+    "compiled": {"channels_last": True, "fused_qkv": True, "compile": True},
+    "compiled_cuda_graphs": {"channels_last": True, "fused_qkv": True, "compile": True, "cuda_graphs": True},
+}
 
 
-def sd15_engine(device: str, dtype: torch.dtype, scheduler: str) -> Engine:
-    """Build an SD 1.5-shaped pipeline with random weights on ``device``."""
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One engine setting served through the scheduler and a worker process."""
+
+    name: str
+    options: dict[str, Any]
+    engine: dict[str, Any]
+    warm_up_seconds: float
+    images_per_second: float
+    latency_p50_s: float
+    latency_p95_s: float
+    lone_latency_p50_s: float
+    lone_latency_p95_s: float
+    batches: list[int]
+    peak_memory_gib: float | None
+
+
+def write_sd15_model(folder: Path, dtype: torch.dtype) -> None:
+    """Write an SD 1.5-shaped pipeline with random weights to ``folder``, as a model on disk is laid out."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -51,14 +96,13 @@ def sd15_engine(device: str, dtype: torch.dtype, scheduler: str) -> Engine:
         return {key: value for key, value in data.items() if not key.startswith("_")}
 
     torch.manual_seed(0)
-    with torch.device(device):
-        unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config("unet")))
-        vae = cast(AutoencoderKL, AutoencoderKL.from_config(config("vae")))
-        text = {key: value for key, value in config("text_encoder").items() if key != "architectures"}
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text))
-    with tempfile.TemporaryDirectory() as folder:
-        write_clip_tokenizer(Path(folder))
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
+    unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config("unet")))
+    vae = cast(AutoencoderKL, AutoencoderKL.from_config(config("vae")))
+    text = {key: value for key, value in config("text_encoder").items() if key != "architectures"}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    with tempfile.TemporaryDirectory() as vocabulary:
+        write_clip_tokenizer(Path(vocabulary))
+        tokenizer = CLIPTokenizer.from_pretrained(vocabulary)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -69,7 +113,7 @@ def sd15_engine(device: str, dtype: torch.dtype, scheduler: str) -> Engine:
         feature_extractor=None,  # pyright: ignore[reportArgumentType]
         requires_safety_checker=False,
     ).to(dtype=dtype)
-    return Engine.from_pipeline(pipe, model_id="sd15-random", device=device, scheduler=scheduler)
+    pipe.save_pretrained(folder)
 
 
 def specs(count: int, settings: Settings, seed: int = 0) -> list[ImageSpec]:
@@ -86,6 +130,7 @@ def synchronize() -> None:
 
 def one_per_call(engine: Engine, images: Sequence[ImageSpec]) -> float:
     """Render each image in its own call, as a one-request-at-a-time bot does; return images per second."""
+    engine.render(images[:1])  # warm-up: kernels, allocator, caches
     synchronize()
     started = time.perf_counter()
     for spec in images:
@@ -94,50 +139,54 @@ def one_per_call(engine: Engine, images: Sequence[ImageSpec]) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def one_call(engine: Engine, images: Sequence[ImageSpec]) -> float:
-    """Render every image in one call; return images per second."""
-    synchronize()
-    started = time.perf_counter()
-    engine.render(images)
-    synchronize()
-    return len(images) / (time.perf_counter() - started)
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def in_thread(engine: Engine, images: Sequence[ImageSpec], *, progress: bool) -> float:
-    """Render every image in one call on another thread, with or without a per-step callback; images/s."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(engine.render, images[:1]).result()  # this thread's first GPU call sets up its handles
-        synchronize()
-        started = time.perf_counter()
-        pool.submit(engine.render, images, (lambda step, total: None) if progress else None).result()
-        synchronize()
-        return len(images) / (time.perf_counter() - started)
-
-
-async def through_scheduler(engine: Engine, images: Sequence[ImageSpec], max_batch: int) -> tuple[float, list[int]]:
-    """Submit one image per user, all at once, through the bot's scheduler; return images/s and batch sizes."""
+async def serve(
+    name: str, settings: WorkerSettings, images: Sequence[ImageSpec], max_batch: int, lone: int
+) -> Run:
+    """Serve the users through the scheduler and one worker process with these engine settings."""
     batches: list[Batch] = []
-    async with Scheduler(engine.render, max_batch=max_batch, max_queue=len(images), on_batch=batches.append) as sched:
+    async with (
+        WorkerProcess(settings, name=name) as worker,
+        Scheduler(workers=[worker], max_batch=max_batch, max_queue=len(images) + lone) as scheduler,
+    ):
+        assert worker.hello is not None
+        hello = worker.hello
+        # One burst first, so the allocator and every batch size the scheduler forms are warm.
+        warm = [
+            scheduler.submit(job_id=-1 - i, user_id=-1 - i, guild_id=None, specs=[spec])
+            for i, spec in enumerate(images)
+        ]
+        await asyncio.gather(*(ticket.result for ticket in warm))
+        batches.clear()
+
+        async def one(job_id: int, spec: ImageSpec) -> float:
+            submitted = time.perf_counter()
+            await scheduler.submit(job_id=job_id, user_id=job_id, guild_id=None, specs=[spec]).result
+            return time.perf_counter() - submitted
+
         started = time.perf_counter()
-        tickets = [sched.submit(job_id=i, user_id=i, guild_id=None, specs=[spec]) for i, spec in enumerate(images)]
-        await asyncio.gather(*(ticket.result for ticket in tickets))
-        synchronize()
+        latencies = await asyncio.gather(*(one(i, spec) for i, spec in enumerate(images)))
         seconds = time.perf_counter() - started
-    return len(images) / seconds, [batch.images for batch in batches]
-
-
-def png_milliseconds(size: int, repeats: int = 8) -> float:
-    """Return how long encoding one noisy size x size PNG takes (the engine does it after every batch)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
-    started = time.perf_counter()
-    for _ in range(repeats):
-        image.save(io.BytesIO(), format="PNG")
-    return (time.perf_counter() - started) / repeats * 1000
+        burst = [batch.images for batch in batches]
+        lone_latencies = [await one(len(images) + i, images[i % len(images)]) for i in range(lone)]
+        peak = worker.peak_memory
+    return Run(
+        name=name,
+        options={key: value for key, value in asdict(settings.options).items() if key != "compile_cache"},
+        engine=dict(hello.engine),
+        warm_up_seconds=round(hello.warmup_seconds, 2),
+        images_per_second=round(len(images) / seconds, 3),
+        latency_p50_s=round(statistics.median(latencies), 3),
+        latency_p95_s=round(percentile(latencies, 0.95), 3),
+        lone_latency_p50_s=round(statistics.median(lone_latencies), 3),
+        lone_latency_p95_s=round(percentile(lone_latencies, 0.95), 3),
+        batches=burst,
+        peak_memory_gib=round(peak / 2**30, 2) if peak is not None else None,
+    )
 
 
 def main() -> int:
@@ -147,36 +196,69 @@ def main() -> int:
     parser.add_argument("--scheduler", default="dpm++")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--users", type=int, default=8, help="requests submitted at once, one image each")
+    parser.add_argument("--users", type=int, default=16, help="requests submitted at once, one image each")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--lone", type=int, default=10, help="lone requests timed one after another")
+    parser.add_argument("--configs", default=",".join(ENGINE_CONFIGS), help="engine settings to measure")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense fp16 TFLOP/s")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test model at 64 px (a CPU smoke run)")
     args = parser.parse_args()
+    names = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ENGINE_CONFIGS]
+    if unknown:
+        parser.error(f"unknown --configs {', '.join(unknown)}; valid: {', '.join(ENGINE_CONFIGS)}")
 
-    if args.tiny:
-        folder = tempfile.mkdtemp(prefix="sygil-tiny-")
-        make_tiny_model(Path(folder))
-        engine = Engine.load(folder, device=args.device, dtype="float32", scheduler=args.scheduler)
-        size, dtype = 64, "float32"
-    else:
-        engine = sd15_engine(args.device, getattr(torch, args.dtype), args.scheduler)
-        size, dtype = args.size, args.dtype
-    settings = Settings(steps=args.steps, width=size, height=size)
-    images = specs(args.users, settings)
+    folder = Path(tempfile.mkdtemp(prefix="sygil-bench-model-"))
+    try:
+        if args.tiny:
+            make_tiny_model(folder)
+            size, dtype = 64, "float32"
+        else:
+            write_sd15_model(folder, getattr(torch, args.dtype))
+            size, dtype = args.size, args.dtype
+        settings = Settings(steps=args.steps, width=size, height=size)
+        images = specs(args.users, settings)
+        device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
 
-    one_call(engine, images[: min(len(images), args.max_batch)])  # warm-up: kernels, allocator, caches
-    # The scheduler renders on its own thread, whose first GPU call sets up per-thread handles: warm that too.
-    asyncio.run(through_scheduler(engine, images[:1], args.max_batch))
-    baseline = one_per_call(engine, images)
-    batched = one_call(engine, images[: args.max_batch])
-    scheduled, batch_sizes = asyncio.run(through_scheduler(engine, images, args.max_batch))
-    png_ms = png_milliseconds(size)
-    # Where the scheduler's cost against one call comes from: another thread, or the per-step progress callback.
-    threaded = in_thread(engine, images[: args.max_batch], progress=False)
-    threaded_progress = in_thread(engine, images[: args.max_batch], progress=True)
+        plain = EngineOptions(channels_last=False, fused_qkv=False, warmup_batches=(1,), warmup_sizes=((size, size),))
+        engine = Engine.load(str(folder), device=args.device, dtype=dtype, scheduler=args.scheduler, options=plain)
+        baseline = one_per_call(engine, images)
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+        batch_sizes = tuple(sorted({1 << power for power in range(args.max_batch.bit_length())} | {args.max_batch}))
+        batch_sizes = tuple(size for size in batch_sizes if size <= args.max_batch)
+        runs: list[Run] = []
+        for name in names:
+            options = EngineOptions(
+                **ENGINE_CONFIGS[name],
+                warmup_batches=batch_sizes,
+                warmup_sizes=((size, size),),
+                compile_cache=str(folder / "compile-cache"),
+            )
+            worker = WorkerSettings(
+                model_id=str(folder),
+                device=args.device,
+                dtype=dtype,
+                scheduler=args.scheduler,
+                safety_checker=False,
+                options=options,
+            )
+            runs.append(asyncio.run(serve(name, worker, images, args.max_batch, args.lone)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    limit = None
+    if peak is not None and not args.tiny:
+        limit = peak / (TFLOP_PER_CFG_STEP_512 * (size * size) / (512 * 512) * args.steps)
+    best = max(runs, key=lambda run: run.images_per_second)
     report = {
         "benchmark": "engine",
         "model": "tiny" if args.tiny else "sd15-shaped, random weights",
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "device": device_name,
         "dtype": dtype,
         "scheduler": args.scheduler,
         "steps": args.steps,
@@ -184,15 +266,20 @@ def main() -> int:
         "users": args.users,
         "max_batch": args.max_batch,
         "baseline_one_per_call_images_per_second": round(baseline, 3),
-        "one_call_images_per_second": round(batched, 3),
-        "scheduler_images_per_second": round(scheduled, 3),
-        "scheduler_batches": batch_sizes,
-        "ratio_scheduler_to_baseline": round(scheduled / baseline, 2),
-        "ratio_scheduler_to_one_call": round(scheduled / batched, 3),
-        "png_encode_ms_per_image": round(png_ms, 1),
-        "other_thread_images_per_second": round(threaded, 3),
-        "other_thread_with_progress_images_per_second": round(threaded_progress, 3),
+        "flop_limit_images_per_second": round(limit, 2) if limit is not None else None,
+        "configs": [
+            {
+                **asdict(run),
+                "ratio_to_baseline": round(run.images_per_second / baseline, 2),
+                "fraction_of_flop_limit": round(run.images_per_second / limit, 3) if limit else None,
+            }
+            for run in runs
+        ],
+        "best": best.name,
+        "best_images_per_second": best.images_per_second,
+        "best_ratio_to_baseline": round(best.images_per_second / baseline, 2),
         "torch": torch.__version__,
+        "python": platform.python_version(),
     }
     print(json.dumps(report))
     return 0

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +167,8 @@ async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> li
                 dtype=dtype,
                 scheduler=config.model.scheduler,
                 safety_checker=config.model.safety_checker,
+                # Compiled kernels are kept beside the database, on the volume that outlives a container.
+                options=config.engine_options(compile_cache=config.storage.path.parent / "compile-cache"),
                 threads=threads if device == "cpu" else None,
                 verbose=log.isEnabledFor(logging.DEBUG),
             ),
@@ -245,9 +248,11 @@ def _imagine(args: argparse.Namespace) -> int:
         print(f"sygil-bot: cannot write {args.output}: no folder {args.output.parent}", file=sys.stderr)
         return EXIT_USAGE
 
-    from bot.engine import Engine
+    from bot.engine import Engine, EngineOptions
 
     _quiet_libraries()
+    # One image, and no warm-up: compiling would take longer than rendering it uncompiled.
+    options = config.engine_options() if config else EngineOptions()
     device, dtype = _resolve_device(model, args.device or model.devices[0])
     engine = Engine.load(
         args.model or model.id,
@@ -255,7 +260,7 @@ def _imagine(args: argparse.Namespace) -> int:
         dtype=dtype,
         scheduler=args.scheduler or model.scheduler,
         safety_checker=model.safety_checker,
-        attention_slicing=model.attention_slicing,
+        options=replace(options, compile=False),
     )
     rules = _rules(config, allow_rating=args.allow_rating)
     verdicts = [

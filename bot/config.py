@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bot.engine.types import ATTENTIONS, EngineOptions
 from bot.errors import ConfigError
 
 T = TypeVar("T")
@@ -78,6 +79,17 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineConfig:
+    compile: bool = False
+    cuda_graphs: bool = False
+    channels_last: bool = True
+    fused_qkv: bool = True
+    attention: str = "sdpa"
+    warmup_batches: tuple[int, ...] = ()  # empty: 1, 2, 4, ... below queue.max_batch, and max_batch
+    warmup_sizes: tuple[str, ...] = ()  # empty: the first of generation.sizes
+
+
+@dataclass(frozen=True, slots=True)
 class ModerationConfig:
     # Role ids (numbers) or role names (text) whose members may use /mod besides those with Manage Server.
     roles: tuple[int | str, ...] = ()
@@ -96,6 +108,7 @@ class Config:
     generation: GenerationConfig = GenerationConfig()
     prompts: PromptsConfig = PromptsConfig()
     queue: QueueConfig = QueueConfig()
+    engine: EngineConfig = EngineConfig()
     moderation: ModerationConfig = ModerationConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -137,12 +150,37 @@ class Config:
             generation=reader.section("generation", GenerationConfig, {"sizes": _sizes}),
             prompts=reader.section("prompts", PromptsConfig, {"blocklist": _terms, "rating_channels": _ids}),
             queue=reader.section("queue", QueueConfig),
+            engine=reader.section(
+                "engine", EngineConfig, {"warmup_batches": _batches, "warmup_sizes": _optional_sizes}
+            ),
             moderation=reader.section("moderation", ModerationConfig, {"roles": _roles}),
             storage=reader.section("storage", StorageConfig, {"path": _path}),
         )
         reader.finish()
         _check(config, source)
         return config
+
+    def engine_options(self, compile_cache: Path | None = None) -> EngineOptions:
+        """Return the engine's speed settings, filling empty warm-up lists from the queue and generation settings."""
+        engine = self.engine
+        max_batch = self.queue.max_batch
+        batches = engine.warmup_batches
+        if not batches:
+            doubling = [1 << power for power in range(max_batch.bit_length()) if 1 << power < max_batch]
+            batches = (*doubling, max_batch)
+        sizes = engine.warmup_sizes or self.generation.sizes[:1]
+        # model.attention_slicing predates [engine]; true still means slicing.
+        attention = "slicing" if self.model.attention_slicing else engine.attention
+        return EngineOptions(
+            compile=engine.compile,
+            cuda_graphs=engine.cuda_graphs,
+            channels_last=engine.channels_last,
+            fused_qkv=engine.fused_qkv,
+            attention=attention,
+            warmup_batches=batches,
+            warmup_sizes=tuple(self.generation.size(size) for size in sizes),
+            compile_cache=None if compile_cache is None else str(compile_cache),
+        )
 
 
 class _Reader:
@@ -184,7 +222,7 @@ class _Reader:
             raise ConfigError(f"{self._source}: unknown setting {self._unknown[0]} (see config.example.toml)")
 
 
-_SECTIONS = ("discord", "model", "generation", "prompts", "queue", "moderation", "storage")
+_SECTIONS = ("discord", "model", "generation", "prompts", "queue", "engine", "moderation", "storage")
 
 
 def _convert(value: Any, kind: type) -> Any:
@@ -280,6 +318,18 @@ def _sizes(value: Any) -> tuple[str, ...]:
     return tuple(sizes)
 
 
+def _batches(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, int) and not isinstance(item, bool) for item in value):  # pyright: ignore[reportUnknownVariableType]
+        raise TypeError(f"must be a list of whole numbers like [1, 2, 4, 8], got {value!r}")
+    return tuple(sorted(set(value)))  # pyright: ignore[reportUnknownArgumentType]
+
+
+def _optional_sizes(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list) and not value:
+        return ()
+    return _sizes(value)
+
+
 def _path(value: Any) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise TypeError(f"must be a file path, got {value!r}")
@@ -330,3 +380,15 @@ def _check(config: Config, source: str) -> None:
         fail("queue.images_per_hour", f"must not be negative (0 lets nobody generate), got {queue.images_per_hour}")
     if not 0 < queue.shutdown_grace <= 3600:
         fail("queue.shutdown_grace", f"must be between 0 and 3600 seconds, got {queue.shutdown_grace}")
+    engine = config.engine
+    if engine.attention not in ATTENTIONS:
+        fail("engine.attention", f"must be one of {', '.join(ATTENTIONS)}, got {engine.attention!r}")
+    if config.model.attention_slicing and engine.attention not in ("sdpa", "slicing"):
+        fail(
+            "model.attention_slicing", f"true means engine.attention = slicing, which contradicts {engine.attention!r}"
+        )
+    for batch in engine.warmup_batches:
+        if not 1 <= batch <= queue.max_batch:
+            fail(
+                "engine.warmup_batches", f"each must be between 1 and queue.max_batch ({queue.max_batch}), got {batch}"
+            )

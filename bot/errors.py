@@ -36,7 +36,7 @@ class Refused(BotError):
 
 
 class OutOfMemory(BotError):
-    """The GPU ran out of memory for a batch; a smaller batch may still fit."""
+    """The GPU ran out of memory for a batch; a smaller batch may fit."""
 
 
 class RenderFailed(BotError):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
+from bot.engine.types import EngineOptions, ImageSpec, Mode, RenderedImage, Settings
 
 if TYPE_CHECKING:
     from bot.engine.pipeline import Engine
     from bot.engine.tiny import make_tiny_model
 
-__all__ = ["Engine", "ImageSpec", "Mode", "RenderedImage", "Settings", "make_tiny_model"]
+__all__ = ["Engine", "EngineOptions", "ImageSpec", "Mode", "RenderedImage", "Settings", "make_tiny_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import io
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import diffusers.utils.deprecation_utils
+import numpy as np
 import torch
+import torch._dynamo.config
+import torch._inductor.config
+import torch._inductor.utils
 
 # diffusers exports its public names through a lazy module that pyright reads as private imports.
 # pyright: reportPrivateImportUsage=false
@@ -25,12 +32,13 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from transformers import CLIPTokenizer
 
-from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
-from bot.errors import ModelError
+from bot.engine.types import EngineOptions, ImageSpec, Mode, RenderedImage, Settings
+from bot.errors import ModelError, OutOfMemory
 from bot.prompts.tokens import count_tokens
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype and warns on the old name; releases before the
 # rename reject dtype. Where the probe fails, torch_dtype still works there.
 _DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
+DEFAULT_OPTIONS = EngineOptions()
 _MAKE_TINY_HINT = "build a tiny test model with `sygil-bot make-tiny-model DIR`, or check `model.id`"
 
 
@@ -178,6 +187,81 @@ def _check_batch(specs: Sequence[ImageSpec]) -> Settings:
     return settings
 
 
+def _pad(specs: Sequence[ImageSpec], size: int) -> tuple[ImageSpec, ...]:
+    """Return specs filled up to size with copies of the last one, whose images are dropped later."""
+    return (*specs, *[specs[-1]] * (size - len(specs)))
+
+
+def _images(count: int) -> str:
+    return "1 image" if count == 1 else f"{count} images"
+
+
+def _use_compile_cache(folder: str) -> Path:
+    """Keep inductor's kernels and FX graphs in folder, so a restarted worker loads them instead of compiling."""
+    path = Path(folder).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    # torch 2.13 reads TORCHINDUCTOR_CACHE_DIR each time it needs the folder (cache_dir_utils.cache_dir), so
+    # setting it after importing torch works; clear_caches drops the few paths memoised by an earlier compile.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    torch._inductor.config.fx_graph_cache = True
+    torch._inductor.utils.clear_caches()
+    return path
+
+
+def _set_attention(pipe: StableDiffusionPipeline, attention: str, device: str) -> str:
+    """Install the requested attention kernels and return the ones in effect."""
+    if attention == "slicing":
+        heads = pipe.unet.config["attention_head_dim"]
+        # "auto" halves each attention's heads, which leaves zero of a single head (the tiny test model has one).
+        single_head = min(heads if isinstance(heads, list | tuple) else [heads]) < 2
+        pipe.enable_attention_slicing("max" if single_head else "auto")
+        return "slicing"
+    if attention == "xformers":
+        if not device.startswith("cuda"):
+            log.warning("attention = xformers needs a CUDA device, not %s; using PyTorch attention (sdpa)", device)
+            return "sdpa"
+        if importlib.util.find_spec("xformers") is None:
+            log.warning("attention = xformers, but xformers is not installed; using PyTorch attention (sdpa)")
+            return "sdpa"
+        try:
+            pipe.enable_xformers_memory_efficient_attention()
+        # An xformers wheel built for another torch fails here; PyTorch's own attention still works.
+        except Exception as error:
+            log.warning("xformers is installed but unusable, using PyTorch attention (sdpa): %s", _first_line(error))
+            return "sdpa"
+        return "xformers"
+    return "sdpa"
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A batch ready for the UNet: text embeddings computed, init images decoded, one generator per image."""
+
+    specs: tuple[ImageSpec, ...]  # the real specs, then padding copies of the last one
+    real: int
+    settings: Settings
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None  # None without classifier-free guidance (guidance <= 1)
+    init_images: tuple[Image.Image, ...]
+    generators: tuple[torch.Generator, ...]  # consumed by denoise: a Prepared renders once
+    compiled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A denoised, decoded batch as uint8 RGB pixels on the CPU, padding included."""
+
+    specs: tuple[ImageSpec, ...]
+    real: int
+    pixels: NDArray[np.uint8]  # (images, height, width, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    unet: Any
+    decoder: Any
+
+
 class Engine:
     """One loaded Stable Diffusion model that renders batches of ImageSpecs on the calling thread."""
 
@@ -188,11 +272,26 @@ class Engine:
         *,
         model_id: str,
         scheduler_name: str,
+        device: str = "cpu",
+        options: EngineOptions = DEFAULT_OPTIONS,
+        effective: dict[str, object] | None = None,
+        compiled: _Compiled | None = None,
     ) -> None:
         self._pipe = pipe
         self._img2img = img2img
         self.model_id = model_id
         self.scheduler_name = scheduler_name
+        self.device = device
+        self.options = options
+        self._effective = dict(effective or {})
+        self._compiled = compiled
+        self._eager = _Compiled(unet=pipe.unet, decoder=pipe.vae.decoder)
+        self._warm: set[tuple[int, int, int]] = set()  # (batch, width, height) the compiled modules have seen
+        self._warm_up_seconds: float | None = None
+        # Side streams let the text encoder (prepare) and the safety checker (finish) run beside the UNet.
+        cuda = device.startswith("cuda")
+        self._prepare_stream = torch.cuda.Stream(device) if cuda else None
+        self._finish_stream = torch.cuda.Stream(device) if cuda else None
         # PNG encoding is zlib work that releases the GIL: a batch's images are encoded side by side, so the GPU
         # waits for one image's encoding, not eight in a row (about 50 ms each at 512 px).
         self._encoders = concurrent.futures.ThreadPoolExecutor(
@@ -208,7 +307,7 @@ class Engine:
         dtype: str = "float32",
         scheduler: str = "dpm++",
         safety_checker: bool = True,
-        attention_slicing: bool = False,
+        options: EngineOptions = DEFAULT_OPTIONS,
     ) -> Engine:
         """Load a model from a hub id or local folder, with the named scheduler, on the given device."""
         if scheduler not in SCHEDULERS:
@@ -217,9 +316,7 @@ class Engine:
             raise ValueError(f"unknown dtype {dtype!r}; valid names: {', '.join(DTYPES)}")
 
         pipe = _load_pipeline(model_id, DTYPES[dtype], safety_checker)
-        engine = cls.from_pipeline(
-            pipe, model_id=model_id, device=device, scheduler=scheduler, attention_slicing=attention_slicing
-        )
+        engine = cls.from_pipeline(pipe, model_id=model_id, device=device, scheduler=scheduler, options=options)
         log.info("loaded %s on %s as %s with %s", model_id, device, dtype, scheduler)
         return engine
 
@@ -231,7 +328,7 @@ class Engine:
         model_id: str,
         device: str = "cpu",
         scheduler: str = "dpm++",
-        attention_slicing: bool = False,
+        options: EngineOptions = DEFAULT_OPTIONS,
     ) -> Engine:
         """Serve a pipeline already in memory (``load`` reads one; benchmarks build one with random weights)."""
         if scheduler not in SCHEDULERS:
@@ -241,22 +338,56 @@ class Engine:
             pipe = pipe.to(device)
         except (RuntimeError, AssertionError, ValueError) as error:
             raise ModelError(f"Cannot put model {model_id!r} on device {device!r}: {_first_line(error)}") from error
-        if device.startswith("cuda") and importlib.util.find_spec("xformers") is not None:
-            try:
-                pipe.enable_xformers_memory_efficient_attention()
-            # An xformers wheel built for another torch fails here; PyTorch's own attention still works.
-            except Exception as error:
-                log.warning("xformers is installed but unusable, using PyTorch attention: %s", _first_line(error))
-        if attention_slicing:
-            pipe.enable_attention_slicing()
+        attention = _set_attention(pipe, options.attention, device)
+        # Fused projections live in diffusers' own SDPA processor; xformers and slicing install others over it.
+        fused_qkv = options.fused_qkv and attention == "sdpa"
+        if fused_qkv:
+            pipe.fuse_qkv_projections()
+        if options.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         pipe.set_progress_bar_config(disable=True)
+
+        compiled: _Compiled | None = None
+        cuda_graphs = options.compile and options.cuda_graphs and device.startswith("cuda")
+        if options.compile:
+            if options.compile_cache is not None:
+                _use_compile_cache(options.compile_cache)
+            # Each warm (batch, size) is its own static graph, for txt2img and img2img (whose latents may come
+            # out of the VAE encoder in another memory layout): allow that many before dynamo gives up.
+            shapes = len(options.warmup_batches) * len(options.warmup_sizes) * 2
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 8)
+            mode = "reduce-overhead" if cuda_graphs else None
+            # dynamic=False: a shape not warmed must never be compiled as a dynamic graph behind a request.
+            compiled = _Compiled(
+                unet=torch.compile(pipe.unet, mode=mode, fullgraph=True, dynamic=False),
+                decoder=torch.compile(pipe.vae.decoder, mode=mode, fullgraph=True, dynamic=False),
+            )
 
         # Built from the same components, so both pipelines share one copy of the weights.
         img2img = StableDiffusionImg2ImgPipeline(
             **pipe.components, requires_safety_checker=bool(pipe.config.get("requires_safety_checker", False))
         )
         img2img.set_progress_bar_config(disable=True)
-        return cls(pipe, img2img, model_id=model_id, scheduler_name=scheduler)
+        effective: dict[str, object] = {
+            "compile": options.compile,
+            "cuda_graphs": cuda_graphs,
+            "channels_last": options.channels_last,
+            "fused_qkv": fused_qkv,
+            "attention": attention,
+        }
+        if attention != options.attention:
+            effective["attention_requested"] = options.attention
+        return cls(
+            pipe,
+            img2img,
+            model_id=model_id,
+            scheduler_name=scheduler,
+            device=device,
+            options=options,
+            effective=effective,
+            compiled=compiled,
+        )
 
     @property
     def tokenizer(self) -> CLIPTokenizer:
@@ -267,17 +398,118 @@ class Engine:
         """Return how many content tokens (without start and end) the model's tokenizer makes of text."""
         return count_tokens(self.tokenizer, text).tokens
 
+    def describe(self) -> dict[str, object]:
+        """Return what runs and how: device, dtype, scheduler, each option's effective state, warmed shapes."""
+        return {
+            "model": self.model_id,
+            "device": self.device,
+            "dtype": str(self._pipe.unet.dtype).removeprefix("torch."),
+            "scheduler": self.scheduler_name,
+            **self._effective,
+            "warmed": [list(shape) for shape in sorted(self._warm)],
+            "warm_up_seconds": self._warm_up_seconds,
+        }
+
+    def peak_memory(self) -> int | None:
+        """Return the most GPU memory allocated so far in bytes, or None off CUDA."""
+        if not self.device.startswith("cuda"):
+            return None
+        return torch.cuda.max_memory_allocated(torch.device(self.device))
+
+    def warm_up(self) -> float:
+        """Render each warm-up batch size at each warm-up size once (compiling them if on); return the seconds."""
+        options = self.options
+        started = time.perf_counter()
+        compiled = self._compiled is not None
+        source: bytes | None = None
+        for width, height in options.warmup_sizes:
+            settings = Settings(steps=options.warmup_steps, width=width, height=height)
+            for batch in options.warmup_batches:
+                specs = [
+                    ImageSpec(prompt="warm-up", negative_prompt="", seed=index, settings=settings)
+                    for index in range(batch)
+                ]
+                [image, *_] = self._finish(self._denoise(self._prepare(specs, settings, batch if compiled else None)))
+                source = image.png
+                if compiled:
+                    # img2img latents can reach the UNet in another memory layout: a guard of its own to compile.
+                    img2img = replace(settings, mode=Mode.IMG2IMG, strength=1.0)
+                    specs = [replace(spec, settings=img2img, init_image=source) for spec in specs]
+                    self._finish(self._denoise(self._prepare(specs, img2img, batch)))
+                self._warm.add((batch, width, height))
+        self._warm_up_seconds = time.perf_counter() - started
+        log.info(
+            "warmed up in %.1f s: batches %s at sizes %s; %s",
+            self._warm_up_seconds,
+            ", ".join(map(str, options.warmup_batches)),
+            ", ".join(f"{width}x{height}" for width, height in options.warmup_sizes),
+            ", ".join(f"{key}={value}" for key, value in self._effective.items()),
+        )
+        return self._warm_up_seconds
+
     def render(
         self,
         specs: Sequence[ImageSpec],
         progress: Callable[[int, int], None] | None = None,
     ) -> list[RenderedImage]:
         """Render every spec in one pipeline call and return the images in the same order."""
+        return self.finish(self.denoise(self.prepare(specs), progress))
+
+    def prepare(self, specs: Sequence[ImageSpec]) -> Prepared:
+        """Check a batch, decode its init images and encode its prompts; safe beside another batch's denoise."""
         settings = _check_batch(specs)
-        init_images = [_init_image(spec, index) for index, spec in enumerate(specs) if spec.init_image is not None]
+        return self._prepare(specs, settings, self._compiled_batch(len(specs), settings))
+
+    def denoise(self, prepared: Prepared, progress: Callable[[int, int], None] | None = None) -> Decoded:
+        """Run the UNet over a prepared batch and decode it to CPU pixels; progress may raise to stop the batch."""
+        return self._denoise(prepared, progress)
+
+    def finish(self, decoded: Decoded) -> list[RenderedImage]:
+        """Run the safety checker and encode PNGs with their metadata, dropping padding images."""
+        return self._finish(decoded)
+
+    def _compiled_batch(self, count: int, settings: Settings) -> int | None:
+        """Return the warmed batch size to pad count up to for the compiled modules, or None to run eager."""
+        # Without guidance the UNet sees half the batch it was warmed with: a shape that would compile now.
+        if self._compiled is None or settings.guidance <= 1:
+            return None
+        sizes = [
+            batch
+            for batch, width, height in self._warm
+            if (width, height) == (settings.width, settings.height) and batch >= count
+        ]
+        return min(sizes, default=None)
+
+    def _prepare(self, specs: Sequence[ImageSpec], settings: Settings, compiled_batch: int | None) -> Prepared:
+        init_images = tuple(_init_image(spec, index) for index, spec in enumerate(specs) if spec.init_image is not None)
+        padded = _pad(specs, compiled_batch or len(specs))
+        if init_images:
+            init_images = (*init_images, *[init_images[-1]] * (len(padded) - len(specs)))
         # One CPU generator per image: each image's starting noise is what a batch of one with its seed gets,
         # on any device, so a stored seed reproduces the image.
-        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+        generators = tuple(torch.Generator("cpu").manual_seed(spec.seed) for spec in padded)
+        guided = settings.guidance > 1
+        with self._out_of_memory(len(specs), settings), torch.inference_mode(), self._on(self._prepare_stream):
+            positive, negative = self._pipe.encode_prompt(
+                prompt=[spec.prompt for spec in padded],
+                device=torch.device(self.device),
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guided,
+                negative_prompt=[spec.negative_prompt for spec in padded],
+            )
+        return Prepared(
+            specs=padded,
+            real=len(specs),
+            settings=settings,
+            prompt_embeds=positive,
+            negative_prompt_embeds=negative if guided else None,
+            init_images=init_images,
+            generators=generators,
+            compiled=compiled_batch is not None,
+        )
+
+    def _denoise(self, prepared: Prepared, progress: Callable[[int, int], None] | None = None) -> Decoded:
+        settings = prepared.settings
 
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             if progress is not None:
@@ -285,34 +517,107 @@ class Engine:
             return callback_kwargs
 
         common: dict[str, Any] = {
-            "prompt": [spec.prompt for spec in specs],
-            "negative_prompt": [spec.negative_prompt for spec in specs],
+            "prompt_embeds": prepared.prompt_embeds,
+            "negative_prompt_embeds": prepared.negative_prompt_embeds,
             "num_inference_steps": settings.steps,
             "guidance_scale": settings.guidance,
-            "generator": generators,
-            "output_type": "pil",
+            "generator": list(prepared.generators),
+            "output_type": "latent",
             "callback_on_step_end": on_step_end if progress is not None else None,
         }
-        with torch.inference_mode():
-            if settings.mode is Mode.IMG2IMG:
-                output = self._img2img(image=init_images, strength=settings.strength, **common)
+        img2img = settings.mode is Mode.IMG2IMG
+        pipe = self._img2img if img2img else self._pipe
+        with (
+            self._out_of_memory(prepared.real, settings),
+            torch.inference_mode(),
+            self._modules(pipe, self._compiled if prepared.compiled else self._eager),
+        ):
+            if self._prepare_stream is not None:
+                # Made on the prepare stream: keep the allocator from reusing them before this stream is done.
+                for tensor in (prepared.prompt_embeds, prepared.negative_prompt_embeds):
+                    if tensor is not None:
+                        tensor.record_stream(torch.cuda.current_stream(self.device))
+            if img2img:
+                output = pipe(image=list(prepared.init_images), strength=settings.strength, **common)
             else:
-                output = self._pipe(height=settings.height, width=settings.width, **common)
-        if not isinstance(output, StableDiffusionPipelineOutput):
-            raise TypeError(f"diffusers returned {type(output).__name__}, expected StableDiffusionPipelineOutput")
+                output = pipe(height=settings.height, width=settings.width, **common)
+            if not isinstance(output, StableDiffusionPipelineOutput):
+                raise TypeError(f"diffusers returned {type(output).__name__}, expected StableDiffusionPipelineOutput")
+            latents = output.images
+            assert isinstance(latents, torch.Tensor)  # output_type="latent"
+            vae = self._pipe.vae
+            decoded = vae.decode(latents / vae.config["scaling_factor"], return_dict=False)[0]
+            assert isinstance(decoded, torch.Tensor)
+            # The same arithmetic as diffusers' postprocess (denormalise in the model's dtype, then float32 * 255,
+            # round half to even), on the device: a quarter of the bytes cross to the CPU, and this is the sync.
+            pixels = ((decoded * 0.5 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+            array = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return Decoded(specs=prepared.specs, real=prepared.real, pixels=array)
 
-        flags = output.nsfw_content_detected or [False] * len(specs)
-        pngs = self._encoders.map(self._encode, specs, output.images)
+    def _finish(self, decoded: Decoded) -> list[RenderedImage]:
+        specs = decoded.specs[: decoded.real]
+        pixels = decoded.pixels[: decoded.real]
+        flags: list[bool] = [False] * len(specs)
+        checker = self._pipe.safety_checker
+        extractor = self._pipe.feature_extractor
+        if checker is not None and extractor is not None:
+            features = extractor([Image.fromarray(image) for image in pixels], return_tensors="pt")
+            with torch.inference_mode(), self._on(self._finish_stream):
+                clip_input = features.pixel_values.to(device=self.device, dtype=checker.dtype)
+                # The checker blacks out what it flags, in place, as in diffusers' pipeline: hand it a copy.
+                pixels, verdicts = checker(images=pixels.copy(), clip_input=clip_input)
+            flags = [bool(flag) for flag in verdicts]
+        pngs = self._encoders.map(self._encode, specs, pixels)
         return [
-            RenderedImage(png=png, seed=spec.seed, nsfw=bool(nsfw))
+            RenderedImage(png=png, seed=spec.seed, nsfw=nsfw)
             for spec, png, nsfw in zip(specs, pngs, flags, strict=True)
         ]
 
-    def _encode(self, spec: ImageSpec, image: Image.Image) -> bytes:
+    @contextlib.contextmanager
+    def _modules(self, pipe: StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, modules: Any) -> Iterator[None]:
+        """Run the pipeline with the given UNet and VAE decoder (compiled or eager), then put the eager ones back."""
+        if modules is self._eager:
+            yield
+            return
+        pipe.unet = modules.unet
+        self._pipe.vae.decoder = modules.decoder
+        try:
+            yield
+        finally:
+            pipe.unet = self._eager.unet
+            self._pipe.vae.decoder = self._eager.decoder
+
+    @contextlib.contextmanager
+    def _on(self, stream: torch.cuda.Stream | None) -> Iterator[None]:
+        """Run the block on a side CUDA stream and wait for it, so its results are ready; plain off CUDA."""
+        if stream is None:
+            yield
+            return
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
+
+    @contextlib.contextmanager
+    def _out_of_memory(self, count: int, settings: Settings) -> Iterator[None]:
+        """Turn torch's out-of-memory error into OutOfMemory, after freeing the cached blocks it left."""
+        failed = False
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            # Raised outside the handler: the traceback's frames hold the batch's tensors until it is gone.
+            failed = True
+        if failed:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            raise OutOfMemory(
+                f"The GPU ran out of memory rendering {_images(count)} at {settings.width}x{settings.height}."
+            )
+
+    def _encode(self, spec: ImageSpec, pixels: NDArray[np.uint8]) -> bytes:
         """Return the image as PNG bytes whose text chunks hold its prompt, seed and settings."""
         info = PngInfo()
         info.add_text("parameters", _parameters_text(spec, self.scheduler_name, self.model_id))
         info.add_text("sygil", _sygil_json(spec, self.scheduler_name, self.model_id))
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=info)
+        Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
         return buffer.getvalue()

@@ -61,14 +61,43 @@ class RenderedImage:
     nsfw: bool = False
 
 
+ATTENTIONS = ("sdpa", "xformers", "slicing")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
+    """How the engine trades start-up time and memory for speed; plain data, so it can cross to a worker process."""
+
     compile: bool = False  # torch.compile the UNet and the VAE decoder
     cuda_graphs: bool = False  # with compile: mode="reduce-overhead" (CUDA graphs); ignored on CPU
     channels_last: bool = True
-    fused_qkv: bool = True  # pipe.fuse_qkv_projections() (diffusers)
+    fused_qkv: bool = True  # one projection for query, key and value: fewer, larger matmuls
     attention: str = "sdpa"  # "sdpa" | "xformers" | "slicing" (attention slicing for small GPUs)
     warmup_batches: tuple[int, ...] = (1,)  # image batch sizes compiled at warm-up
     warmup_sizes: tuple[tuple[int, int], ...] = ((512, 512),)  # (width, height) compiled at warm-up
     warmup_steps: int = 2
-    compile_cache: str | None = None  # folder for the inductor/FX compile cache, so a restart is warm
+    compile_cache: str | None = None  # folder for the inductor and FX graph caches, so a restart is warm
+
+    def __post_init__(self) -> None:
+        for name in ("compile", "cuda_graphs", "channels_last", "fused_qkv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if not self.warmup_batches or any(
+            isinstance(batch, bool) or not isinstance(batch, int) or batch < 1 for batch in self.warmup_batches
+        ):
+            raise ValueError(f"warmup_batches must hold at least one whole number >= 1, got {self.warmup_batches!r}")
+        if not self.warmup_sizes:
+            raise ValueError("warmup_sizes must hold at least one (width, height)")
+        for size in self.warmup_sizes:
+            if (
+                not isinstance(size, tuple)
+                or len(size) != 2
+                or any(isinstance(side, bool) or not isinstance(side, int) or side < 8 or side % 8 for side in size)
+            ):
+                raise ValueError(f"warmup_sizes entries must be (width, height) multiples of 8, got {size!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be a whole number >= 1, got {self.warmup_steps!r}")
+        if self.compile_cache is not None and not self.compile_cache.strip():
+            raise ValueError("compile_cache must be a folder path or None, got an empty string")

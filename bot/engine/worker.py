@@ -6,6 +6,7 @@ GPU ends this process only. It exits on its own when the bot goes away, so a kil
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import queue
@@ -15,7 +16,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from bot.engine.pipeline import Engine
+from bot.engine.pipeline import Decoded, Engine, Prepared
 from bot.engine.protocol import (
     Failed,
     FailureKind,
@@ -57,11 +58,20 @@ def main(conn: Connection, settings: WorkerSettings) -> None:
 
 
 class _Worker:
+    """Three stages on three threads, so the GPU never waits for the CPU between batches:
+
+    - prepare (its own thread): tokenise and encode the prompts and decode init images of the next batch;
+    - denoise (the main thread): the UNet steps and the VAE decode, the GPU's work;
+    - finish (its own thread): the safety checker and PNG encoding, then the images go to the bot.
+    """
+
     def __init__(self, conn: Connection, settings: WorkerSettings) -> None:
         self._conn = conn
         self._settings = settings
         self._send_lock = threading.Lock()
         self._inbox: queue.SimpleQueue[RenderBatch | None] = queue.SimpleQueue()
+        # One batch prepared ahead: enough to hide its preparation, without fixing the order of later ones early.
+        self._prepared: queue.Queue[tuple[RenderBatch, Prepared] | None] = queue.Queue(maxsize=1)
         self._stopped: set[int] = set()
         self._shutting_down = False
         self._oom_above = int(os.environ.get(_OOM_ABOVE, "0") or 0)
@@ -79,7 +89,9 @@ class _Worker:
                 dtype=settings.dtype,
                 scheduler=settings.scheduler,
                 safety_checker=settings.safety_checker,
+                options=settings.options,
             )
+            engine.warm_up()
         except BotError as error:
             self._send(LoadFailed(str(error)))
             return
@@ -89,13 +101,14 @@ class _Worker:
             log.exception("Loading the model failed")
             self._send(LoadFailed(f"Could not load model {settings.model_id!r} on {settings.device}: {error}"))
             return
-        warmup = time.perf_counter() - started
+        ready = time.perf_counter() - started
         device_name = torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else "cpu"
-        log.info("Model loaded on %s (%s) in %.1f s", settings.device, device_name, warmup)
-        self._send(Hello(os.getpid(), settings.device, device_name, round(warmup, 3), {}))
+        self._send(Hello(os.getpid(), settings.device, device_name, round(ready, 3), engine.describe()))
         threading.Thread(target=self._read, name="worker-inbox", daemon=True).start()
-        while (batch := self._inbox.get()) is not None:
-            self._serve(engine, batch)
+        threading.Thread(target=self._prepare_all, args=(engine,), name="worker-prepare", daemon=True).start()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-finish") as finisher:
+            while (item := self._prepared.get()) is not None:
+                self._denoise(engine, finisher, *item)
 
     def _read(self) -> None:
         """Take the bot's messages as they come, so a stop reaches a batch mid-render."""
@@ -111,50 +124,82 @@ class _Worker:
                     break
         except (EOFError, OSError):
             log.info("The bot went away; exiting")
+            self._shutting_down = True
         self._inbox.put(None)
 
-    def _serve(self, engine: Engine, batch: RenderBatch) -> None:
+    def _prepare_all(self, engine: Engine) -> None:
+        while (batch := self._inbox.get()) is not None:
+            if self._wants_stop(batch.batch_id):
+                self._send(Failed(batch.batch_id, FailureKind.STOPPED, "stopped before it started"))
+                continue
+            try:
+                self._inject_faults(batch)
+                prepared = engine.prepare(batch.specs)
+            except Exception as error:
+                self._fail(batch, error)
+                continue
+            self._prepared.put((batch, prepared))
+        self._prepared.put(None)
+
+    def _denoise(
+        self, engine: Engine, finisher: concurrent.futures.Executor, batch: RenderBatch, prepared: Prepared
+    ) -> None:
         batch_id = batch.batch_id
-        if batch_id in self._stopped or self._shutting_down:
+        if self._wants_stop(batch_id):
             self._send(Failed(batch_id, FailureKind.STOPPED, "stopped before it started"))
             return
         self._send(Started(batch_id))
         started = time.perf_counter()
 
         def progress(step: int, total: int) -> None:
-            if batch_id in self._stopped or self._shutting_down:
+            if self._wants_stop(batch_id):
                 raise _Stopped
             self._send(Progress(batch_id, step, total))
 
         try:
-            self._inject_faults(batch)
-            images = engine.render(batch.specs, progress)
-        except _Stopped:
+            decoded = engine.denoise(prepared, progress)
+        except Exception as error:
+            self._fail(batch, error)
+            return
+        finisher.submit(self._finish, engine, batch, decoded, started)
+
+    def _finish(self, engine: Engine, batch: RenderBatch, decoded: Decoded, started: float) -> None:
+        try:
+            images = engine.finish(decoded)
+        except Exception as error:
+            self._fail(batch, error)
+            return
+        finally:
+            self._stopped.discard(batch.batch_id)
+        self._send(Rendered(batch.batch_id, tuple(images), time.perf_counter() - started, engine.peak_memory()))
+
+    def _wants_stop(self, batch_id: int) -> bool:
+        return self._shutting_down or batch_id in self._stopped
+
+    def _fail(self, batch: RenderBatch, error: Exception) -> None:
+        """Tell the bot why a batch did not render; exit if the device can no longer be trusted."""
+        batch_id = batch.batch_id
+        self._stopped.discard(batch_id)
+        if isinstance(error, _Stopped):
             self._send(Failed(batch_id, FailureKind.STOPPED, "stopped"))
-        except (OutOfMemory, torch.OutOfMemoryError) as error:
+        elif isinstance(error, OutOfMemory | torch.OutOfMemoryError):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("Out of memory rendering %d images: %s", len(batch.specs), error)
             message = f"The GPU ran out of memory rendering {len(batch.specs)} images at {_size(batch)}."
             self._send(Failed(batch_id, FailureKind.OUT_OF_MEMORY, message))
-        except (BotError, ValueError) as error:
+        elif isinstance(error, BotError | ValueError):
             self._send(Failed(batch_id, FailureKind.ERROR, str(error)))
         # Anything else is a bug or a device fault. A CUDA fault leaves the context unusable: exit, and the bot
         # restarts this worker and gives the batch to a fresh one. Any other bug fails only this batch.
-        except Exception as error:
-            if _is_device_fault(error):
-                log.critical("Device fault; exiting so the bot starts a fresh worker", exc_info=True)
-                os._exit(EXIT_CUDA_FAULT)
-            log.exception("Rendering a batch of %d images failed", len(batch.specs))
+        elif _is_device_fault(error):
+            log.critical("Device fault; exiting so the bot starts a fresh worker", exc_info=error)
+            os._exit(EXIT_CUDA_FAULT)
+        else:
+            log.error("Rendering a batch of %d images failed", len(batch.specs), exc_info=error)
             self._send(
                 Failed(batch_id, FailureKind.ERROR, f"Rendering failed ({type(error).__name__}); it was logged.")
             )
-        else:
-            on_cuda = self._settings.device.startswith("cuda")
-            peak = torch.cuda.max_memory_allocated(self._settings.device) if on_cuda else None
-            self._send(Rendered(batch_id, tuple(images), time.perf_counter() - started, peak))
-        finally:
-            self._stopped.discard(batch_id)
 
     def _inject_faults(self, batch: RenderBatch) -> None:
         if self._oom_above and len(batch.specs) > self._oom_above:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import DISCORD_API, Config
+from bot.engine.types import EngineOptions
 from bot.errors import ConfigError
 
 ENV = {"DISCORD_TOKEN": "abc.def"}
@@ -26,6 +27,46 @@ def test_example_config_loads_with_defaults() -> None:
     assert config.generation.size("512x768") == (512, 768)
     assert (config.queue.max_per_user, config.queue.images_per_hour, config.queue.shutdown_grace) == (3, 60, 30.0)
     assert config.moderation.roles == ()
+    assert config.engine_options() == EngineOptions(warmup_batches=(1, 2, 4, 8), warmup_sizes=((512, 512),))
+
+
+def test_engine_settings_become_engine_options(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [generation]
+        sizes = ["64x64", "64x96"]
+        [queue]
+        max_batch = 6
+        [engine]
+        compile = true
+        cuda_graphs = true
+        channels_last = false
+        fused_qkv = false
+        attention = "xformers"
+        warmup_sizes = ["64x96", "64x64"]
+        """,
+    )
+    config = Config.load(path, environ=ENV)
+    assert config.engine_options(tmp_path / "cache") == EngineOptions(
+        compile=True,
+        cuda_graphs=True,
+        channels_last=False,
+        fused_qkv=False,
+        attention="xformers",
+        warmup_batches=(1, 2, 4, 6),
+        warmup_sizes=((64, 96), (64, 64)),
+        compile_cache=str(tmp_path / "cache"),
+    )
+    batches = write(tmp_path, "[generation]\nmax_count = 1\n[queue]\nmax_batch = 1\n[engine]\nwarmup_batches = []")
+    assert Config.load(batches, environ=ENV).engine_options().warmup_batches == (1,)
+    chosen = write(tmp_path, "[engine]\nwarmup_batches = [8, 3, 3]")
+    assert Config.load(chosen, environ=ENV).engine_options().warmup_batches == (3, 8)
+
+
+def test_model_attention_slicing_still_means_slicing(tmp_path: Path) -> None:
+    path = write(tmp_path, "[model]\nattention_slicing = true")
+    assert Config.load(path, environ=ENV).engine_options().attention == "slicing"
 
 
 def test_settings_are_read(tmp_path: Path) -> None:
@@ -88,6 +129,17 @@ def test_settings_are_read(tmp_path: Path) -> None:
         ("[queue]\nshutdown_grace = 0", "queue.shutdown_grace: must be between 0 and 3600"),
         ("[moderation]\nroles = 'mods'", "moderation.roles: must be a list of role ids or names"),
         ("[moderation]\nroles = [true]", "moderation.roles: each role must be a role id"),
+        ("[engine]\nattention = 'flash'", "engine.attention: must be one of sdpa, xformers, slicing"),
+        ("[engine]\ncompile = 1", "engine.compile: must be true or false"),
+        ("[engine]\nwarmup_batches = [0]", "engine.warmup_batches: each must be between 1 and queue.max_batch (8)"),
+        ("[engine]\nwarmup_batches = [9]", "engine.warmup_batches: each must be between 1 and queue.max_batch (8)"),
+        ("[engine]\nwarmup_batches = 4", "engine.warmup_batches: must be a list of whole numbers"),
+        ("[engine]\nwarmup_sizes = ['512']", 'engine.warmup_sizes: each size must look like "512x768"'),
+        ("[engine]\nwarmup_sizes = ['512x500']", "engine.warmup_sizes: 512x500: width and height must be multiples"),
+        (
+            "[model]\nattention_slicing = true\n[engine]\nattention = 'xformers'",
+            "model.attention_slicing: true means engine.attention = slicing",
+        ),
     ],
 )
 def test_bad_settings_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:

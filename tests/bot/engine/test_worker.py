@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.engine import Engine, ImageSpec, Mode, RenderedImage, Settings
+from bot.engine import Engine, EngineOptions, ImageSpec, Mode, RenderedImage, Settings
 from bot.engine.process import WorkerProcess
 from bot.engine.protocol import (
     Failed,
@@ -44,7 +44,8 @@ def _pixels(image: RenderedImage) -> np.ndarray:
 
 
 def _settings(model: Path, environ: Mapping[str, str] | None = None) -> WorkerSettings:
-    return WorkerSettings(model_id=str(model), device="cpu", threads=1, environ=dict(environ or {}))
+    options = EngineOptions(warmup_sizes=((64, 64),))
+    return WorkerSettings(model_id=str(model), device="cpu", threads=1, options=options, environ=dict(environ or {}))
 
 
 @pytest.fixture
