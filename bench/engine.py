@@ -70,8 +70,7 @@ class Run:
     """One engine setting served through the scheduler and a worker process."""
 
     name: str
-    options: dict[str, Any]
-    engine: dict[str, Any]
+    engine: dict[str, Any]  # what the worker reported: each setting's effective state, the warmed shapes
     warm_up_seconds: float
     images_per_second: float
     latency_p50_s: float
@@ -144,14 +143,14 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def serve(
-    name: str, settings: WorkerSettings, images: Sequence[ImageSpec], max_batch: int, lone: int
-) -> Run:
+async def serve(name: str, settings: WorkerSettings, images: Sequence[ImageSpec], max_batch: int, lone: int) -> Run:
     """Serve the users through the scheduler and one worker process with these engine settings."""
     batches: list[Batch] = []
     async with (
         WorkerProcess(settings, name=name) as worker,
-        Scheduler(workers=[worker], max_batch=max_batch, max_queue=len(images) + lone) as scheduler,
+        Scheduler(
+            workers=[worker], max_batch=max_batch, max_queue=len(images) + lone, on_batch=batches.append
+        ) as scheduler,
     ):
         assert worker.hello is not None
         hello = worker.hello
@@ -176,7 +175,6 @@ async def serve(
         peak = worker.peak_memory
     return Run(
         name=name,
-        options={key: value for key, value in asdict(settings.options).items() if key != "compile_cache"},
         engine=dict(hello.engine),
         warm_up_seconds=round(hello.warmup_seconds, 2),
         images_per_second=round(len(images) / seconds, 3),

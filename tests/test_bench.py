@@ -61,3 +61,17 @@ def test_scheduler_benchmark_prints_json() -> None:
     assert 0 < ack["ack_p50_ms"] <= ack["ack_p99_ms"] <= ack["ack_max_ms"]
     assert set(report["targets"]) == {"overhead_ms_per_job", "jain_index", "ack_p99_ms"}
     assert all(isinstance(target["met"], bool) for target in report["targets"].values())
+
+
+def test_engine_benchmark_prints_json_for_each_setting() -> None:
+    report = run_bench(
+        "bench/engine.py", "--tiny", "--steps", "2", "--users", "3", "--lone", "2", "--configs", "eager,tuned"
+    )
+    assert report["benchmark"] == "engine" and report["device"] == "cpu"
+    assert report["baseline_one_per_call_images_per_second"] > 0
+    assert [run["name"] for run in report["configs"]] == ["eager", "tuned"]
+    for run in report["configs"]:
+        assert run["images_per_second"] > 0 and run["ratio_to_baseline"] > 0
+        assert sum(run["batches"]) == 3 and run["warm_up_seconds"] > 0
+        assert 0 < run["lone_latency_p50_s"] <= run["lone_latency_p95_s"]
+    assert report["configs"][1]["engine"]["channels_last"] is True
