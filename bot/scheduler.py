@@ -382,6 +382,9 @@ class Scheduler:
     def drain(self) -> None:
         """Start no new batch at all (the bot is stopping); waiting jobs stay queued in the database."""
         self._draining = True
+        for running in self._running:
+            if running.started is None:  # handed to a worker to go next: it goes after the restart instead
+                running.call.stop()
 
     async def wait_idle(self) -> None:
         """Wait until no batch is on a GPU."""

@@ -294,13 +294,13 @@ async def test_a_killed_gpu_worker_is_replaced_and_every_job_is_delivered_once(
     config = tmp_path / "config.toml"
     log = tmp_path / "bot.log"
     async with FakeDiscord() as server:
-        users = [server.add_user(f"user{i}") for i in range(4)]
-        write_config(config, server, tiny_model_dir, database, extra="[queue]\nmax_batch = 2")
+        users = [server.add_user(f"user{i}") for i in range(6)]
+        write_config(config, server, tiny_model_dir, database, extra="[queue]\nmax_batch = 4")
         async with bot_process(config, server, log) as process:
             first_pid = _worker_pid(log.read_text())
             interactions = [
                 await server.slash("imagine", {"prompt": f"species:seal, {n}", **SLOW}, user_id=users[n])
-                for n in range(4)
+                for n in range(6)
             ]
             await status(server, interactions[0], "Rendering")
             os.kill(first_pid, signal.SIGKILL)
@@ -314,7 +314,7 @@ async def test_a_killed_gpu_worker_is_replaced_and_every_job_is_delivered_once(
             assert _worker_pid(log.read_text(), last=True) != first_pid
             await asyncio.sleep(1)  # nothing more arrives
         counts = attachment_jobs(server)
-        assert len(counts) == 4 and set(counts.values()) == {1}, counts
+        assert len(counts) == 6 and set(counts.values()) == {1}, counts
         assert server.violations == []
     assert "Traceback" not in log.read_text()
 

@@ -162,3 +162,24 @@ def test_missing_token(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="DISCORD_TOKEN is not set"):
         Config.load(path, environ={})
     assert Config.load(path, environ={}, require_token=False).token == ""
+
+
+def test_devices_start_one_worker_each_and_the_older_spelling_still_works(tmp_path: Path) -> None:
+    config = Config.load(write(tmp_path, '[model]\ndevices = ["cuda:0", "cuda:1", "cpu"]\n'), environ=ENV)
+    assert config.model.devices == ("cuda:0", "cuda:1", "cpu")
+    assert Config.load(write(tmp_path, '[model]\ndevice = "cpu"\n'), environ=ENV).model.devices == ("cpu",)
+    assert Config.load(write(tmp_path, ""), environ=ENV).model.devices == ("auto",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('devices = ["gpu0"]', r"model\.devices: must be one of auto, cpu, cuda, mps \(or cuda:N\), got 'gpu0'"),
+        ("devices = []", r"model\.devices: must be a non-empty list of devices"),
+        ('devices = ["auto", "cpu"]', r'model\.devices: "auto" \(every GPU, else the CPU\) cannot be combined'),
+        ('devices = ["cpu"]\ndevice = "cuda"', r"model\.device: set model\.devices only"),
+    ],
+)
+def test_bad_devices_are_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(write(tmp_path, f"[model]\n{text}\n"), environ=ENV)
