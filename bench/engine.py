@@ -17,6 +17,9 @@ warm-up time, peak GPU memory, and the fraction of the FLOP limit reached (one C
     python bench/engine.py --device cuda --dtype float16 --users 16         # every setting, on a GPU
     python bench/engine.py --device cuda --configs eager,tuned,compiled     # a subset
     python bench/engine.py --tiny --steps 2 --users 3 --configs eager,tuned # the tiny test model, a CPU smoke run
+
+``--profile tuned`` adds one batch of ``--max-batch`` images profiled in this process: each stage's time, and the
+denoising's kernels (the busy fraction of the GPU, the ops that cost most).
 """
 
 from __future__ import annotations
@@ -187,6 +190,45 @@ async def serve(name: str, settings: WorkerSettings, images: Sequence[ImageSpec]
     )
 
 
+def profile(engine: Engine, images: Sequence[ImageSpec]) -> dict[str, Any]:
+    """Time one batch's stages and profile its denoising: where the time between the figure and the limit goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    engine.render(images)  # warm
+    stages: dict[str, float] = {}
+    synchronize()
+    started = time.perf_counter()
+    prepared = engine.prepare(images)
+    synchronize()
+    stages["prepare_s"] = time.perf_counter() - started
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profiler(activities=activities) as trace:
+        started = time.perf_counter()
+        decoded = engine.denoise(prepared)
+        synchronize()
+        stages["denoise_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    engine.finish(decoded)
+    stages["finish_s"] = time.perf_counter() - started
+    events = trace.key_averages()
+    on_gpu = torch.cuda.is_available()
+
+    def spent(event: Any) -> float:
+        return (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / 1e6
+
+    busy = sum(spent(event) for event in events)
+    top = sorted(events, key=spent, reverse=True)[:10]
+    return {
+        "images": len(images),
+        **{key: round(value, 4) for key, value in stages.items()},
+        "kernel_seconds_in_denoise": round(busy, 4),
+        # On a GPU: the share of denoising time the GPU spent in kernels; the rest is launch gaps and syncs.
+        "busy_fraction_of_denoise": round(busy / stages["denoise_s"], 3) if on_gpu else None,
+        "top_ops": [{"op": event.key, "seconds": round(spent(event), 4), "calls": event.count} for event in top],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Benchmark rendering throughput; prints JSON.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -200,9 +242,10 @@ def main() -> int:
     parser.add_argument("--configs", default=",".join(ENGINE_CONFIGS), help="engine settings to measure")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense fp16 TFLOP/s")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test model at 64 px (a CPU smoke run)")
+    parser.add_argument("--profile", default=None, help="also profile one batch of max_batch with this setting")
     args = parser.parse_args()
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ENGINE_CONFIGS]
+    unknown = [name for name in [*names, args.profile or "eager"] if name not in ENGINE_CONFIGS]
     if unknown:
         parser.error(f"unknown --configs {', '.join(unknown)}; valid: {', '.join(ENGINE_CONFIGS)}")
 
@@ -226,8 +269,9 @@ def main() -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-        batch_sizes = tuple(sorted({1 << power for power in range(args.max_batch.bit_length())} | {args.max_batch}))
-        batch_sizes = tuple(size for size in batch_sizes if size <= args.max_batch)
+        # The sizes this run forms: a lone request and full batches (a partial batch would run uncompiled). Each
+        # compiled shape costs a minute or so of warm-up on a GPU, which a lent GPU's minutes cannot spare.
+        batch_sizes = tuple(sorted({1, args.max_batch}))
         runs: list[Run] = []
         for name in names:
             options = EngineOptions(
@@ -245,6 +289,17 @@ def main() -> int:
                 options=options,
             )
             runs.append(asyncio.run(serve(name, worker, images, args.max_batch, args.lone)))
+        profiled = None
+        if args.profile:
+            options = EngineOptions(
+                **ENGINE_CONFIGS[args.profile], warmup_batches=(args.max_batch,), warmup_sizes=((size, size),)
+            )
+            engine = Engine.load(
+                str(folder), device=args.device, dtype=dtype, scheduler=args.scheduler, options=options
+            )
+            engine.warm_up()
+            profiled = {"config": args.profile, **profile(engine, images[: args.max_batch])}
+            del engine
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -276,6 +331,7 @@ def main() -> int:
         "best": best.name,
         "best_images_per_second": best.images_per_second,
         "best_ratio_to_baseline": round(best.images_per_second / baseline, 2),
+        "profile": profiled,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

@@ -65,7 +65,20 @@ def test_scheduler_benchmark_prints_json() -> None:
 
 def test_engine_benchmark_prints_json_for_each_setting() -> None:
     report = run_bench(
-        "bench/engine.py", "--tiny", "--steps", "2", "--users", "3", "--lone", "2", "--configs", "eager,tuned"
+        "bench/engine.py",
+        "--tiny",
+        "--steps",
+        "2",
+        "--users",
+        "3",
+        "--lone",
+        "2",
+        "--configs",
+        "eager,tuned",
+        "--max-batch",
+        "2",
+        "--profile",
+        "tuned",
     )
     assert report["benchmark"] == "engine" and report["device"] == "cpu"
     assert report["baseline_one_per_call_images_per_second"] > 0
@@ -75,3 +88,6 @@ def test_engine_benchmark_prints_json_for_each_setting() -> None:
         assert sum(run["batches"]) == 3 and run["warm_up_seconds"] > 0
         assert 0 < run["lone_latency_p50_s"] <= run["lone_latency_p95_s"]
     assert report["configs"][1]["engine"]["channels_last"] is True
+    profiled = report["profile"]
+    assert profiled["config"] == "tuned" and profiled["images"] == 2 and profiled["denoise_s"] > 0
+    assert profiled["top_ops"] and all(op["seconds"] >= 0 for op in profiled["top_ops"])
