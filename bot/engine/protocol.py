@@ -47,7 +47,9 @@ class WorkerSettings:
     options: EngineOptions = field(default_factory=EngineOptions)
     threads: int | None = None  # CPU threads for torch; None leaves torch's default
     verbose: bool = False
-    environ: Mapping[str, str] = field(default_factory=dict)  # set in the worker's environment before loading
+    environ: Mapping[str, str] = field(
+        default_factory=lambda: dict[str, str]()
+    )  # set in the worker's environment before loading
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,9 @@ class Hello:
     device: str
     device_name: str
     warmup_seconds: float
-    engine: Mapping[str, Any] = field(default_factory=dict)  # what is on: compile, channels_last, attention…
+    engine: Mapping[str, Any] = field(
+        default_factory=lambda: dict[str, Any]()
+    )  # what is on: compile, channels_last, attention…
 
 
 @dataclass(frozen=True, slots=True)
