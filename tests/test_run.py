@@ -18,7 +18,9 @@ from bot.storage import Database
 from tests.fakediscord import FakeDiscord, FakeInteraction, Message
 
 
-def write_config(path: Path, server: FakeDiscord, model: Path, database: Path, *, extra: str = "") -> None:
+def write_config(
+    path: Path, server: FakeDiscord, model: Path, database: Path, *, extra: str = "", devices: str = '["cpu"]'
+) -> None:
     path.write_text(
         f"""
 [discord]
@@ -29,7 +31,7 @@ guild_ready_timeout = 0.1
 
 [model]
 id = "{model}"
-device = "cpu"
+devices = {devices}
 
 [generation]
 default_steps = 3
@@ -58,6 +60,8 @@ async def bot_process(config: Path, server: FakeDiscord, log: Path) -> AsyncIter
                 if process.returncode is not None:
                     raise AssertionError(f"the bot exited early:\n{log.read_text()}")
                 await asyncio.sleep(0.1)
+        # Commands are synced before the gateway session opens: wait for it too, or a slash finds no bot.
+        await server.wait_until_connected(60)
         yield process
     finally:
         if process.returncode is None:
@@ -287,20 +291,22 @@ async def test_a_burst_of_200_is_answered_in_time_with_private_refusals(tiny_mod
         assert server.violations == []
 
 
-async def test_a_killed_gpu_worker_is_replaced_and_every_job_is_delivered_once(
+async def test_two_workers_share_the_queue_and_a_killed_one_is_replaced_without_losing_a_job(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     database = tmp_path / "sygil.db"
     config = tmp_path / "config.toml"
     log = tmp_path / "bot.log"
     async with FakeDiscord() as server:
-        users = [server.add_user(f"user{i}") for i in range(6)]
-        write_config(config, server, tiny_model_dir, database, extra="[queue]\nmax_batch = 4")
+        users = [server.add_user(f"user{i}") for i in range(8)]
+        extra = "[queue]\nmax_batch = 4"
+        write_config(config, server, tiny_model_dir, database, extra=extra, devices='["cpu", "cpu"]')
         async with bot_process(config, server, log) as process:
-            first_pid = _worker_pid(log.read_text())
+            first_pid = _worker_pid(log.read_text(), "0:cpu")
+            other_pid = _worker_pid(log.read_text(), "1:cpu")
             interactions = [
                 await server.slash("imagine", {"prompt": f"species:seal, {n}", **SLOW}, user_id=users[n])
-                for n in range(6)
+                for n in range(8)
             ]
             await status(server, interactions[0], "Rendering")
             os.kill(first_pid, signal.SIGKILL)
@@ -309,18 +315,22 @@ async def test_a_killed_gpu_worker_is_replaced_and_every_job_is_delivered_once(
                 await server.wait_for_message(
                     lambda m, i=interaction: m.interaction_id == i.id and bool(m.attachments), 180
                 )
-            # The bot itself lived on, with a new worker.
+            # The bot itself lived on, with a new worker beside the one that was never touched.
             assert process.returncode is None
-            assert _worker_pid(log.read_text(), last=True) != first_pid
+            text = log.read_text()
+            assert _worker_pid(text, "0:cpu", last=True) not in (first_pid, other_pid)
+            assert _worker_pid(text, "1:cpu", last=True) == other_pid
+            assert "on 0:cpu in" in text and "on 1:cpu in" in text  # both rendered batches
             await asyncio.sleep(1)  # nothing more arrives
         counts = attachment_jobs(server)
-        assert len(counts) == 6 and set(counts.values()) == {1}, counts
+        assert len(counts) == 8 and set(counts.values()) == {1}, counts
         assert server.violations == []
     assert "Traceback" not in log.read_text()
 
 
-def _worker_pid(text: str, *, last: bool = False) -> int:
-    """Return the pid the bot logged for its GPU worker (the first one, or the latest)."""
-    pids = [int(line.split("ready: pid ")[1].split()[0]) for line in text.splitlines() if "ready: pid " in line]
-    assert pids, f"no worker in the log:\n{text[-3000:]}"
+def _worker_pid(text: str, name: str, *, last: bool = False) -> int:
+    """Return the pid the bot logged for its GPU worker of that name (the first one, or the latest)."""
+    marker = f"GPU worker {name} ready: pid "
+    pids = [int(line.split(marker)[1].split()[0]) for line in text.splitlines() if marker in line]
+    assert pids, f"no worker {name} in the log:\n{text[-3000:]}"
     return pids[-1] if last else pids[0]

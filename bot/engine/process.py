@@ -140,6 +140,8 @@ class WorkerProcess:
     async def render(self, call: Call) -> list[RenderedImage]:
         if not self._ready.is_set() or self._conn is None:
             raise WorkerLost(f"worker {self.name} is restarting")
+        if call.stopping:
+            raise RenderStopped
         batch_id = next(self._ids)
         future: asyncio.Future[list[RenderedImage]] = asyncio.get_running_loop().create_future()
         self._calls[batch_id] = (call, future)
@@ -278,6 +280,10 @@ class WorkerProcess:
                     await self.start()
                 except ModelError as error:
                     log.error("GPU worker %s could not start again: %s", self.name, error)
+                    continue
+                # Starting can also fail outside the model (the forkserver, the operating system); keep trying.
+                except Exception:
+                    log.exception("GPU worker %s could not start again", self.name)
                     continue
                 self.restarts += 1
                 return

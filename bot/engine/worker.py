@@ -10,6 +10,7 @@ import concurrent.futures
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -53,6 +54,10 @@ def main(conn: Connection, settings: WorkerSettings) -> None:
         level=logging.DEBUG if settings.verbose else logging.INFO,
         format=f"%(asctime)s %(levelname)-7s %(name)s[{settings.device} pid {os.getpid()}]: %(message)s",
     )
+    # The bot decides when this process ends (through the pipe, or by going away): a Ctrl-C or a SIGTERM sent to the
+    # whole process group must not cut the batch in hand short while the bot is finishing it within its grace.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.update(settings.environ)
     _Worker(conn, settings).run()
 
