@@ -102,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config) -> None:
+    import aiohttp
     import discord
 
     from bot.client import SygilBot
@@ -147,6 +148,11 @@ async def _serve(config: Config) -> None:
             except discord.LoginFailure:
                 raise ConfigError(
                     "Discord refused the token in DISCORD_TOKEN: check it in the developer portal"
+                ) from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise BotError(
+                    f"Cannot reach Discord at {config.discord.api_base_url}: {exc}. Check the network, or "
+                    "discord.api_base_url and discord.gateway_url in the config"
                 ) from None
 
 

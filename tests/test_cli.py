@@ -94,6 +94,29 @@ def test_run_with_a_missing_config_file(tmp_path: Path) -> None:
     assert "no such config file" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_run_with_a_missing_model_folder_says_what_to_do(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\nid = "{tmp_path / "nowhere"}"\ndevices = ["cpu"]\n')
+    result = sygil("run", "--config", str(config), env={"DISCORD_TOKEN": "x"})
+    assert result.returncode == 2, result.stderr
+    assert "does not exist" in result.stderr and "make-tiny-model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_that_cannot_reach_discord_says_so_and_stops_its_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[discord]\napi_base_url = "http://127.0.0.1:9/api/v10"\ngateway_url = "ws://127.0.0.1:9/"\n'
+        f'[model]\nid = "{tiny_model_dir}"\ndevices = ["cpu"]\n[generation]\nsizes = ["64x64"]\n'
+        f'[storage]\npath = "{tmp_path / "sygil.db"}"\n'
+    )
+    result = sygil("run", "--config", str(config), env={"DISCORD_TOKEN": "x"})
+    assert result.returncode == 1, result.stderr
+    assert "GPU worker cpu ready" in result.stderr  # the model loaded in its own process first
+    assert "sygil-bot: Cannot reach Discord at http://127.0.0.1:9/api/v10" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_prompt_check_json_accepts_and_counts(tiny_model_dir: Path) -> None:
     result = sygil("prompt", "check", "Species:Seal, artist:chris_rallis", "--json", "--model", str(tiny_model_dir))
     assert result.returncode == 0, result.stderr
