@@ -239,11 +239,19 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=16, help="requests submitted at once, one image each")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--lone", type=int, default=10, help="lone requests timed one after another")
-    parser.add_argument("--configs", default=",".join(ENGINE_CONFIGS), help="engine settings to measure")
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help=f"engine settings to measure, of {', '.join(ENGINE_CONFIGS)} (default: all on a GPU; on a CPU all but "
+        "the compiled ones, whose inductor compile takes many minutes there)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense fp16 TFLOP/s")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test model at 64 px (a CPU smoke run)")
     parser.add_argument("--profile", default=None, help="also profile one batch of max_batch with this setting")
     args = parser.parse_args()
+    if args.configs is None:
+        on_gpu = args.device.startswith("cuda")
+        args.configs = ",".join(name for name in ENGINE_CONFIGS if on_gpu or not name.startswith("compiled"))
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
     unknown = [name for name in [*names, args.profile or "eager"] if name not in ENGINE_CONFIGS]
     if unknown:
