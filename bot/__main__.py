@@ -169,6 +169,7 @@ async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> li
         WorkerProcess(
             WorkerSettings(
                 model_id=config.model.id,
+                revision=config.model.revision,
                 device=device,
                 dtype=dtype,
                 scheduler=config.model.scheduler,
@@ -267,6 +268,7 @@ def _imagine(args: argparse.Namespace) -> int:
         scheduler=args.scheduler or model.scheduler,
         safety_checker=model.safety_checker,
         options=replace(options, compile=False),
+        revision=model.revision,
     )
     rules = _rules(config, allow_rating=args.allow_rating)
     verdicts = [

@@ -34,6 +34,7 @@ class DiscordConfig:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     id: str = "Sygil/Sygil-Diffusion"
+    revision: str = "main"  # branch, tag or commit of a hub id; a local folder is named by its weights' hash
     devices: tuple[str, ...] = ("auto",)  # one GPU worker process per entry
     device: str | None = None  # the older spelling of one device; read into ``devices``
     dtype: str = "auto"
@@ -98,6 +99,7 @@ class ModerationConfig:
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     path: Path = Path("sygil.db")
+    keep_images: bool = False  # also write every PNG under the storage folder (images/), for training data
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import concurrent.futures
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
@@ -68,6 +68,8 @@ class Call:
     on_started: Callable[[], None]
     on_progress: Progress
     stopping: bool = False
+    # What the worker says about how it rendered: "revision", "dtype", "compiled" (plain values).
+    facts: dict[str, object] = field(default_factory=lambda: dict[str, object]())
     _on_stop: list[Callable[[], None]] = field(default_factory=lambda: list[Callable[[], None]]())
 
     def stop(self) -> None:
@@ -86,9 +88,10 @@ class ThreadWorker:
 
     depth = 1
 
-    def __init__(self, render: Render, *, name: str = "thread") -> None:
+    def __init__(self, render: Render, *, name: str = "thread", facts: Mapping[str, object] | None = None) -> None:
         self.name = name
         self._render = render
+        self._facts = dict(facts or {})
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
 
     async def ready(self) -> None:
@@ -104,6 +107,7 @@ class ThreadWorker:
             loop.call_soon_threadsafe(call.on_progress, step, total)
 
         call.on_started()
+        call.facts.update(self._facts)
         return await loop.run_in_executor(self._executor, self._render, call.specs, progress)
 
     async def close(self) -> None:
@@ -121,6 +125,20 @@ class Batch:
     worker: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Rendering:
+    """How one image of a job was rendered: its batch (a GPU call), the worker, when, and what the worker said."""
+
+    batch_id: int
+    batch_size: int
+    worker: str
+    started_at: float  # wall-clock time the batch started
+    seconds: float
+    revision: str | None = None
+    dtype: str | None = None
+    compiled: bool = False
+
+
 @dataclass(eq=False, slots=True)
 class Ticket:
     """A queued job: await ``result`` for its images; ``started`` is set when the GPU takes it."""
@@ -134,6 +152,7 @@ class Ticket:
     step: int = 0
     total_steps: int = 0
     attempts: int = 0  # workers that died while holding it
+    renders: list[Rendering] = field(default_factory=lambda: list[Rendering]())  # per image, once rendered
 
     @property
     def settings(self) -> Settings:
@@ -216,6 +235,8 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._slots: list[asyncio.Task[None]] = []
+        # Batch ids stay unique across restarts: they count on from the time the scheduler started, in microseconds.
+        self._batch_ids = itertools.count(time.time_ns() // 1000)
         self._version = 0
         self._index_version = -1
         self._line_index: dict[int, _Place] = {}
@@ -595,11 +616,13 @@ class Scheduler:
             if failure is not None:
                 ticket.result.set_exception(failure)
             else:
-                ticket.result.set_result([image for image in mine if isinstance(image, RenderedImage)])
+                done = [result for result in mine if isinstance(result, tuple)]
+                ticket.renders = [rendering for _, rendering in done]
+                ticket.result.set_result([image for image, _ in done])
 
     async def _render_split(
         self, worker: Worker, pairs: list[tuple[Ticket, ImageSpec]]
-    ) -> list[RenderedImage | BaseException | None]:
+    ) -> list[tuple[RenderedImage, Rendering] | BaseException | None]:
         """Render the pairs' specs; when the GPU runs out of memory, render the two halves one after the other.
 
         An image that does not fit even alone gets its own failure; None stands for images nobody wants any more.
@@ -628,7 +651,9 @@ class Scheduler:
             first = await self._render_split(worker, pairs[:middle])
             return first + await self._render_split(worker, pairs[middle:])
 
-    async def _render_once(self, worker: Worker, pairs: list[tuple[Ticket, ImageSpec]]) -> list[RenderedImage]:
+    async def _render_once(
+        self, worker: Worker, pairs: list[tuple[Ticket, ImageSpec]]
+    ) -> list[tuple[RenderedImage, Rendering]]:
         tickets = list(dict.fromkeys(ticket for ticket, _ in pairs))
         specs = tuple(spec for _, spec in pairs)
         settings = specs[0].settings
@@ -667,7 +692,19 @@ class Scheduler:
         log.info("Rendered %d images for %d jobs on %s in %.2f s", len(specs), len(tickets), worker.name, now - began)
         if self._on_batch is not None:
             self._on_batch(Batch(tuple(ticket.job_id for ticket in tickets), len(specs), now - began, worker.name))
-        return images
+        facts = running.call.facts
+        revision, dtype = facts.get("revision"), facts.get("dtype")
+        rendering = Rendering(
+            batch_id=next(self._batch_ids),
+            batch_size=len(specs),
+            worker=worker.name,
+            started_at=time.time() - (now - (running.started or now)),
+            seconds=now - began,
+            revision=revision if isinstance(revision, str) else None,
+            dtype=dtype if isinstance(dtype, str) else None,
+            compiled=facts.get("compiled") is True,
+        )
+        return [(image, rendering) for image in images]
 
     def _estimate_images(self, settings: Settings, images: int) -> float | None:
         per_image = self._seconds_per_image.get(settings)

@@ -12,7 +12,9 @@ import dataclasses
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bot.config import Config, GenerationConfig, PromptsConfig
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
@@ -22,7 +24,7 @@ from bot.limits import standard_images as cost_of
 from bot.moderation import Moderation
 from bot.prompts import Rules, Tokenizer, check_prompt
 from bot.scheduler import Place, Scheduler, Ticket
-from bot.storage import AuditEntry, Database, Job, JobKind, JobStatus, Reply
+from bot.storage import AuditEntry, Database, Job, JobKind, JobStatus, Provenance, Reply
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,15 @@ class Request:
     settings: Settings
     warnings: tuple[str, ...] = ()
     parent: tuple[int, int] | None = None
+    tags: tuple[tuple[str, str], ...] = ()  # (namespace, tag) of the prompt, stored for per-tag statistics
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedPrompts:
+    prompt: str
+    negative: str
+    warnings: tuple[str, ...]
+    tags: tuple[tuple[str, str], ...]
 
 
 @dataclass(eq=False, slots=True)
@@ -156,6 +167,7 @@ async def open_service(
         scheduler_name=config.model.scheduler,
         tokenizer=tokenizer,
         prompts=config.prompts,
+        image_folder=config.storage.path.parent / "images" if config.storage.keep_images else None,
     )
 
 
@@ -174,6 +186,7 @@ class ImageService:
         scheduler_name: str,
         tokenizer: Tokenizer | None = None,
         prompts: PromptsConfig | None = None,
+        image_folder: Path | None = None,
     ) -> None:
         self.db = db
         self.scheduler = scheduler
@@ -184,6 +197,7 @@ class ImageService:
         self.scheduler_name = scheduler_name
         self.tokenizer = tokenizer
         self.prompts = prompts or PromptsConfig()
+        self.image_folder = image_folder  # where PNGs are kept (storage.keep_images); None keeps none
         self.accepting = True  # False once the bot is stopping
 
     # Checks
@@ -218,8 +232,9 @@ class ImageService:
             blocklist=self.moderation.blocklist(guild_id),
         )
 
-    def check_prompts(self, prompt: str, negative: str | None, rules: Rules) -> tuple[str, str, tuple[str, ...]]:
-        """Return the normalised prompt and negative prompt and any notes, or raise PromptRejected."""
+    def check_prompts(self, prompt: str, negative: str | None, rules: Rules) -> CheckedPrompts:
+        """Return the normalised prompt and negative prompt, their notes and the prompt's tags, or raise
+        PromptRejected."""
         verdicts = [
             check_prompt(prompt, tokenizer=self.tokenizer, rules=rules),
             check_prompt(
@@ -229,7 +244,12 @@ class ImageService:
         problems = [error.message for verdict in verdicts for error in verdict.errors]
         if problems:
             raise PromptRejected("\n".join(problems))
-        return verdicts[0].prompt, verdicts[1].prompt, verdicts[0].warnings + verdicts[1].warnings
+        return CheckedPrompts(
+            prompt=verdicts[0].prompt,
+            negative=verdicts[1].prompt,
+            warnings=verdicts[0].warnings + verdicts[1].warnings,
+            tags=tuple(dict.fromkeys((tag.namespace, tag.tag) for tag in verdicts[0].tags)),
+        )
 
     def check_access(self, requester: Requester, *, what: str = "generate images") -> None:
         """Refuse a user the server banned, a channel the moderators closed, and everyone while stopping."""
@@ -280,7 +300,7 @@ class ImageService:
         rules = self.rules(
             guild_id=requester.guild_id, channel_id=requester.channel_id, age_restricted=requester.age_restricted
         )
-        prompt, negative, warnings = self.check_prompts(prompt, negative, rules)
+        checked = self.check_prompts(prompt, negative, rules)
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}, not {seed}.")
         request = Request(
@@ -288,12 +308,13 @@ class ImageService:
             user_id=requester.user_id,
             guild_id=requester.guild_id,
             channel_id=requester.channel_id,
-            prompt=prompt,
-            negative=negative,
+            prompt=checked.prompt,
+            negative=checked.negative,
             seed=random_seed() if seed is None else seed,
             count=count,
             settings=settings,
-            warnings=warnings,
+            warnings=checked.warnings,
+            tags=checked.tags,
         )
         return self._take_place(requester, request)
 
@@ -319,7 +340,7 @@ class ImageService:
         rules = self.rules(
             guild_id=requester.guild_id, channel_id=requester.channel_id, age_restricted=requester.age_restricted
         )
-        prompt, negative, _ = self.check_prompts(parent.prompt, parent.negative_prompt, rules)
+        checked = self.check_prompts(parent.prompt, parent.negative_prompt, rules)
         source = parent.settings
         variation = kind is JobKind.VARIATION
         settings = Settings(
@@ -335,12 +356,13 @@ class ImageService:
             user_id=requester.user_id,
             guild_id=requester.guild_id,
             channel_id=requester.channel_id,
-            prompt=prompt,
-            negative=negative,
+            prompt=checked.prompt,
+            negative=checked.negative,
             seed=random_seed(),
             count=1,
             settings=settings,
             parent=(parent.id, index),
+            tags=checked.tags,
         )
         return self._take_place(requester, request)
 
@@ -426,6 +448,7 @@ class ImageService:
                 parent_index=request.parent[1] if request.parent else None,
                 init_image=init_image,
                 reply=reply,
+                tags=request.tags,
             )
         except BaseException:
             self.release(admission)
@@ -501,8 +524,30 @@ class ImageService:
             await self.db.end_job(job_id=job_id, error=f"{type(exc).__name__}: {exc}")
             self.usage.refund_job(job_id)
             raise
+        renders = ticket.renders if len(ticket.renders) == len(images) else [None] * len(images)
+        provenance = [
+            None
+            if rendering is None
+            else Provenance(
+                model_revision=rendering.revision,
+                dtype=rendering.dtype,
+                compiled=rendering.compiled,
+                batch_id=rendering.batch_id,
+                batch_size=rendering.batch_size,
+                waited_s=max(0.0, rendering.started_at - queued.job.created_at),
+                rendered_s=rendering.seconds,
+            )
+            for rendering in renders
+        ]
+        files = None
+        if self.image_folder is not None:
+            files = await asyncio.to_thread(_keep, self.image_folder, job_id, images)
         await self.db.record_images(
-            job_id=job_id, seeds=[image.seed for image in images], nsfw=[image.nsfw for image in images]
+            job_id=job_id,
+            seeds=[image.seed for image in images],
+            nsfw=[image.nsfw for image in images],
+            provenance=provenance,
+            files=files,
         )
         return images
 
@@ -551,3 +596,14 @@ def _because(reason: str | None) -> str:
 
 def _s(count: int) -> str:
     return "" if count == 1 else "s"
+
+
+def _keep(folder: Path, job_id: int, images: Sequence[RenderedImage]) -> list[str | None]:
+    """Write a job's PNGs under the storage folder (storage.keep_images) and return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[str | None] = []
+    for index, image in enumerate(images):
+        path = folder / f"sygil_{job_id}_{index}.png"
+        path.write_bytes(image.png)
+        paths.append(str(path))
+    return paths

@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from transformers import CLIPTokenizer
 
+from bot.engine.revision import folder_revision, snapshot_revision
 from bot.engine.types import EngineOptions, ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import ModelError, OutOfMemory
 from bot.prompts.tokens import count_tokens
@@ -80,7 +81,9 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _load_pipeline(model_id: str, torch_dtype: torch.dtype, safety_checker: bool) -> StableDiffusionPipeline:
+def _load_pipeline(
+    model_id: str, torch_dtype: torch.dtype, safety_checker: bool, revision: str
+) -> StableDiffusionPipeline:
     """Load the txt2img pipeline, turning every way it can fail into a one-line ModelError."""
     local = Path(model_id).expanduser()
     if local.exists():
@@ -95,6 +98,8 @@ def _load_pipeline(model_id: str, torch_dtype: torch.dtype, safety_checker: bool
         source = model_id
 
     kwargs: dict[str, Any] = {_DTYPE_KWARG: torch_dtype}
+    if source == model_id:  # a hub id: the branch, tag or commit to load
+        kwargs["revision"] = revision
     if not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -114,7 +119,7 @@ def _load_pipeline(model_id: str, torch_dtype: torch.dtype, safety_checker: bool
     return pipe
 
 
-def _parameters_text(spec: ImageSpec, scheduler: str, model_id: str) -> str:
+def _parameters_text(spec: ImageSpec, scheduler: str, model_id: str, revision: str | None) -> str:
     """Return the AUTOMATIC1111-style `parameters` text that image tools already understand."""
     settings = spec.settings
     lines = [spec.prompt]
@@ -128,6 +133,7 @@ def _parameters_text(spec: ImageSpec, scheduler: str, model_id: str) -> str:
         f"Seed: {spec.seed}",
         f"Size: {settings.width}x{settings.height}",
         f"Model: {model_id}",
+        *([f"Model revision: {revision}"] if revision else []),
     ]
     if settings.mode is Mode.IMG2IMG:
         fields.append(f"Denoising strength: {settings.strength}")
@@ -135,7 +141,7 @@ def _parameters_text(spec: ImageSpec, scheduler: str, model_id: str) -> str:
     return "\n".join(lines)
 
 
-def _sygil_json(spec: ImageSpec, scheduler: str, model_id: str) -> str:
+def _sygil_json(spec: ImageSpec, scheduler: str, model_id: str, revision: str | None) -> str:
     """Return the `sygil` metadata chunk: everything needed to render the same image again."""
     settings = spec.settings
     data: dict[str, object] = {
@@ -152,6 +158,7 @@ def _sygil_json(spec: ImageSpec, scheduler: str, model_id: str) -> str:
         data["strength"] = settings.strength
     data["scheduler"] = scheduler
     data["model"] = model_id
+    data["revision"] = revision
     return json.dumps(data)
 
 
@@ -280,6 +287,7 @@ class Engine:
         self._pipe = pipe
         self._img2img = img2img
         self.model_id = model_id
+        self.revision: str | None = None  # the exact weights: a hub commit, or a hash of a folder's weights
         self.scheduler_name = scheduler_name
         self.device = device
         self.options = options
@@ -308,16 +316,23 @@ class Engine:
         scheduler: str = "dpm++",
         safety_checker: bool = True,
         options: EngineOptions = DEFAULT_OPTIONS,
+        revision: str = "main",
     ) -> Engine:
-        """Load a model from a hub id or local folder, with the named scheduler, on the given device."""
+        """Load a model from a hub id (at ``revision``) or local folder, with the named scheduler, on the device."""
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; valid names: {', '.join(SCHEDULERS)}")
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid names: {', '.join(DTYPES)}")
 
-        pipe = _load_pipeline(model_id, DTYPES[dtype], safety_checker)
+        pipe = _load_pipeline(model_id, DTYPES[dtype], safety_checker, revision)
         engine = cls.from_pipeline(pipe, model_id=model_id, device=device, scheduler=scheduler, options=options)
-        log.info("loaded %s on %s as %s with %s", model_id, device, dtype, scheduler)
+        local = Path(model_id).expanduser()
+        if local.is_dir():
+            engine.revision = folder_revision(local)
+        else:
+            # A hub download loads from its cache's snapshot folder, named by the commit the revision resolved to.
+            engine.revision = snapshot_revision(str(pipe.config.get("_name_or_path", ""))) or revision
+        log.info("loaded %s (revision %s) on %s as %s with %s", model_id, engine.revision, device, dtype, scheduler)
         return engine
 
     @classmethod
@@ -402,6 +417,7 @@ class Engine:
         """Return what runs and how: device, dtype, scheduler, each option's effective state, warmed shapes."""
         return {
             "model": self.model_id,
+            "revision": self.revision,
             "device": self.device,
             "dtype": str(self._pipe.unet.dtype).removeprefix("torch."),
             "scheduler": self.scheduler_name,
@@ -616,8 +632,8 @@ class Engine:
     def _encode(self, spec: ImageSpec, pixels: NDArray[np.uint8]) -> bytes:
         """Return the image as PNG bytes whose text chunks hold its prompt, seed and settings."""
         info = PngInfo()
-        info.add_text("parameters", _parameters_text(spec, self.scheduler_name, self.model_id))
-        info.add_text("sygil", _sygil_json(spec, self.scheduler_name, self.model_id))
+        info.add_text("parameters", _parameters_text(spec, self.scheduler_name, self.model_id, self.revision))
+        info.add_text("sygil", _sygil_json(spec, self.scheduler_name, self.model_id, self.revision))
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
         return buffer.getvalue()

@@ -41,6 +41,7 @@ class WorkerSettings:
 
     model_id: str
     device: str
+    revision: str = "main"
     dtype: str = "float32"
     scheduler: str = "dpm++"
     safety_checker: bool = True
@@ -102,6 +103,7 @@ class Rendered:
     images: tuple[RenderedImage, ...]
     seconds: float  # from Started to the last PNG: what the batch cost this worker
     peak_memory: int | None = None  # bytes of GPU memory at the peak, where the device reports it
+    compiled: bool = False  # the compiled UNet rendered it (else the eager one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +142,14 @@ def encode(message: Message) -> dict[str, Any]:
             return {"type": "started", "batch_id": batch_id}
         case Progress(batch_id, step, total):
             return {"type": "progress", "batch_id": batch_id, "step": step, "total": total}
-        case Rendered(batch_id, images, seconds, peak_memory):
+        case Rendered(batch_id, images, seconds, peak_memory, compiled):
             return {
                 "type": "rendered",
                 "batch_id": batch_id,
                 "images": [{"png": image.png, "seed": image.seed, "nsfw": image.nsfw} for image in images],
                 "seconds": seconds,
                 "peak_memory": peak_memory,
+                "compiled": compiled,
             }
         case Failed(batch_id, kind, text):
             return {"type": "failed", "batch_id": batch_id, "kind": kind.value, "message": text}
@@ -174,7 +177,7 @@ def decode(data: Mapping[str, Any]) -> Message:
             images = tuple(
                 RenderedImage(png=item["png"], seed=item["seed"], nsfw=item["nsfw"]) for item in data["images"]
             )
-            return Rendered(data["batch_id"], images, data["seconds"], data["peak_memory"])
+            return Rendered(data["batch_id"], images, data["seconds"], data["peak_memory"], data["compiled"])
         if kind == "failed":
             return Failed(data["batch_id"], FailureKind(data["kind"]), data["message"])
     except (KeyError, TypeError) as error:

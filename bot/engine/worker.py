@@ -95,6 +95,7 @@ class _Worker:
                 scheduler=settings.scheduler,
                 safety_checker=settings.safety_checker,
                 options=settings.options,
+                revision=settings.revision,
             )
             engine.warm_up()
         except BotError as error:
@@ -166,9 +167,9 @@ class _Worker:
         except Exception as error:
             self._fail(batch, error)
             return
-        finisher.submit(self._finish, engine, batch, decoded, started)
+        finisher.submit(self._finish, engine, batch, decoded, started, prepared.compiled)
 
-    def _finish(self, engine: Engine, batch: RenderBatch, decoded: Decoded, started: float) -> None:
+    def _finish(self, engine: Engine, batch: RenderBatch, decoded: Decoded, started: float, compiled: bool) -> None:
         try:
             images = engine.finish(decoded)
         except Exception as error:
@@ -176,7 +177,8 @@ class _Worker:
             return
         finally:
             self._stopped.discard(batch.batch_id)
-        self._send(Rendered(batch.batch_id, tuple(images), time.perf_counter() - started, engine.peak_memory()))
+        seconds = time.perf_counter() - started
+        self._send(Rendered(batch.batch_id, tuple(images), seconds, engine.peak_memory(), compiled))
 
     def _wants_stop(self, batch_id: int) -> bool:
         return self._shutting_down or batch_id in self._stopped

@@ -10,8 +10,20 @@ from bot.storage.database import (
     Job,
     JobKind,
     JobStatus,
+    Provenance,
     Reply,
     VoteTally,
 )
 
-__all__ = ["AuditEntry", "Database", "GuildRules", "ImageRecord", "Job", "JobKind", "JobStatus", "Reply", "VoteTally"]
+__all__ = [
+    "AuditEntry",
+    "Database",
+    "GuildRules",
+    "ImageRecord",
+    "Job",
+    "JobKind",
+    "JobStatus",
+    "Provenance",
+    "Reply",
+    "VoteTally",
+]

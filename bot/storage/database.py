@@ -8,7 +8,7 @@ import enum
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -80,11 +80,28 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class Provenance:
+    """How one image was made: the exact weights, the engine settings that touch pixels, its batch, its times."""
+
+    model_revision: str | None
+    dtype: str | None
+    compiled: bool
+    batch_id: int
+    batch_size: int
+    waited_s: float  # from the request to the start of its batch
+    rendered_s: float  # the batch's time on the GPU
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     job_id: int
     index: int
     seed: int
     nsfw: bool
+    provenance: Provenance | None = None  # None for images made before it was recorded
+    created_at: float | None = None
+    deleted_at: float | None = None
+    file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +256,7 @@ class Database:
         parent_index: int | None = None,
         init_image: bytes | None = None,
         reply: Reply | None = None,
+        tags: Sequence[tuple[str, str]] = (),
     ) -> Job:
         """Store a new queued job, with what it needs to run again after a restart, and return it."""
         async with self._transaction():
@@ -277,6 +295,11 @@ class Database:
             assert job_id is not None
             if init_image is not None:
                 await self._execute("INSERT INTO job_inputs (job_id, init_image) VALUES (?, ?)", (job_id, init_image))
+            if tags:
+                await self._execute_many(
+                    "INSERT OR IGNORE INTO job_tags (job_id, namespace, tag) VALUES (?, ?, ?)",
+                    [(job_id, namespace, tag) for namespace, tag in tags],
+                )
         job = await self.get_job(job_id=job_id)
         assert job is not None
         return job
@@ -308,11 +331,46 @@ class Database:
             (time.time(), job_id),
         )
 
-    async def record_images(self, *, job_id: int, seeds: list[int], nsfw: list[bool]) -> None:
-        """Record a job's rendered images (before they are posted, so their buttons work at once)."""
+    async def record_images(
+        self,
+        *,
+        job_id: int,
+        seeds: Sequence[int],
+        nsfw: Sequence[bool],
+        provenance: Sequence[Provenance | None] | None = None,
+        files: Sequence[str | None] | None = None,
+    ) -> None:
+        """Record a job's rendered images and how each was made (before they are posted, so buttons work at once)."""
+        count = len(seeds)
+        made = provenance if provenance is not None else [None] * count
+        paths = files if files is not None else [None] * count
+        now = time.time()
+        rows: list[tuple[object, ...]] = []
+        for index, (seed, flag, how, path) in enumerate(zip(seeds, nsfw, made, paths, strict=True)):
+            rows.append(
+                (
+                    job_id,
+                    index,
+                    seed,
+                    int(flag),
+                    how.model_revision if how else None,
+                    how.dtype if how else None,
+                    int(how.compiled) if how else None,
+                    how.batch_id if how else None,
+                    how.batch_size if how else None,
+                    how.waited_s if how else None,
+                    how.rendered_s if how else None,
+                    now,
+                    path,
+                )
+            )
         await self._execute_many(
-            "INSERT OR REPLACE INTO images (job_id, idx, seed, nsfw) VALUES (?, ?, ?, ?)",
-            [(job_id, index, seed, int(flag)) for index, (seed, flag) in enumerate(zip(seeds, nsfw, strict=True))],
+            """
+            INSERT OR REPLACE INTO images (job_id, idx, seed, nsfw, model_revision, dtype, compiled, batch_id,
+                                           batch_size, waited_s, rendered_s, created_at, file)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """,
+            rows,
         )
 
     async def complete_job(self, *, job_id: int, message_id: int | None) -> None:
@@ -354,15 +412,19 @@ class Database:
         return True
 
     async def get_image(self, *, job_id: int, index: int) -> ImageRecord | None:
-        async with self._db.execute(
-            "SELECT job_id, idx, seed, nsfw FROM images WHERE job_id = ? AND idx = ?", (job_id, index)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return (
-            ImageRecord(job_id=row["job_id"], index=row["idx"], seed=row["seed"], nsfw=bool(row["nsfw"]))
-            if row
-            else None
-        )
+        rows = await self._rows("SELECT * FROM images WHERE job_id = ? AND idx = ?", (job_id, index))
+        return _image(rows[0]) if rows else None
+
+    async def job_images(self, *, job_id: int) -> list[ImageRecord]:
+        """Return a job's images in order, with how each was made."""
+        return [
+            _image(row) for row in await self._rows("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (job_id,))
+        ]
+
+    async def job_tags(self, *, job_id: int) -> list[tuple[str, str]]:
+        """Return a job's prompt tags as (namespace, tag), in the order they were stored."""
+        rows = await self._rows("SELECT namespace, tag FROM job_tags WHERE job_id = ? ORDER BY rowid", (job_id,))
+        return [(row["namespace"], row["tag"]) for row in rows]
 
     async def charges_since(self, since: float) -> list[Charge]:
         """Return what each job accepted since ``since`` costs its user, unless it gave it back.
@@ -630,4 +692,28 @@ def _job(row: Any) -> Job:
         reply=Reply(token=row["reply_token"], message_id=row["reply_message_id"], at=row["reply_at"])
         if row["reply_token"] is not None
         else None,
+    )
+
+
+def _image(row: Any) -> ImageRecord:
+    provenance = None
+    if row["batch_id"] is not None:
+        provenance = Provenance(
+            model_revision=row["model_revision"],
+            dtype=row["dtype"],
+            compiled=bool(row["compiled"]),
+            batch_id=row["batch_id"],
+            batch_size=row["batch_size"],
+            waited_s=row["waited_s"],
+            rendered_s=row["rendered_s"],
+        )
+    return ImageRecord(
+        job_id=row["job_id"],
+        index=row["idx"],
+        seed=row["seed"],
+        nsfw=bool(row["nsfw"]),
+        provenance=provenance,
+        created_at=row["created_at"],
+        deleted_at=row["deleted_at"],
+        file=row["file"],
     )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -8,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig
+from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, PromptRejected, QueueFull, Refused
 from bot.limits import Limits, Scope
 from bot.moderation import Target, server_target
 from bot.prompts import Tokenizer
-from bot.scheduler import Progress, Scheduler
+from bot.scheduler import Progress, Scheduler, ThreadWorker
 from bot.service import Admission, ImageService, InvalidRequest, Queued, Requester, open_service
 from bot.storage import Database, JobKind, JobStatus
 
@@ -366,3 +367,28 @@ async def test_server_rules_refuse_privately_and_take_effect_at_once(service: Im
     service.accepting = False
     with pytest.raises(Refused, match="restarting"):
         admit(service, who=asker(4, channel_id=4))
+
+
+async def test_each_image_records_what_made_it_and_the_jobs_tags(tmp_path: Path, clip_tokenizer: Tokenizer) -> None:
+    worker = ThreadWorker(render, name="gpu0", facts={"revision": "sha256:abc", "dtype": "float16", "compiled": True})
+    settings = dataclasses.replace(config(), storage=StorageConfig(path=tmp_path / "sygil.db", keep_images=True))
+    async with (
+        await Database.open(tmp_path / "sygil.db") as db,
+        Scheduler(workers=[worker], max_batch=4) as scheduler,
+    ):
+        service = await open_service(settings, db=db, scheduler=scheduler, model="tiny", tokenizer=clip_tokenizer)
+        queued = await service.enqueue(admit(service, prompt="species:seal, studio:dc, cloudy sky", count=2))
+        images = await finish(service, queued)
+        records = await db.job_images(job_id=queued.job.id)
+        tags = await db.job_tags(job_id=queued.job.id)
+    await worker.close()
+    assert tags == [("species", "seal"), ("studio", "dc")]
+    assert [record.index for record in records] == [0, 1]
+    for record, image in zip(records, images, strict=True):
+        made = record.provenance
+        assert made is not None
+        assert (made.model_revision, made.dtype, made.compiled, made.batch_size) == ("sha256:abc", "float16", True, 2)
+        assert made.waited_s >= 0 and made.rendered_s >= 0
+        assert record.file is not None and Path(record.file).read_bytes() == image.png
+    assert records[0].provenance and records[1].provenance
+    assert records[0].provenance.batch_id == records[1].provenance.batch_id  # one GPU call

@@ -106,8 +106,10 @@ def test_png_carries_parameters_and_sygil_metadata(engine: Engine) -> None:
     text = _text(image)
     assert text["parameters"] == (
         "species:seal 🦭, cloudy sky\nNegative prompt: lowres\n"
-        f"Steps: 4, Sampler: dpm++, CFG scale: 7.0, Seed: 7, Size: 64x64, Model: {engine.model_id}"
+        f"Steps: 4, Sampler: dpm++, CFG scale: 7.0, Seed: 7, Size: 64x64, Model: {engine.model_id}, "
+        f"Model revision: {engine.revision}"
     )
+    assert engine.revision is not None and engine.revision.startswith("sha256:")
     assert json.loads(text["sygil"]) == {
         "prompt": "species:seal 🦭, cloudy sky",
         "negative_prompt": "lowres",
@@ -119,6 +121,7 @@ def test_png_carries_parameters_and_sygil_metadata(engine: Engine) -> None:
         "mode": "txt2img",
         "scheduler": "dpm++",
         "model": engine.model_id,
+        "revision": engine.revision,
     }
 
 
@@ -130,7 +133,7 @@ def test_img2img_metadata_records_strength(engine: Engine) -> None:
     text = _text(image)
     assert text["parameters"] == (
         "studio:dc\nSteps: 2, Sampler: dpm++, CFG scale: 7.0, Seed: 3, Size: 64x48, "
-        f"Model: {engine.model_id}, Denoising strength: 0.5"
+        f"Model: {engine.model_id}, Model revision: {engine.revision}, Denoising strength: 0.5"
     )
     sygil = json.loads(text["sygil"])
     assert (sygil["mode"], sygil["strength"], sygil["negative_prompt"]) == ("img2img", 0.5, "")
