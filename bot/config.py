@@ -100,6 +100,7 @@ class ModerationConfig:
 class StorageConfig:
     path: Path = Path("sygil.db")
     keep_images: bool = False  # also write every PNG under the storage folder (images/), for training data
+    forget_deleted: bool = False  # a deleted result's rows and votes go too (else they stay, marked deleted)
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,6 +168,7 @@ async def open_service(
         tokenizer=tokenizer,
         prompts=config.prompts,
         image_folder=config.storage.path.parent / "images" if config.storage.keep_images else None,
+        forget_deleted=config.storage.forget_deleted,
     )
 
 
@@ -187,6 +188,7 @@ class ImageService:
         tokenizer: Tokenizer | None = None,
         prompts: PromptsConfig | None = None,
         image_folder: Path | None = None,
+        forget_deleted: bool = False,
     ) -> None:
         self.db = db
         self.scheduler = scheduler
@@ -198,6 +200,7 @@ class ImageService:
         self.tokenizer = tokenizer
         self.prompts = prompts or PromptsConfig()
         self.image_folder = image_folder  # where PNGs are kept (storage.keep_images); None keeps none
+        self.forget_deleted = forget_deleted  # a deleted result's rows go too, votes included
         self.accepting = True  # False once the bot is stopping
 
     # Checks
@@ -554,6 +557,17 @@ class ImageService:
     async def complete(self, queued: Queued, *, message_id: int | None) -> None:
         """Record that a job's images were delivered, in ``message_id``."""
         await self.db.complete_job(job_id=queued.job.id, message_id=message_id)
+
+    async def delete(self, *, job_id: int, guild_id: int | None, actor_id: int, moderator: bool) -> Job:
+        """Delete a result's images for its requester or a moderator; their rows stay, marked deleted, for the
+        statistics (unless storage.forget_deleted). Returns the job."""
+        job = await self.db.get_job(job_id=job_id)
+        if job is None or job.guild_id != guild_id or not await self.db.job_images(job_id=job_id):
+            raise JobNotFound("Those images are no longer in the database.")
+        if actor_id != job.user_id and not moderator:
+            raise Refused("Only the person who asked for these images, or a moderator, can delete them.")
+        await self.db.delete_images(job_id=job_id, forget=self.forget_deleted)
+        return job
 
     async def cancel(
         self, *, job_id: int, guild_id: int | None, actor_id: int, moderator: bool, reason: str | None = None

@@ -421,6 +421,15 @@ class Database:
             _image(row) for row in await self._rows("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (job_id,))
         ]
 
+    async def delete_images(self, *, job_id: int, forget: bool = False) -> None:
+        """Mark a job's images deleted (their message is gone), or with ``forget`` remove them and their votes."""
+        if forget:
+            await self._execute("DELETE FROM images WHERE job_id = ?", (job_id,))
+        else:
+            await self._execute(
+                "UPDATE images SET deleted_at = ? WHERE job_id = ? AND deleted_at IS NULL", (time.time(), job_id)
+            )
+
     async def job_tags(self, *, job_id: int) -> list[tuple[str, str]]:
         """Return a job's prompt tags as (namespace, tag), in the order they were stored."""
         rows = await self._rows("SELECT namespace, tag FROM job_tags WHERE job_id = ? ORDER BY rowid", (job_id,))

@@ -25,6 +25,7 @@ from cogs.imagine._views import (
     DYNAMIC_ITEMS,
     cancel_view,
     filename,
+    info_text,
     result_text,
     result_view,
     status_interval,
@@ -179,6 +180,33 @@ class Imagine(commands.Cog):
             except discord.HTTPException as exc:
                 log.warning("No message id for job %d (its result goes to the channel): %s", queued.job.id, exc)
         self._spawn(await self.service.acknowledged(queued, message_id=message_id))
+
+    async def info(self, interaction: discord.Interaction[SygilBot], job_id: int) -> None:
+        """Show privately everything that made a result's images."""
+        db = self.bot.db
+        job = await db.get_job(job_id=job_id)
+        images = await db.job_images(job_id=job_id) if job is not None else []
+        if job is None or job.guild_id != interaction.guild_id or not images:
+            raise JobNotFound("Those images are no longer in the database.")
+        tags = await db.job_tags(job_id=job_id)
+        await interaction.response.send_message(
+            info_text(job, images, tags), ephemeral=True, allowed_mentions=_NO_PINGS
+        )
+
+    async def delete(self, interaction: discord.Interaction[SygilBot], job_id: int) -> None:
+        """Delete a result's message for its requester or a moderator."""
+        job = await self.service.delete(
+            job_id=job_id,
+            guild_id=interaction.guild_id,
+            actor_id=interaction.user.id,
+            moderator=self.bot.is_moderator(interaction),
+        )
+        await interaction.response.send_message(f"The images of job {job.id} are deleted.", ephemeral=True)
+        if interaction.message is not None:
+            try:
+                await interaction.message.delete()
+            except discord.HTTPException as exc:
+                log.warning("Could not delete the message of job %d: %s", job.id, exc)
 
     async def vote(self, interaction: discord.Interaction[SygilBot], job_id: int, index: int, vote: str) -> None:
         self.service.check_access(requester(interaction), what="take votes")

@@ -13,7 +13,7 @@ from bot.client import answer_error
 from bot.engine.types import Mode, RenderedImage
 from bot.errors import BotError
 from bot.limits import describe_wait
-from bot.storage import Job, JobKind, VoteTally
+from bot.storage import ImageRecord, Job, JobKind, VoteTally
 
 if TYPE_CHECKING:
     from bot.client import SygilBot
@@ -137,7 +137,42 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"ima
         await _guarded(interaction, lambda: _cog(interaction).vote(interaction, self.job_id, self.index, self.vote))
 
 
-DYNAMIC_ITEMS = (RemixButton, VoteButton, CancelButton)
+_JOB_ACTIONS = {"info": ("Info", "ℹ️"), "delete": ("Delete", "🗑️")}
+
+
+class JobButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"imagine:(?P<action>info|delete):(?P<job_id>[1-9][0-9]{0,17})",
+):
+    """Act on a whole result: Info (privately, what made its images) or Delete (its requester or a moderator)."""
+
+    def __init__(self, job_id: int, action: str, *, row: int | None = None) -> None:
+        label, emoji = _JOB_ACTIONS[action]
+        super().__init__(
+            discord.ui.Button(
+                label=label,
+                emoji=emoji,
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"imagine:{action}:{job_id}",
+                row=row,
+            )
+        )
+        self.job_id = job_id
+        self.action = action
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
+    ) -> Self:
+        return cls(int(match["job_id"]), match["action"])
+
+    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
+        cog = _cog(interaction)
+        action = cog.info if self.action == "info" else cog.delete
+        await _guarded(interaction, lambda: action(interaction, self.job_id))
+
+
+DYNAMIC_ITEMS = (RemixButton, VoteButton, CancelButton, JobButton)
 
 
 def vote_value(vote: str) -> int:
@@ -154,6 +189,10 @@ def result_view(job_id: int, count: int, tallies: Sequence[VoteTally] | None = N
         view.add_item(RemixButton(job_id, index, JobKind.VARIATION, count=count))
         view.add_item(VoteButton(job_id, index, "up", tally=tally))
         view.add_item(VoteButton(job_id, index, "down", tally=tally))
+    # Below the images' rows (at most four): what is done to the whole message.
+    row = min(count, 4)
+    view.add_item(JobButton(job_id, "info", row=row))
+    view.add_item(JobButton(job_id, "delete", row=row))
     return view
 
 
@@ -233,3 +272,37 @@ def status_text(
         elif eta is not None:
             text += f" Ready in about {describe_wait(eta)}."
     return "\n".join([text, *(f"ℹ️ {note}" for note in notes)])[:2000]
+
+
+def info_text(job: Job, images: Sequence[ImageRecord], tags: Sequence[tuple[str, str]]) -> str:
+    """Describe privately everything that made a result: prompt, tags, settings, model revision, batch, timings."""
+    settings = job.settings
+    lines = [f"**Prompt:** {_echo(job.prompt)}"]
+    lines.append(f"**Negative prompt:** {_echo(job.negative_prompt) if job.negative_prompt else '(none)'}")
+    lines.append(f"**Tags:** {', '.join(f'{namespace}:{tag}' for namespace, tag in tags) if tags else '(none)'}")
+    size = f"{settings.width}×{settings.height}"
+    line = f"**Settings:** {settings.steps} steps, guidance {settings.guidance:g}, {size}, {job.scheduler}"
+    if settings.mode is Mode.IMG2IMG:
+        line += f", img2img strength {settings.strength:g}"
+    lines.append(line)
+    made = next((image.provenance for image in images if image.provenance is not None), None)
+    revision = made.model_revision if made and made.model_revision else "not recorded"
+    lines.append(f"**Model:** {_echo(job.model)} · revision `{revision}`")
+    if made is not None:
+        engine = f"{made.dtype or 'unknown dtype'}, {'compiled' if made.compiled else 'eager'}"
+        lines.append(f"**Engine:** {engine}")
+    if job.parent_job_id is not None and job.parent_index is not None:
+        lines.append(f"**Parent:** image {job.parent_index + 1} of job {job.parent_job_id} ({job.kind.value})")
+    for image in images:
+        how = image.provenance
+        text = f"Image {image.index + 1}: seed `{image.seed}`"
+        if how is not None:
+            text += (
+                f" · batch {how.batch_id} of {how.batch_size} · waited {how.waited_s:.1f} s · "
+                f"rendered {how.rendered_s:.1f} s"
+            )
+        if image.nsfw:
+            text += " · withheld by the safety checker"
+        lines.append(text)
+    lines.append(f"-# job {job.id}")
+    return "\n".join(lines)[:2000]

@@ -18,7 +18,7 @@ from bot.client import SygilBot
 from bot.config import Config, DiscordConfig, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
 from bot.engine import Engine
 from bot.engine.types import ImageSpec, RenderedImage
-from bot.scheduler import Progress, Scheduler
+from bot.scheduler import Progress, Scheduler, ThreadWorker
 from bot.service import open_service
 from bot.storage import Database, Job, JobStatus
 from tests.fakediscord import FakeDiscord, FakeInteraction, Message, point_discord_at, run_bot
@@ -66,10 +66,15 @@ class Harness:
             queue=self.queue,
             moderation=self.moderation,
         )
+        engine = self.render.engine
+        facts = {"revision": engine.revision, "dtype": "float32", "compiled": False}
+        worker = ThreadWorker(self.render, name="cpu", facts=facts)
         async with (
             await Database.open(self.database) as db,
-            Scheduler(self.render, max_batch=self.queue.max_batch, max_queue=self.queue.max_queue) as scheduler,
+            contextlib.AsyncExitStack() as stack,  # closes the worker after the scheduler stops handing it batches
+            Scheduler(workers=[worker], max_batch=self.queue.max_batch, max_queue=self.queue.max_queue) as scheduler,
         ):
+            stack.push_async_callback(worker.close)
             service = await open_service(
                 config, db=db, scheduler=scheduler, model="tiny", tokenizer=self.render.engine.tokenizer
             )

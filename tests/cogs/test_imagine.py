@@ -11,7 +11,7 @@ import pytest
 from bot.engine.types import Mode
 from bot.storage import JobKind, JobStatus
 from cogs.imagine._views import CancelButton, RemixButton, VoteButton
-from tests.cogs.conftest import Harness, all_delivered, final_message, job_when, pngs
+from tests.cogs.conftest import Harness, all_delivered, final_message, job_id_of, job_when, pngs
 
 
 async def test_imagine_defers_then_posts_images_with_buttons(harness: Harness) -> None:
@@ -38,7 +38,7 @@ async def test_imagine_defers_then_posts_images_with_buttons(harness: Harness) -
             f"imagine:{action}:{job_id}:{index}{suffix}"
             for index in range(2)
             for action, suffix in (("reroll", ""), ("variation", ""), ("vote", ":up"), ("vote", ":down"))
-        ]
+        ] + [f"imagine:info:{job_id}", f"imagine:delete:{job_id}"]
         job = await job_when(bot.db, job_id, JobStatus.DONE)
         assert job.message_id == message.id
         assert job.prompt == "species:seal, studio:dc" and job.user_id == server.user_id
@@ -141,6 +141,62 @@ async def test_reroll_and_variation_post_new_images(harness: Harness) -> None:
     assert reroll_job is not None and reroll_job.kind is JobKind.REROLL and reroll_job.parent_job_id == job_id
     assert variation_job is not None and variation_job.settings.mode is Mode.IMG2IMG
     assert variation_job.prompt == reroll_job.prompt == "species:seal"
+
+
+async def test_info_shows_what_made_the_images_and_the_parent(harness: Harness) -> None:
+    server = harness.server
+    revision = harness.render.engine.revision
+    assert revision is not None
+    async with harness.bot():
+        options = {"prompt": "species:seal, studio:dc", "negative": "blurry", "seed": 41, "steps": 4, "guidance": 5.5}
+        original = await final_message(server, await server.slash("imagine", options))
+        job_id = job_id_of(original)
+        info = await server.click(original.id, f"imagine:info:{job_id}")
+        text = (await info.wait_response())["data"]["content"]
+        assert info.ephemeral
+        for expected in (
+            "species:seal, studio:dc",
+            "blurry",
+            "species:seal, studio:dc",
+            "seed `41`",
+            "4 steps",
+            "guidance 5.5",
+            "64×64",
+            "dpm++",
+            f"revision `{revision}`",
+            "batch ",
+            "of 1",
+            "waited ",
+        ):
+            assert expected in text, (expected, text)
+
+        varied = await final_message(server, await server.click(original.id, f"imagine:variation:{job_id}:0"))
+        info = await server.click(varied.id, f"imagine:info:{job_id_of(varied)}")
+        text = (await info.wait_response())["data"]["content"]
+        assert f"**Parent:** image 1 of job {job_id} (variation)" in text
+        assert "img2img strength" in text
+
+
+async def test_delete_is_for_the_requester_or_a_moderator(harness: Harness) -> None:
+    server = harness.server
+    stranger = server.add_user("stranger")
+    async with harness.bot() as bot:
+        message = await final_message(server, await server.slash("imagine", {"prompt": "species:seal"}))
+        job_id = job_id_of(message)
+        refused = await server.click(message.id, f"imagine:delete:{job_id}", user_id=stranger)
+        assert "Only the person who asked" in (await refused.wait_response())["data"]["content"]
+        assert refused.ephemeral and not server.message(message.id).deleted
+
+        deleted = await server.click(message.id, f"imagine:delete:{job_id}")
+        assert "are deleted" in (await deleted.wait_response())["data"]["content"] and deleted.ephemeral
+        for _ in range(100):
+            if server.message(message.id).deleted:
+                break
+            await asyncio.sleep(0.02)
+        assert server.message(message.id).deleted
+        # The rows stay for the statistics, marked deleted.
+        [image] = await bot.db.job_images(job_id=job_id)
+        assert image.deleted_at is not None
 
 
 async def test_votes_land_in_sqlite_and_change_or_withdraw(harness: Harness) -> None:
