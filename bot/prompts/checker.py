@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from bot.errors import PromptRejected
 from bot.prompts.blocklist import Blocklist
-from bot.prompts.namespaces import ALIASES, CONTENT, KNOWN, PROVENANCE, SAFE_RATINGS
+from bot.prompts.namespaces import ALIASES, CONTENT, KNOWN, PROVENANCE, SAFE_RATINGS, STEER_INSTEAD
 from bot.prompts.tokens import MAX_TOKENS, Tokenizer, count_tokens
 
 MAX_CHARS = 1500  # Discord's longest string option is 6000; nothing useful is longer than CLIP's 77 tokens anyway.
@@ -51,7 +51,6 @@ _EXAMPLES = {
     "year": "1999",
 }
 _GLUED = re.compile(r"\s(?P<namespace>" + "|".join(sorted(KNOWN | ALIASES.keys(), key=len, reverse=True)) + r"):\S")
-_DESCRIBE_INSTEAD = {"title": "series", "pixiv work": "series", "category": "meta", "text": "meta"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +321,7 @@ def _whole(item: str, field_name: str) -> _Item:
             ),
         )
     if name in PROVENANCE:
-        instead = _DESCRIBE_INSTEAD.get(name, "meta")
+        instead = STEER_INSTEAD.get(name, "meta")
         return _Item(
             text=text,
             tag=Tag(name, tag),
