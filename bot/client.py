@@ -18,7 +18,7 @@ from bot.service import ImageService, Requester
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine", "cogs.moderation", "cogs.stats")
+EXTENSIONS = ("cogs.imagine", "cogs.moderation", "cogs.stats", "cogs.tags")
 _CLOSE_MARGIN = 5.0  # seconds of the shutdown grace kept for closing the connection, the queue and the database
 
 

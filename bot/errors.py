@@ -41,3 +41,11 @@ class OutOfMemory(BotError):
 
 class RenderFailed(BotError):
     """A batch could not be rendered; the message says why."""
+
+
+class UnknownNamespace(BotError):
+    """A name given as a namespace is none users steer with; ``suggestion`` is the likeliest meant, if any."""
+
+    def __init__(self, message: str, *, suggestion: str | None) -> None:
+        super().__init__(message)
+        self.suggestion = suggestion

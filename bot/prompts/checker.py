@@ -4,6 +4,12 @@ A prompt is a comma-separated list of items. An item is ``namespace:tag`` when t
 is a namespace (tag values may hold more colons: ``series:monster hunter:world``), else free text in any
 language. Colons that are not namespaces stay text: ``16:9``, ``12:30``, URLs, ``re:zero``.
 
+Inside free text, a later word written ``namespace:value`` is a tag too, of that one word: ``a photo of
+species:seal on a beach`` keeps its text and yields the tag ``species:seal``. A multi-word tag needs its own item
+(``a photo, creator:chris rallis``): read mid-item it would end at its first space. Such a word gets the checks a
+whole item gets (aliases, provenance namespaces, ratings, weights), and a word that is a typo of a namespace
+(``speces:seal``) is refused with the same suggestion. Other words with colons mid-item stay text, as before.
+
 Weights. ``(tag:1.2)`` and ``(species:seal:1.2)`` are accepted and kept as written, and a weighted tag keeps its
 namespace. The bot renders with plain diffusers, which does not apply weights: CLIP reads the brackets and the
 number as text, so a note says so. The old ``tag:1.2`` form (no brackets) is read the same way.
@@ -18,7 +24,7 @@ from dataclasses import dataclass, field
 
 from bot.errors import PromptRejected
 from bot.prompts.blocklist import Blocklist
-from bot.prompts.namespaces import ALIASES, CONTENT, KNOWN, PROVENANCE, SAFE_RATINGS
+from bot.prompts.namespaces import ALIASES, CONTENT, KNOWN, PROVENANCE, SAFE_RATINGS, STEER_INSTEAD
 from bot.prompts.tokens import MAX_TOKENS, Tokenizer, count_tokens
 
 MAX_CHARS = 1500  # Discord's longest string option is 6000; nothing useful is longer than CLIP's 77 tokens anyway.
@@ -45,7 +51,6 @@ _EXAMPLES = {
     "year": "1999",
 }
 _GLUED = re.compile(r"\s(?P<namespace>" + "|".join(sorted(KNOWN | ALIASES.keys(), key=len, reverse=True)) + r"):\S")
-_DESCRIBE_INSTEAD = {"title": "series", "pixiv work": "series", "category": "meta", "text": "meta"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,7 @@ class _Item:
     error: Problem | None = None
     note: str | None = None
     weighted: bool = False
+    within: tuple[_Item, ...] = ()  # the tags (and typos of namespaces) among the words of a free-text item
 
 
 def normalise(text: str) -> str:
@@ -135,10 +141,11 @@ def check_prompt(
     rules = rules or Rules()
     items = _items(text, field_name=field_name)
     prompt = ", ".join(item.text for item in items)
-    errors = [item.error for item in items if item.error is not None]
-    warnings = list(dict.fromkeys(item.note for item in items if item.note is not None))
-    tags = tuple(item.tag for item in items if item.tag is not None)
-    if any(item.weighted for item in items):
+    readings = [reading for item in items for reading in (item, *item.within)]
+    errors = [reading.error for reading in readings if reading.error is not None]
+    warnings = list(dict.fromkeys(reading.note for reading in readings if reading.note is not None))
+    tags = tuple(reading.tag for reading in readings if reading.tag is not None)
+    if any(reading.weighted for reading in readings):
         warnings.append(
             "Weights like `(tag:1.2)` are not applied by this bot: the model reads the brackets and numbers as text."
         )
@@ -232,6 +239,32 @@ def _words(text: str) -> str:
 @functools.lru_cache(maxsize=65_536)
 def _item(item: str, field_name: str) -> _Item:
     """Read one comma-separated item."""
+    read = _whole(item, field_name)
+    if read.tag is None and read.error is None and ":" in item and " " in read.text:
+        return _within(item, field_name, read)
+    return read
+
+
+def _within(item: str, field_name: str, plain: _Item) -> _Item:
+    """Read the words after the first of a free-text item: ``namespace:value`` is a tag of that one word."""
+    words = plain.text.split(" ")  # underscores already read as spaces, so a word never hides two
+    found: list[_Item] = []
+    for position, word in enumerate(words[1:], start=1):
+        if ":" not in word or word.endswith(":"):
+            continue  # `genres: fantasy` is prose, and `species:` with nothing after it is no tag
+        read = _item(word, field_name)
+        if read.tag is not None:
+            words[position] = read.text
+        elif read.error is None or read.error.code != "unknown_namespace" or read.error.suggestion is None:
+            continue  # `10:30`, `hunter:world`, `re:zero`: text, as before
+        found.append(read)
+    if not found:
+        return plain
+    return _Item(text=" ".join(words), weighted=plain.weighted, within=tuple(found))
+
+
+def _whole(item: str, field_name: str) -> _Item:
+    """Read a whole item as a tag when it starts with a namespace, else as free text."""
     match = _PREFIX.fullmatch(item) if ":" in item else None
     if match is None:
         return _plain(item)
@@ -256,6 +289,8 @@ def _item(item: str, field_name: str) -> _Item:
         note = f"`{name}:` is written `{canonical}:` in Sygil's tags, so `{name}:` became `{canonical}:`."
         name = canonical
     if name not in KNOWN:
+        if " " in name and name.rpartition(" ")[2] in KNOWN | ALIASES.keys():
+            return _plain(item)  # `a species:seal`: free text with a tag in it, not a typo of `species:`
         if rest[:1].isspace():
             return _plain(item)  # `note: hello` is prose; INE never puts a space after the colon
         if _NUMBER.fullmatch(rest) and not weight:
@@ -286,7 +321,7 @@ def _item(item: str, field_name: str) -> _Item:
             ),
         )
     if name in PROVENANCE:
-        instead = _DESCRIBE_INSTEAD.get(name, "meta")
+        instead = STEER_INSTEAD.get(name, "meta")
         return _Item(
             text=text,
             tag=Tag(name, tag),

@@ -315,3 +315,109 @@ def test_two_tags_without_a_comma_get_a_note() -> None:
 
 def test_an_empty_tag_gets_an_example_from_its_namespace() -> None:
     assert "`creator:chris rallis`" in check_prompt("artist:").errors[0].message
+
+
+# Tags inside free text
+
+
+@pytest.mark.parametrize(
+    ("text", "prompt", "tags"),
+    [
+        ("a photo of species:seal", "a photo of species:seal", (Tag("species", "seal"),)),
+        ("A photo of Species:Seal on a beach", "A photo of species:seal on a beach", (Tag("species", "seal"),)),
+        ("a species:seal", "a species:seal", (Tag("species", "seal"),)),
+        (
+            "a seal by studio:dc, species:cat",
+            "a seal by studio:dc, species:cat",
+            (Tag("studio", "dc"), Tag("species", "cat")),
+        ),
+        ("at 10:30 year:1999 re:zero", "at 10:30 year:1999 re:zero", (Tag("year", "1999"),)),
+        ("a photo (species:seal:1.2)", "a photo (species:seal:1.2)", (Tag("species", "seal"),)),
+        ("a_photo_of_species:seal", "a photo of species:seal", (Tag("species", "seal"),)),
+    ],
+)
+def test_a_namespace_word_inside_free_text_is_a_tag(text: str, prompt: str, tags: tuple[Tag, ...]) -> None:
+    verdict = check_prompt(text)
+    assert verdict.ok, verdict.errors
+    assert verdict.prompt == prompt and verdict.tags == tags
+    assert check_prompt(verdict.prompt).tags == tags
+
+
+def test_a_tag_inside_free_text_is_that_one_word() -> None:
+    # A multi-word tag needs its own item; mid-item, it ends at its first space (underscores are spaces).
+    assert check_prompt("a painting by creator:chris rallis").tags == (Tag("creator", "chris"),)
+    assert check_prompt("a painting, creator:chris rallis").tags == (Tag("creator", "chris rallis"),)
+    # Whole items keep their reading: a tag from the first colon to the end of the item.
+    assert check_prompt("species:seal on a beach").tags == (Tag("species", "seal on a beach"),)
+
+
+@pytest.mark.parametrize(
+    ("text", "suggestions"),
+    [
+        ("a photo of speces:seal", ["species:"]),
+        ("A Photo Of Speces:Seal", ["species:"]),
+        ("a speces:seal and a studoi:dc", ["species:", "studio:"]),
+        ("a seal, drawn by artst:someone", ["creator:"]),
+    ],
+)
+def test_a_namespace_typo_inside_free_text_gets_the_suggestion(text: str, suggestions: list[str]) -> None:
+    verdict = check_prompt(text)
+    assert [error.code for error in verdict.errors] == ["unknown_namespace"] * len(suggestions)
+    assert [error.suggestion for error in verdict.errors] == suggestions
+    assert "`speces:` is not a namespace Sygil knows. Did you mean `species:`?" in [
+        error.message for error in check_prompt("a photo of speces:seal").errors
+    ]
+
+
+def test_a_tag_inside_free_text_gets_the_checks_of_a_whole_item() -> None:
+    verdict = check_prompt("a painting by artist:chris_rallis")
+    assert verdict.ok and verdict.prompt == "a painting by creator:chris rallis"
+    assert verdict.tags == (Tag("creator", "chris"),)
+    assert "`artist:` became `creator:`" in verdict.warnings[0]
+    assert codes("a photo of rating:explicit") == ["rating_not_allowed"]
+    assert check_prompt("a photo of rating:explicit", rules=Rules(allow_rating=True)).ok
+    assert codes("a photo from subreddit:pics") == ["provenance_namespace"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "meeting at 12:30 on the beach",
+        "a poster in 16:9 format",
+        "see https://example.com/a:b for the pose",
+        "a poster of monster hunter:world",
+        "a poster of monster hunter:world 2",
+        "cover art of re:zero season two",
+        "a smiling seal :3 so cute",
+        "a seal :D",
+        "a custom emoji <:seal:123456> here",
+        "a timestamp <t:1700000000:R> here",
+        "a photo of hunter:world",
+        "a note: remember the sea",
+        "a list of genres: fantasy",
+        "a photo of species: seal",
+        "a photo of species:",
+        "a b:c d",
+        "a (cat:1.2) and a dog",
+        "日本語 テキスト:テキスト",
+    ],
+)
+def test_colons_inside_free_text_that_are_not_namespaces_stay_text(text: str) -> None:
+    verdict = check_prompt(text)
+    assert verdict.ok, verdict.errors
+    assert verdict.tags == () and verdict.prompt == normalise(verdict.prompt)
+
+
+_WORDS = (
+    "a photo of species:seal Speces:Seal artist:chris_rallis (species:seal:1.2) 10:30 https://x.y/a:b :3 re:zero "
+    "hunter:world x_studio:dc note: species: cat:1.2 _"
+).split()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_WORDS), min_size=1, max_size=8).map(lambda words: "a " + " ".join(words)))
+def test_tags_inside_free_text_are_read_the_same_from_the_normalised_prompt(text: str) -> None:
+    verdict = check_prompt(text)
+    assert normalise(verdict.prompt) == verdict.prompt
+    again = check_prompt(verdict.prompt)
+    assert again.tags == verdict.tags and again.errors == verdict.errors
