@@ -7,8 +7,9 @@ language. Colons that are not namespaces stay text: ``16:9``, ``12:30``, URLs, `
 Inside free text, a later word written ``namespace:value`` is a tag too, of that one word: ``a photo of
 species:seal on a beach`` keeps its text and yields the tag ``species:seal``. A multi-word tag needs its own item
 (``a photo, creator:chris rallis``): read mid-item it would end at its first space. Such a word gets the checks a
-whole item gets (aliases, provenance namespaces, ratings, weights), and a word that is a typo of a namespace
-(``speces:seal``) is refused with the same suggestion. Other words with colons mid-item stay text, as before.
+whole item gets (aliases, ratings, weights; a provenance name such as ``text:`` stays text there), and a word that
+is a typo of a namespace (``speces:seal``) is refused with the same suggestion. Other words with colons mid-item stay
+text, as before.
 
 Weights. ``(tag:1.2)`` and ``(species:seal:1.2)`` are accepted and kept as written, and a weighted tag keeps its
 namespace. The bot renders with plain diffusers, which does not apply weights: CLIP reads the brackets and the
@@ -253,6 +254,8 @@ def _within(item: str, field_name: str, plain: _Item) -> _Item:
         if ":" not in word or word.endswith(":"):
             continue  # `genres: fantasy` is prose, and `species:` with nothing after it is no tag
         read = _item(word, field_name)
+        if read.error is not None and read.error.code == "provenance_namespace":
+            continue  # `a sign with text:hello`: mid-item, a provenance name stays text, as it was accepted before
         if read.tag is not None:
             words[position] = read.text
         elif read.error is None or read.error.code != "unknown_namespace" or read.error.suggestion is None:

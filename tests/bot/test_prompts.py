@@ -376,7 +376,9 @@ def test_a_tag_inside_free_text_gets_the_checks_of_a_whole_item() -> None:
     assert "`artist:` became `creator:`" in verdict.warnings[0]
     assert codes("a photo of rating:explicit") == ["rating_not_allowed"]
     assert check_prompt("a photo of rating:explicit", rules=Rules(allow_rating=True)).ok
-    assert codes("a photo from subreddit:pics") == ["provenance_namespace"]
+    # Provenance names steer nothing; mid-item they stay text, as they always were (alone they are refused).
+    verdict = check_prompt("a photo from subreddit:pics")
+    assert verdict.ok and verdict.tags == () and verdict.prompt == "a photo from subreddit:pics"
 
 
 @pytest.mark.parametrize(
