@@ -88,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--allow-rating", action="store_true", help="check as in an age-restricted channel")
     check.set_defaults(handler=_prompt_check)
 
+    export = commands.add_parser("export-feedback", help="write one record per image with its votes, for training")
+    export.add_argument("--out", type=Path, required=True, help="file to write (- for standard output)")
+    export.add_argument("--format", choices=["jsonl", "csv"], default=None, help="default: from --out's suffix")
+    export.add_argument("--since", type=_date, default=None, help="images made on or after this date (YYYY-MM-DD)")
+    export.add_argument("--until", type=_date, default=None, help="images made before this date (YYYY-MM-DD)")
+    export.add_argument("--min-votes", type=int, default=0, help="only images with at least this many votes")
+    export.add_argument("--revision", default=None, help="only images made by this model revision")
+    export.add_argument("--config", type=Path, default=Path("config.toml"), help="where storage.path is set")
+    export.add_argument("--database", type=Path, default=None, help="the SQLite file (default: the config's)")
+    export.set_defaults(handler=_export_feedback)
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weights Sygil-shaped model (for tests)")
     tiny.add_argument("directory", type=Path)
     tiny.set_defaults(handler=_make_tiny_model)
@@ -342,6 +353,46 @@ def _describe(report: dict[str, Any]) -> str:
         lines.append(f"  error [{error['code']}]: {error['message']}{hint}")
     lines.extend(f"  note: {warning}" for warning in report["warnings"])
     return "\n".join(lines)
+
+
+def _date(text: str) -> float:
+    """Read a YYYY-MM-DD date (UTC) as Unix time, for argparse."""
+    import datetime
+
+    try:
+        day = datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date like 2026-11-30: {text!r}") from None
+    return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC).timestamp()
+
+
+def _export_feedback(args: argparse.Namespace) -> int:
+    from bot.feedback import Filters, export, terminal_progress
+    from bot.storage import Database
+
+    database = args.database or Config.load(args.config, require_token=False).storage.path
+    if not database.is_file():
+        print(f"sygil-bot: no database at {database} (set --database, or storage.path in the config)", file=sys.stderr)
+        return EXIT_USAGE
+    suffix = args.out.suffix.lower().lstrip(".")
+    fmt = args.format or (suffix if suffix in ("jsonl", "csv") else "jsonl")
+    filters = Filters(since=args.since, until=args.until, min_votes=args.min_votes, revision=args.revision)
+    progress = terminal_progress if sys.stderr.isatty() else None
+
+    async def run(out: Any) -> int:
+        # Read while the bot runs: SQLite's WAL lets this reader see a consistent snapshot beside the writer.
+        async with await Database.open(database) as db:
+            return await export(db, out, format=fmt, filters=filters, progress=progress)
+
+    if str(args.out) == "-":
+        count = asyncio.run(run(sys.stdout))
+    else:
+        with args.out.open("w", encoding="utf-8", newline="") as out:
+            count = asyncio.run(run(out))
+    if progress is not None:
+        sys.stderr.write("\n")
+    print(f"wrote {count} images to {args.out} ({fmt})", file=sys.stderr)
+    return 0
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import enum
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -614,6 +614,43 @@ class Database:
                 audit.reason,
             ),
         )
+
+    async def feedback(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        min_votes: int = 0,
+        revision: str | None = None,
+        chunk: int = 500,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield one record per image, oldest first: what made it, its lineage and its votes; streamed in chunks
+        so memory does not grow with the number of images."""
+        sql = """
+            SELECT i.job_id, i.idx, i.seed, i.nsfw, i.model_revision, i.dtype, i.compiled, i.batch_id, i.batch_size,
+                   i.waited_s, i.rendered_s, i.created_at, i.deleted_at, i.file,
+                   j.kind, j.parent_job_id, j.parent_index, j.prompt, j.negative_prompt, j.steps, j.guidance,
+                   j.width, j.height, j.mode, j.strength, j.model, j.scheduler, j.guild_id,
+                   (SELECT COUNT(*) FROM votes v WHERE v.job_id = i.job_id AND v.idx = i.idx AND v.vote = 1) AS up,
+                   (SELECT COUNT(*) FROM votes v WHERE v.job_id = i.job_id AND v.idx = i.idx AND v.vote = -1) AS down,
+                   (SELECT group_concat(t.namespace || ':' || t.tag, '|') FROM job_tags t WHERE t.job_id = i.job_id)
+                       AS tags
+            FROM images i JOIN jobs j ON j.id = i.job_id
+            WHERE (:since IS NULL OR i.created_at >= :since)
+              AND (:until IS NULL OR i.created_at < :until)
+              AND (:revision IS NULL OR i.model_revision = :revision)
+              AND (SELECT COUNT(*) FROM votes v WHERE v.job_id = i.job_id AND v.idx = i.idx) >= :min_votes
+            ORDER BY i.job_id, i.idx
+        """
+        parameters = {"since": since, "until": until, "revision": revision, "min_votes": min_votes}
+        async with self._db.execute(sql, parameters) as cursor:
+            while rows := await cursor.fetchmany(chunk):
+                for row in rows:
+                    record = dict(row)
+                    record["tags"] = record["tags"].split("|") if record["tags"] else []
+                    record["nsfw"] = bool(record["nsfw"])
+                    record["compiled"] = None if record["compiled"] is None else bool(record["compiled"])
+                    yield record
 
     async def _rows(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
         async with self._db.execute(sql, parameters) as cursor:
