@@ -493,11 +493,9 @@ class Scheduler:
 
     def _estimate(self, ticket: Ticket) -> float:
         """Return the seconds a job should take its worker, measured for its settings where possible."""
-        per_image = self._seconds_per_image.get(ticket.settings)
-        if per_image is not None:
-            return per_image * len(ticket.specs)
-        assert self._seconds_per_work is not None
-        return ticket.work * self._seconds_per_work
+        estimate = self._estimate_images(ticket.settings, len(ticket.specs))
+        assert estimate is not None  # asked only once something was measured
+        return estimate
 
     def _in_flight(self) -> list[Ticket]:
         """Jobs handed to a worker: rendering, or held by the worker to render next."""

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from bot.engine.types import Settings
 from bot.storage import Database, JobKind, Provenance
+from tests.test_cli import sygil
 
 
 async def _database(path: Path) -> None:
@@ -36,14 +35,7 @@ async def _database(path: Path) -> None:
 
 
 def _export(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bot", "export-feedback", *args],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        timeout=120,
-        check=False,
-    )
+    return sygil("export-feedback", *args)
 
 
 async def test_jsonl_has_one_record_per_image_with_votes_revision_and_lineage(tmp_path: Path) -> None:
