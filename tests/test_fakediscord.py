@@ -656,6 +656,21 @@ async def test_message_nonce_is_enforced(server: FakeDiscord, bot: Bot) -> None:
     assert raised.value.code == 50035
 
 
+async def test_replies_need_their_message_unless_told_otherwise(server: FakeDiscord, bot: Bot) -> None:
+    channel = bot.get_channel(server.channel_id)
+    assert isinstance(channel, discord.TextChannel)
+    parent = await channel.send("parent")
+    reply = await channel.send("reply", reference=parent)
+    assert reply.type is discord.MessageType.reply and reply.reference is not None
+    assert reply.reference.message_id == parent.id and server.message(reply.id).type == 19
+    await parent.delete()
+    with pytest.raises(discord.HTTPException) as raised:
+        await channel.send("orphan", reference=parent)
+    assert raised.value.code == 50035
+    plain = await channel.send("orphan", reference=parent.to_reference(fail_if_not_exists=False))
+    assert plain.type is discord.MessageType.default and plain.reference is None
+
+
 _KILLED_BOT = textwrap.dedent(
     """
     import sys, discord, yarl

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from bot.storage import Database
+from tests.cogs.conftest import remix_result
 from tests.fakediscord import FakeDiscord, FakeInteraction, Message
 
 
@@ -101,10 +102,9 @@ async def test_run_serves_imagine_and_old_buttons_work_after_a_restart(tiny_mode
 
         async with bot_process(config, server, log) as process:
             reroll = await server.click(message.id, f"imagine:reroll:{job_id}:1")
-            rerolled = await server.wait_for_message(
-                lambda m: m.interaction_id == reroll.id and bool(m.attachments), timeout=120
-            )
+            rerolled = await remix_result(server, reroll, within=120)
             assert "Reroll of image 2" in rerolled.content
+            assert rerolled.reference is not None and rerolled.reference["message_id"] == str(message.id)
             vote = await server.click(message.id, f"imagine:vote:{job_id}:1:down")
             assert (await vote.wait_response())["type"] == 7
             await server.wait_for_message(lambda m: m.interaction_id == vote.id and m.ephemeral)
@@ -188,10 +188,12 @@ async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: 
         delivered_before = attachment_jobs(server)
 
         async with bot_process(config, server, log):
-            for interaction in (slow, variation, cat):
+            for interaction in (slow, cat):
                 await server.wait_for_message(
                     lambda m, i=interaction: m.interaction_id == i.id and bool(m.attachments), 120
                 )
+            varied = await remix_result(server, variation, within=120)
+            assert varied.reference is not None and varied.reference["message_id"] == str(source.id)
             # In its thinking message, or in the channel if the bot died before learning that message's id.
             final = await server.wait_for_message(lambda m: "last moment" in m.content and bool(m.attachments), 120)
             last_job = int(final.attachments[0].filename.split("_")[1])
@@ -204,7 +206,6 @@ async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: 
         counts = attachment_jobs(server)
         assert delivered_before == {source_job: 1}
         assert counts == {source_job: 1, **dict.fromkeys([*accepted_jobs, last_job], 1)}
-        varied = server.message(accepted[1].id)
         assert "Variation of image 1" in varied.content
         assert server.violations == []
 

@@ -148,7 +148,7 @@ class Imagine(commands.Cog):
         parent = await self.service.source(job_id=job_id, index=index, guild_id=interaction.guild_id)
         attachment = _attachment(interaction.message, filename(job_id, index)) if kind is JobKind.VARIATION else None
         admission = self.service.admit_remix(asker, kind=kind, parent=parent, index=index)
-        await self._accept(interaction, admission, attachment=attachment)
+        await self._accept(interaction, admission, attachment=attachment, private=True)
 
     async def _accept(
         self,
@@ -156,10 +156,13 @@ class Imagine(commands.Cog):
         admission: Admission,
         *,
         attachment: discord.Attachment | None = None,
+        private: bool = False,
     ) -> None:
-        """Store the admitted job, then answer publicly and start its delivery.
+        """Store the admitted job, then answer and start its delivery.
 
-        Stored first: once the requester sees the bot thinking, the job survives anything, even ``kill -9``.
+        Stored first: once the requester sees the bot thinking, the job survives anything, even ``kill -9``. A
+        remix (``private``) shows its place in line to its requester only: its result is posted as a reply to the
+        parent's message, so the channel gets one message per result, threaded under the image it came from.
         """
         try:
             image = await _download(attachment) if attachment is not None else None
@@ -169,7 +172,7 @@ class Imagine(commands.Cog):
             self.service.release(admission)
             raise
         try:
-            callback = await interaction.response.defer(thinking=True)
+            callback = await interaction.response.defer(thinking=True, ephemeral=private)
         except BaseException:
             await self.service.withdraw(queued, error="the interaction could not be acknowledged")
             raise
@@ -335,14 +338,17 @@ class Imagine(commands.Cog):
     ) -> int | None:
         """Put a job's outcome in its interaction's message while its token lives, else in its channel.
 
-        Returns the message's id. A channel post carries the job's nonce, so if the bot dies after posting and
-        before recording it, the post after the restart finds the first one instead of making a second.
+        A remix's images always go to the channel, as a reply to its parent's message, and its private status
+        message then links to them. Returns the message's id. A channel post carries the job's nonce, so if the
+        bot dies after posting and before recording it, the post after the restart finds the first one instead of
+        making a second.
         """
         files = [
             discord.File(io.BytesIO(image.png), filename=filename(job.id, i)) for i, image in enumerate(images or [])
         ]
         text = content if content is not None else result_text(job, images or [], notes)
-        if _alive(job.reply):
+        remix = job.parent_job_id is not None
+        if _alive(job.reply) and not (remix and files):
             try:
                 view = result_view(job.id, len(files)) if files else None
                 message = await self._edit_reply(job, content=text, files=files, view=view, clear_view=view is None)
@@ -358,16 +364,38 @@ class Imagine(commands.Cog):
         if not isinstance(channel, discord.abc.Messageable):
             log.warning("Cannot post job %d: channel %d is not a text channel", job.id, job.channel_id)
             return None
-        message = await channel.send(
+        # discord.py takes reference=None (no reply), though its overloads leave it out.
+        message = await channel.send(  # pyright: ignore[reportCallIssue]
             content=text,
             files=files,
             view=result_view(job.id, len(files)) if files else discord.utils.MISSING,
             allowed_mentions=_NO_PINGS,
             nonce=f"sygil-job-{job.id}",
+            reference=await self._parent_message(job),  # pyright: ignore[reportArgumentType]
         )
-        if job.reply is not None and job.reply.message_id is not None:
+        if not remix and job.reply is not None and job.reply.message_id is not None:
             await self._retire_status(channel, job.reply.message_id, message.jump_url)
+        elif remix and _alive(job.reply):
+            try:
+                await self._edit_reply(job, content=f"➡️ Posted: {message.jump_url}", clear_view=True)
+            except discord.HTTPException as exc:
+                log.info("Could not point the status of job %d at its result: %s", job.id, exc)
         return message.id
+
+    async def _parent_message(self, job: Job) -> discord.MessageReference | None:
+        """Return a reference to the message showing a remix's parent image, if it was posted."""
+        if job.parent_job_id is None:
+            return None
+        parent = await self.bot.db.get_job(job_id=job.parent_job_id)
+        if parent is None or parent.message_id is None:
+            return None
+        # Without the parent's message (deleted since), Discord posts the result as a plain message.
+        return discord.MessageReference(
+            message_id=parent.message_id,
+            channel_id=parent.channel_id,
+            guild_id=parent.guild_id,
+            fail_if_not_exists=False,
+        )
 
     async def _retire_status(self, channel: discord.abc.Messageable, message_id: int, result_url: str) -> None:
         """Point a status message whose token expired at the result posted below it, without its Cancel button."""

@@ -113,6 +113,15 @@ async def final_message(server: FakeDiscord, interaction: FakeInteraction, withi
     return await server.wait_for_message(lambda m: m.interaction_id == interaction.id and bool(m.attachments), within)
 
 
+async def remix_result(server: FakeDiscord, interaction: FakeInteraction, within: float = 60) -> Message:
+    """Return the images a reroll or variation posted in the channel, through the link its private status shows."""
+    status = await server.wait_for_message(
+        lambda m: m.interaction_id == interaction.id and m.content.startswith("➡️ Posted:"), within
+    )
+    assert status.ephemeral, status.content
+    return server.message(int(status.content.rsplit("/", 1)[1]))
+
+
 def job_id_of(message: Message) -> int:
     return int(message.attachments[0].filename.split("_")[1])
 

@@ -11,7 +11,7 @@ import pytest
 from bot.engine.types import Mode
 from bot.storage import JobKind, JobStatus
 from cogs.imagine._views import CancelButton, RemixButton, VoteButton
-from tests.cogs.conftest import Harness, all_delivered, final_message, job_id_of, job_when, pngs
+from tests.cogs.conftest import Harness, all_delivered, final_message, job_id_of, job_when, pngs, remix_result
 
 
 async def test_imagine_defers_then_posts_images_with_buttons(harness: Harness) -> None:
@@ -121,23 +121,42 @@ async def test_reroll_and_variation_post_new_images(harness: Harness) -> None:
         job_id = int(original.attachments[0].filename.split("_")[1])
 
         reroll = await server.click(original.id, f"imagine:reroll:{job_id}:0")
-        rerolled = await final_message(server, reroll)
+        assert (await reroll.wait_response())["type"] == 5 and reroll.ephemeral  # its place in line is private
+        rerolled = await remix_result(server, reroll)
         assert pngs(rerolled)[0].size == (64, 96)
         assert "Reroll of image 1" in rerolled.content
         assert pngs(rerolled)[0].tobytes() != pngs(original)[0].tobytes()
+        # The result is a public reply to the message it came from.
+        assert not rerolled.ephemeral and rerolled.type == 19
+        assert rerolled.reference is not None and rerolled.reference["message_id"] == str(original.id)
 
         variation = await server.click(original.id, f"imagine:variation:{job_id}:0")
-        varied = await final_message(server, variation)
+        varied = await remix_result(server, variation)
         assert pngs(varied)[0].size == (64, 96)
         assert "Variation of image 1" in varied.content
+        assert varied.reference is not None and varied.reference["message_id"] == str(original.id)
+        assert varied.allowed_mentions is not None and varied.allowed_mentions["parse"] == []
 
         reroll_job = await bot.db.get_job(job_id=int(rerolled.attachments[0].filename.split("_")[1]))
         variation_job = await bot.db.get_job(job_id=int(varied.attachments[0].filename.split("_")[1]))
         assert variation_job is not None
 
         # The buttons of a variation work too; its reroll renders the prompt afresh at the same size.
-        again = await server.click(varied.id, f"imagine:reroll:{variation_job.id}:0")
-        assert pngs(await final_message(server, again))[0].size == (64, 96)
+        again = await remix_result(server, await server.click(varied.id, f"imagine:reroll:{variation_job.id}:0"))
+        assert pngs(again)[0].size == (64, 96)
+        assert again.reference is not None and again.reference["message_id"] == str(varied.id)
+        job = await job_when(bot.db, variation_job.id, JobStatus.DONE)
+        assert job.message_id == varied.id  # the variation's own message is the parent its remixes reply to
+
+        # A remix whose parent's message is deleted while it waits is posted as a plain message.
+        harness.render.open.clear()
+        orphan = await server.click(varied.id, f"imagine:variation:{variation_job.id}:0")
+        await server.wait_for_message(lambda m: m.interaction_id == orphan.id and "Rendering" in m.content)
+        await server.click(varied.id, f"imagine:delete:{variation_job.id}")
+        await server.wait_for_message(lambda m: m.id == varied.id and m.deleted)
+        harness.render.open.set()
+        plain = await remix_result(server, orphan)
+        assert plain.reference is None and plain.type == 0 and "Variation of image 1" in plain.content
     assert reroll_job is not None and reroll_job.kind is JobKind.REROLL and reroll_job.parent_job_id == job_id
     assert variation_job is not None and variation_job.settings.mode is Mode.IMG2IMG
     assert variation_job.prompt == reroll_job.prompt == "species:seal"
@@ -170,7 +189,7 @@ async def test_info_shows_what_made_the_images_and_the_parent(harness: Harness) 
         ):
             assert expected in text, (expected, text)
 
-        varied = await final_message(server, await server.click(original.id, f"imagine:variation:{job_id}:0"))
+        varied = await remix_result(server, await server.click(original.id, f"imagine:variation:{job_id}:0"))
         info = await server.click(varied.id, f"imagine:info:{job_id_of(varied)}")
         text = (await info.wait_response())["data"]["content"]
         assert f"**Parent:** image 1 of job {job_id} (variation)" in text
@@ -236,7 +255,7 @@ async def test_buttons_keep_working_after_a_restart(harness: Harness) -> None:
         vote = await server.click(message.id, f"imagine:vote:{job_id}:0:up")
         await vote.wait_response()
         reroll = await server.click(message.id, f"imagine:reroll:{job_id}:0")
-        rerolled = await final_message(server, reroll)
+        rerolled = await remix_result(server, reroll)
         tally = await bot.db.vote_tally(job_id=job_id, index=0)
     assert tally.up == 1
     assert pngs(rerolled)[0].size == (64, 64)

@@ -36,7 +36,9 @@ instead of posting a new one, keeping the deferral's ephemeral flag; type 6/7 ca
 the ``@original``; ephemeral messages are left out of ``server.messages(channel_id)`` unless asked for.
 ``POST /channels/{id}/messages`` with a ``nonce`` and ``enforce_nonce: true`` answers with the message the bot already
 sent with that nonce in that channel within ``nonce_ttl`` (10 minutes) and creates nothing (discord.py's ``send``
-always sends a random nonce with ``enforce_nonce``). A bot that dies without closing (SIGKILL) just drops its
+always sends a random nonce with ``enforce_nonce``). A send with a ``message_reference`` is a reply (type 19) to a
+message of that channel; a missing one fails it with 50035 unless ``fail_if_not_exists`` is false, which sends a plain
+message. A bot that dies without closing (SIGKILL) just drops its
 session: frames for it are discarded quietly, and the next bot to connect gets READY.
 
 The guild: ``guild_id`` (also the id of @everyone), ``channel_id`` (``#general``), ``user_id`` (``tester``, the

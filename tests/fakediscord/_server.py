@@ -795,6 +795,7 @@ class FakeDiscord:
         """Check a create or edit body, then apply it to message; nothing changes when it is refused."""
         body: dict[str, Any] = call.body or {}
         check_message(body)
+        reference = None if edit else self._reference(message.channel_id, body.get("message_reference"))
         attachments = self._build_attachments(message, call, edit=edit)
         if attachments is not None:
             message.attachments = attachments
@@ -812,12 +813,26 @@ class FakeDiscord:
             message.edited_timestamp = iso_now()
         else:
             message.tts = bool(body.get("tts"))
-            message.reference = body.get("message_reference")
+            message.reference = reference
+            if reference is not None:
+                message.type = 19  # REPLY
             message.flags = body.get("flags") or 0
             if not (message.content or message.embeds or message.attachments or message.components):
                 raise Refusal(400, 50006, "Cannot send an empty message")
         self._messages.setdefault(message.id, message)
         return message
+
+    def _reference(self, channel_id: int, reference: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Resolve a reply's ``message_reference`` as Discord does: a missing message fails the send unless
+        ``fail_if_not_exists`` is false, which sends it as a plain message."""
+        if reference is None:
+            return None
+        target = self._messages.get(int(reference.get("message_id") or 0))
+        if target is None or target.deleted or target.ephemeral or target.channel_id != channel_id:
+            if reference.get("fail_if_not_exists", True):
+                raise invalid_form("message_reference", "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "Unknown message")
+            return None
+        return {"type": 0, "channel_id": str(channel_id), "message_id": str(target.id), "guild_id": str(self.guild_id)}
 
     def _create(self, channel_id: int, call: _Call, interaction: FakeInteraction | None = None) -> Message:
         message = Message(self._ids(), channel_id, self.bot_user_id)
