@@ -104,6 +104,11 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsConfig:
+    min_votes: int = 3  # a namespace or tag needs this many votes before /stats ranks it
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     token: str = field(repr=False)
     discord: DiscordConfig = DiscordConfig()
@@ -114,6 +119,7 @@ class Config:
     engine: EngineConfig = EngineConfig()
     moderation: ModerationConfig = ModerationConfig()
     storage: StorageConfig = StorageConfig()
+    stats: StatsConfig = StatsConfig()
 
     @classmethod
     def load(cls, path: Path, *, environ: Mapping[str, str] = os.environ, require_token: bool = True) -> Config:
@@ -158,6 +164,7 @@ class Config:
             ),
             moderation=reader.section("moderation", ModerationConfig, {"roles": _roles}),
             storage=reader.section("storage", StorageConfig, {"path": _path}),
+            stats=reader.section("stats", StatsConfig),
         )
         reader.finish()
         _check(config, source)
@@ -225,7 +232,7 @@ class _Reader:
             raise ConfigError(f"{self._source}: unknown setting {self._unknown[0]} (see config.example.toml)")
 
 
-_SECTIONS = ("discord", "model", "generation", "prompts", "queue", "engine", "moderation", "storage")
+_SECTIONS = ("discord", "model", "generation", "prompts", "queue", "engine", "moderation", "storage", "stats")
 
 
 def _convert(value: Any, kind: type) -> Any:
@@ -395,3 +402,5 @@ def _check(config: Config, source: str) -> None:
             fail(
                 "engine.warmup_batches", f"each must be between 1 and queue.max_batch ({queue.max_batch}), got {batch}"
             )
+    if config.stats.min_votes < 1:
+        fail("stats.min_votes", f"must be at least 1 (a rate needs a vote to rank by), got {config.stats.min_votes}")

@@ -1,25 +1,29 @@
-"""/queue and /limits: what everyone may see of the queue and of their own limits."""
+"""/queue, /limits and /stats: what everyone may see of the queue, their own limits, and the votes."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.client import requester
+from bot.engine.revision import short
 from bot.limits import DESCRIPTIONS, describe_images, describe_wait
+from bot.stats import Approval, Figures, Rated, figures
 
 if TYPE_CHECKING:
     from bot.client import SygilBot
 
 _NO_PINGS = discord.AllowedMentions.none()
+_NAME_LIMIT = 40  # characters of a tag shown
+_REVISIONS_SHOWN = 5
 
 
 class Stats(commands.Cog):
-    """Commands for everyone about the queue and their limits."""
+    """Commands for everyone about the queue, their limits and the votes."""
 
     def __init__(self, bot: SygilBot) -> None:
         self.bot = bot
@@ -82,6 +86,94 @@ class Stats(commands.Cog):
         for name in ("max_count", "max_steps"):
             lines.append(f"• {DESCRIPTIONS[name]}: **{limits.value(name)}** ({limits.origins[name].describe()})")
         await interaction.response.send_message("\n".join(lines), ephemeral=True, allowed_mentions=_NO_PINGS)
+
+    # One command with an optional choice rather than a group with `server` and `me` subcommands: Discord cannot
+    # run a group by itself, and plain `/stats` must work. It reads `/stats for: me`.
+    @app_commands.command(name="stats")
+    @app_commands.guild_only()
+    @app_commands.rename(scope="for")
+    @app_commands.describe(scope="This server's figures (the default), or those of the images you made here")
+    async def stats(
+        self, interaction: discord.Interaction[SygilBot], scope: Literal["server", "me"] = "server"
+    ) -> None:
+        """Show images made, votes, approval, the best and worst tags and busiest hours here, or yours"""
+        assert interaction.guild_id is not None  # guild_only
+        # Private, like /queue and /limits: no channel fills up with figures. The queries take a moment on a big
+        # server, so acknowledge first.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        found = await figures(
+            self.bot.db,
+            guild_id=interaction.guild_id,
+            user_id=interaction.user.id if scope == "me" else None,
+            min_votes=self.bot.config.stats.min_votes,
+        )
+        await interaction.followup.send(describe(found), ephemeral=True, allowed_mentions=_NO_PINGS)
+
+
+def describe(found: Figures) -> str:
+    """Write the figures as a short message, far under Discord's 2,000 characters."""
+    cast = found.cast or Approval()
+    if found.user_id is None:
+        if not found.images:
+            return "No images yet in this server: make the first with `/imagine`."
+        lines = ["**Stats for this server**", f"{_images(found.images)} made; {_votes(found.approval, bold=True)}."]
+    else:
+        lines = ["**Your stats here**"]
+        if found.images:
+            lines.append(f"You made {_images(found.images)}; they got {_votes(found.approval, bold=True)}.")
+        else:
+            lines.append("You have made no images here yet: try `/imagine`.")
+        if cast.rate is not None:
+            lines.append(f"You cast **{cast.votes:,}** vote{_s(cast.votes)} here, **{cast.rate:.0%}** of them 👍.")
+        if not found.images:
+            return "\n".join(lines)
+    ranks = [
+        ("Best namespaces", found.best_namespaces),
+        ("Worst namespaces", found.worst_namespaces),
+        ("Best tags", found.best_tags),
+        ("Worst tags", found.worst_tags),
+    ]
+    ranks = [(title, items) for title, items in ranks if items]
+    for title, items in ranks:
+        lines.append(f"**{title}:** " + " · ".join(_rated(item) for item in items))
+    if found.busiest_hours:
+        hours = " · ".join(
+            f"{hour:02d}:00–{(hour + 1) % 24:02d}:00 ({images:,})" for hour, images in found.busiest_hours
+        )
+        lines.append(f"**Busiest hours (UTC, images):** {hours}")
+    lines.append("**By model revision**, newest first:")
+    for row in found.revisions[:_REVISIONS_SHOWN]:
+        name = f"`{short(row.revision)}`" if row.revision else "not recorded"
+        lines.append(f"• {name}: {_images(row.images, bold=False)}, {_votes(row.approval)}")
+    if len(found.revisions) > _REVISIONS_SHOWN:
+        lines.append(f"…and {len(found.revisions) - _REVISIONS_SHOWN} more.")
+    if ranks:
+        lines.append(f"-# Namespaces and tags with {found.min_votes} votes or more are ranked. Deleted images count.")
+    else:
+        lines.append(f"-# No namespace or tag has the {found.min_votes} votes it needs to be ranked yet.")
+    return "\n".join(lines)
+
+
+def _rated(item: Rated) -> str:
+    """Write ``species:seal 75% 👍 (4 votes)``."""
+    name = item.name if len(item.name) <= _NAME_LIMIT else item.name[: _NAME_LIMIT - 1] + "…"
+    votes = item.approval.votes
+    return f"{discord.utils.escape_markdown(name)} {item.approval.rate or 0:.0%} 👍 ({votes:,} vote{_s(votes)})"
+
+
+def _images(count: int, *, bold: bool = True) -> str:
+    number = f"**{count:,}**" if bold else f"{count:,}"
+    return f"{number} image{_s(count)}"
+
+
+def _votes(approval: Approval, *, bold: bool = False) -> str:
+    """Write ``3 votes, 67% 👍``."""
+    if approval.rate is None:
+        return "no votes"
+    count, rate = f"{approval.votes:,}", f"{approval.rate:.0%}"
+    if bold:
+        count, rate = f"**{count}**", f"**{rate}**"
+    return f"{count} vote{_s(approval.votes)}, {rate} 👍"
 
 
 def _s(count: float) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bot.engine.types import Settings
 from bot.storage import Database, JobKind, Provenance
+from tests._bulk import bulk_database
 from tests.test_cli import sygil
 
 
@@ -89,36 +90,6 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
     assert bad_date.returncode == 2 and "not a date like 2026-11-30" in bad_date.stderr
 
 
-async def _bulk(path: Path, images: int) -> None:
-    """A database of ``images`` one-image jobs with tags and votes, written in bulk."""
-    import sqlite3
-
-    async with await Database.open(path):
-        pass  # creates the schema
-    connection = sqlite3.connect(path)
-    with connection:
-        connection.executemany(
-            "INSERT INTO jobs (id, kind, user_id, guild_id, channel_id, prompt, seed, count, steps, guidance, width,"
-            " height, mode, strength, model, scheduler, status, created_at)"
-            " VALUES (?, 'imagine', 1, 2, 3, ?, ?, 1, 25, 7.0, 512, 512, 'txt2img', 0.6, 'tiny', 'dpm++', 'done', ?)",
-            [(job, f"species:seal, photo {job}", job, 1_700_000_000 + job) for job in range(1, images + 1)],
-        )
-        connection.executemany(
-            "INSERT INTO images (job_id, idx, seed, nsfw, model_revision, batch_id, batch_size, created_at)"
-            " VALUES (?, 0, ?, 0, 'sha256:x', ?, 8, ?)",
-            [(job, job, job // 8, 1_700_000_000 + job) for job in range(1, images + 1)],
-        )
-        connection.executemany(
-            "INSERT INTO job_tags (job_id, namespace, tag) VALUES (?, 'species', 'seal')",
-            [(job,) for job in range(1, images + 1)],
-        )
-        connection.executemany(
-            "INSERT INTO votes (job_id, idx, user_id, vote, updated_at) VALUES (?, 0, ?, ?, 0)",
-            [(job, user, 1 if (job + user) % 3 else -1) for job in range(1, images + 1) for user in (5, 6)],
-        )
-    connection.close()
-
-
 class _Discard:
     """A text sink that keeps nothing, so only the export's own memory is measured."""
 
@@ -134,7 +105,7 @@ async def test_export_streams_its_memory_does_not_grow_with_the_rows(tmp_path: P
     peaks: dict[int, int] = {}
     for images in (10_000, 100_000):
         database = tmp_path / f"sygil-{images}.db"
-        await _bulk(database, images)
+        await bulk_database(database, images)
         async with await Database.open(database) as db:
             sink = _Discard()
             tracemalloc.start()

@@ -6,12 +6,14 @@ from bot.storage.database import (
     AuditEntry,
     Database,
     GuildRules,
+    ImageCounts,
     ImageRecord,
     Job,
     JobKind,
     JobStatus,
     Provenance,
     Reply,
+    TagCounts,
     VoteTally,
 )
 
@@ -19,11 +21,13 @@ __all__ = [
     "AuditEntry",
     "Database",
     "GuildRules",
+    "ImageCounts",
     "ImageRecord",
     "Job",
     "JobKind",
     "JobStatus",
     "Provenance",
     "Reply",
+    "TagCounts",
     "VoteTally",
 ]

@@ -27,6 +27,7 @@ def test_example_config_loads_with_defaults() -> None:
     assert config.generation.size("512x768") == (512, 768)
     assert (config.queue.max_per_user, config.queue.images_per_hour, config.queue.shutdown_grace) == (3, 60, 30.0)
     assert config.moderation.roles == ()
+    assert config.stats.min_votes == 3
     assert config.engine_options() == EngineOptions(warmup_batches=(1, 2, 4, 8), warmup_sizes=((512, 512),))
 
 
@@ -94,6 +95,8 @@ def test_settings_are_read(tmp_path: Path) -> None:
         roles = [123456789012345678, "Moderators", "42"]
         [storage]
         path = "/tmp/x.db"
+        [stats]
+        min_votes = 10
         """,
     )
     config = Config.load(path, environ=ENV)
@@ -103,6 +106,7 @@ def test_settings_are_read(tmp_path: Path) -> None:
     assert config.model.scheduler == "euler-a"
     assert config.generation.sizes == ("64x64", "64x96")
     assert config.storage.path == Path("/tmp/x.db")
+    assert config.stats.min_votes == 10
     assert config.prompts.blocklist == ("bad", "two words")
     assert config.prompts.allow_truncation and config.prompts.rating_channels == (42,)
 
@@ -130,6 +134,8 @@ def test_settings_are_read(tmp_path: Path) -> None:
         ("[moderation]\nroles = 'mods'", "moderation.roles: must be a list of role ids or names"),
         ("[moderation]\nroles = [true]", "moderation.roles: each role must be a role id"),
         ("[engine]\nattention = 'flash'", "engine.attention: must be one of sdpa, xformers, slicing"),
+        ("[stats]\nmin_votes = 0", "stats.min_votes: must be at least 1"),
+        ("[stats]\nmin_votes = 2.5", "stats.min_votes: must be a whole number"),
         ("[engine]\ncompile = 1", "engine.compile: must be true or false"),
         ("[engine]\nwarmup_batches = [0]", "engine.warmup_batches: each must be between 1 and queue.max_batch (8)"),
         ("[engine]\nwarmup_batches = [9]", "engine.warmup_batches: each must be between 1 and queue.max_batch (8)"),
