@@ -13,7 +13,8 @@ COPY bot ./bot
 COPY cogs ./cogs
 # The base image's CUDA torch satisfies the project's torch requirement, so pip keeps it. xformers is left out:
 # its wheels pin one torch release and would pull another; PyTorch's own SDPA attention is used instead.
-RUN pip install .
+# pyarrow (the export extra) lets `sygil-bot export-feedback` write Parquet inside the container.
+RUN pip install ".[export]"
 COPY --chown=sygil config.example.toml /app/config.example.toml
 
 USER sygil

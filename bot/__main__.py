@@ -20,6 +20,7 @@ from bot.errors import BotError, ConfigError
 
 if TYPE_CHECKING:
     from bot.engine.process import WorkerProcess
+    from bot.feedback import Exported
     from bot.prompts import Rules
 
 log = logging.getLogger("bot")
@@ -90,11 +91,16 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export-feedback", help="write one record per image with its votes, for training")
     export.add_argument("--out", type=Path, required=True, help="file to write (- for standard output)")
-    export.add_argument("--format", choices=["jsonl", "csv"], default=None, help="default: from --out's suffix")
+    export.add_argument(
+        "--format", choices=["jsonl", "csv", "parquet"], default=None, help="default: from --out's suffix, else jsonl"
+    )
     export.add_argument("--since", type=_date, default=None, help="images made on or after this date (YYYY-MM-DD)")
     export.add_argument("--until", type=_date, default=None, help="images made before this date (YYYY-MM-DD)")
     export.add_argument("--min-votes", type=int, default=0, help="only images with at least this many votes")
     export.add_argument("--revision", default=None, help="only images made by this model revision")
+    export.add_argument(
+        "--images", type=Path, default=None, metavar="DIR", help="also put each image's kept PNG in this folder"
+    )
     export.add_argument("--config", type=Path, default=Path("config.toml"), help="where storage.path is set")
     export.add_argument("--database", type=Path, default=None, help="the SQLite file (default: the config's)")
     export.set_defaults(handler=_export_feedback)
@@ -367,31 +373,62 @@ def _date(text: str) -> float:
 
 
 def _export_feedback(args: argparse.Namespace) -> int:
-    from bot.feedback import Filters, export, terminal_progress
+    from bot.feedback import FORMATS, PARQUET_INSTALL, Filters, ProgressBar, export
     from bot.storage import Database
 
     database = args.database or Config.load(args.config, require_token=False).storage.path
     if not database.is_file():
         print(f"sygil-bot: no database at {database} (set --database, or storage.path in the config)", file=sys.stderr)
         return EXIT_USAGE
+    to_stdout = str(args.out) == "-"
+    if not to_stdout and not args.out.parent.is_dir():
+        print(f"sygil-bot: cannot write {args.out}: no folder {args.out.parent}", file=sys.stderr)
+        return EXIT_USAGE
     suffix = args.out.suffix.lower().lstrip(".")
-    fmt = args.format or (suffix if suffix in ("jsonl", "csv") else "jsonl")
+    fmt = args.format or (suffix if suffix in FORMATS else "jsonl")
+    if fmt == "parquet":
+        if to_stdout:
+            print("sygil-bot: Parquet needs a file, not standard output: give --out FILE.parquet", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            print(f"sygil-bot: Parquet needs pyarrow: {PARQUET_INSTALL}", file=sys.stderr)
+            return EXIT_USAGE
     filters = Filters(since=args.since, until=args.until, min_votes=args.min_votes, revision=args.revision)
-    progress = terminal_progress if sys.stderr.isatty() else None
+    progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
 
-    async def run(out: Any) -> int:
+    async def run(out: Any) -> Exported:
         # Read while the bot runs: SQLite's WAL lets this reader see a consistent snapshot beside the writer.
         async with await Database.open(database) as db:
-            return await export(db, out, format=fmt, filters=filters, progress=progress)
+            return await export(
+                db, out, format=fmt, filters=filters, images=args.images, storage=database.parent, progress=progress
+            )
 
-    if str(args.out) == "-":
-        count = asyncio.run(run(sys.stdout))
-    else:
-        with args.out.open("w", encoding="utf-8", newline="") as out:
-            count = asyncio.run(run(out))
-    if progress is not None:
-        sys.stderr.write("\n")
-    print(f"wrote {count} images to {args.out} ({fmt})", file=sys.stderr)
+    try:
+        if to_stdout:
+            exported = asyncio.run(run(sys.stdout))
+        else:
+            # Written beside and renamed when done: a failed or interrupted export leaves no half file behind.
+            partial = args.out.with_name(args.out.name + ".part")
+            try:
+                opened = partial.open("wb") if fmt == "parquet" else partial.open("w", encoding="utf-8", newline="")
+                with opened as out:
+                    exported = asyncio.run(run(out))
+                partial.replace(args.out)
+            finally:
+                partial.unlink(missing_ok=True)
+    finally:
+        if progress is not None:
+            progress.close()
+    summary = f"wrote {exported.images} images to {args.out} ({fmt})"
+    if args.images is not None:
+        summary += f"; copied {exported.copied} PNGs to {args.images}"
+        if exported.not_kept:
+            summary += f", {exported.not_kept} not kept (storage.keep_images was off, or the file is gone)"
+        if exported.withheld:
+            summary += f", {exported.withheld} left out: deleted by their requester"
+    print(summary, file=sys.stderr)
     return 0
 
 

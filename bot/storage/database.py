@@ -8,7 +8,7 @@ import enum
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,6 +23,13 @@ from bot.limits import Charge, Limits, Scope, standard_images
 log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"(?P<number>\d{4})_[a-z0-9_]+\.sql")
+# Which images the feedback export takes; named parameters :since, :until, :revision and :min_votes.
+_FEEDBACK_FILTER = """
+    (:since IS NULL OR i.created_at >= :since)
+    AND (:until IS NULL OR i.created_at < :until)
+    AND (:revision IS NULL OR i.model_revision = :revision)
+    AND (SELECT COUNT(*) FROM votes v WHERE v.job_id = i.job_id AND v.idx = i.idx) >= :min_votes
+"""
 
 
 class JobKind(enum.StrEnum):
@@ -645,10 +652,10 @@ class Database:
         min_votes: int = 0,
         revision: str | None = None,
         chunk: int = 500,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any]]:
         """Yield one record per image, oldest first: what made it, its lineage and its votes; streamed in chunks
         so memory does not grow with the number of images."""
-        sql = """
+        sql = f"""
             SELECT i.job_id, i.idx, i.seed, i.nsfw, i.model_revision, i.dtype, i.compiled, i.batch_id, i.batch_size,
                    i.waited_s, i.rendered_s, i.created_at, i.deleted_at, i.file,
                    j.kind, j.parent_job_id, j.parent_index, j.prompt, j.negative_prompt, j.steps, j.guidance,
@@ -658,10 +665,7 @@ class Database:
                    (SELECT group_concat(t.namespace || ':' || t.tag, '|') FROM job_tags t WHERE t.job_id = i.job_id)
                        AS tags
             FROM images i JOIN jobs j ON j.id = i.job_id
-            WHERE (:since IS NULL OR i.created_at >= :since)
-              AND (:until IS NULL OR i.created_at < :until)
-              AND (:revision IS NULL OR i.model_revision = :revision)
-              AND (SELECT COUNT(*) FROM votes v WHERE v.job_id = i.job_id AND v.idx = i.idx) >= :min_votes
+            WHERE {_FEEDBACK_FILTER}
             ORDER BY i.job_id, i.idx
         """
         parameters = {"since": since, "until": until, "revision": revision, "min_votes": min_votes}
@@ -736,6 +740,16 @@ class Database:
             (user_id, guild_id),
         )
         return int(rows[0]["up"]), int(rows[0]["down"])
+
+    async def feedback_count(
+        self, *, since: float | None = None, until: float | None = None, min_votes: int = 0, revision: str | None = None
+    ) -> int:
+        """Return how many images ``feedback`` yields with the same filters."""
+        parameters = {"since": since, "until": until, "revision": revision, "min_votes": min_votes}
+        sql = f"SELECT COUNT(*) FROM images i JOIN jobs j ON j.id = i.job_id WHERE {_FEEDBACK_FILTER}"
+        async with self._db.execute(sql, parameters) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def _rows(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
         async with self._db.execute(sql, parameters) as cursor:
