@@ -109,6 +109,21 @@ class StatsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Remote GPU workers through Redis Streams; an empty broker (the default) keeps the workers in this process."""
+
+    broker: str = ""  # redis://host:6379/0 or rediss://:password@host:6380/0; SYGIL_BROKER overrides it
+    prefix: str = "sygil"  # every Redis key starts with this: one Redis can serve several bots
+    lease: float = 30.0  # seconds a batch stays with a worker that stopped renewing it before another takes it
+    heartbeat: float = 2.0  # seconds between announcements; one missing three of them is gone
+    name: str = ""  # this worker's name in logs and /queue; empty: host name and device
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.broker)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     token: str = field(repr=False)
     discord: DiscordConfig = DiscordConfig()
@@ -120,6 +135,7 @@ class Config:
     moderation: ModerationConfig = ModerationConfig()
     storage: StorageConfig = StorageConfig()
     stats: StatsConfig = StatsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @classmethod
     def load(cls, path: Path, *, environ: Mapping[str, str] = os.environ, require_token: bool = True) -> Config:
@@ -165,6 +181,7 @@ class Config:
             moderation=reader.section("moderation", ModerationConfig, {"roles": _roles}),
             storage=reader.section("storage", StorageConfig, {"path": _path}),
             stats=reader.section("stats", StatsConfig),
+            cluster=_cluster(reader.section("cluster", ClusterConfig), environ, source),
         )
         reader.finish()
         _check(config, source)
@@ -232,7 +249,32 @@ class _Reader:
             raise ConfigError(f"{self._source}: unknown setting {self._unknown[0]} (see config.example.toml)")
 
 
-_SECTIONS = ("discord", "model", "generation", "prompts", "queue", "engine", "moderation", "storage", "stats")
+_SECTIONS = (
+    "discord",
+    "model",
+    "generation",
+    "prompts",
+    "queue",
+    "engine",
+    "moderation",
+    "storage",
+    "stats",
+    "cluster",
+)
+
+
+def _cluster(cluster: ClusterConfig, environ: Mapping[str, str], source: str) -> ClusterConfig:
+    """Take the broker from SYGIL_BROKER when set (so its password need not be in the file), and check the URL."""
+    broker = environ.get("SYGIL_BROKER", "").strip() or cluster.broker.strip()
+    if broker and not broker.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{source}: cluster.broker: must be a redis://, rediss:// or unix:// URL")
+    if cluster.lease <= 0 or cluster.heartbeat <= 0:
+        raise ConfigError(f"{source}: cluster.lease and cluster.heartbeat: must be more than 0 seconds")
+    if cluster.lease < 3 * cluster.heartbeat:
+        raise ConfigError(f"{source}: cluster.lease: must be at least three heartbeats ({3 * cluster.heartbeat:g} s)")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cluster.prefix):
+        raise ConfigError(f"{source}: cluster.prefix: letters, digits, '_', '.' and '-' only")
+    return replace(cluster, broker=broker)
 
 
 def _convert(value: Any, kind: type) -> Any:

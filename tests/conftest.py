@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import pytest
 if TYPE_CHECKING:
     from bot.engine import Engine
     from bot.prompts import Tokenizer
+    from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,12 @@ def engine(tiny_model_dir: Path) -> Engine:
     from bot.engine import Engine
 
     return Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", scheduler="dpm++")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real Redis server on 127.0.0.1 on a free port, for one test."""
+    from tests.redis_server import RedisServer
+
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
