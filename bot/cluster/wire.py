@@ -93,6 +93,7 @@ class WorkerInfo:
     device_name: str
     model: str
     revision: str | None
+    dtype: str
     depth: int  # batches it takes at once
     busy: int  # batches it holds now
     started_at: float
@@ -110,6 +111,7 @@ class WorkerInfo:
             device_name=str(data["device_name"]),
             model=str(data["model"]),
             revision=data["revision"],
+            dtype=str(data["dtype"]),
             depth=int(data["depth"]),
             busy=int(data["busy"]),
             started_at=float(data["started_at"]),

@@ -55,7 +55,9 @@ def test_a_malformed_entry_is_a_value_error() -> None:
 def test_announcements_round_trip() -> None:
     bot = BotInfo(session="abc", model="Sygil/Sygil-Diffusion", revision=None, lease=30.0)
     assert BotInfo.load(bot.dump()) == bot
-    worker = WorkerInfo("gpu-a", "host", "cuda:0", "NVIDIA H200", "Sygil/Sygil-Diffusion", "a" * 40, 2, 1, 1.0)
+    worker = WorkerInfo(
+        "gpu-a", "host", "cuda:0", "NVIDIA H200", "Sygil/Sygil-Diffusion", "a" * 40, "float16", 2, 1, 1.0
+    )
     assert WorkerInfo.load(worker.dump().encode()) == worker
     keys = Keys("test")
     assert (keys.batches, keys.events("abc"), keys.worker("gpu-a")) == (
