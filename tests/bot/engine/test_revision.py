@@ -73,7 +73,7 @@ async def test_two_checkpoints_are_told_apart_in_the_database_the_pngs_and_the_e
             rendered.append((folder_revision(folder), queued.job.id, image.png))
 
         out = io.StringIO()
-        assert await export(db, out) == 2
+        assert (await export(db, out)).images == 2
         records = [json.loads(line) for line in out.getvalue().splitlines()]
         exported = {record["job_id"]: record["model_revision"] for record in records}
         (old, old_job, _), (new, new_job, _) = rendered
