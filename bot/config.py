@@ -181,7 +181,11 @@ class Config:
             moderation=reader.section("moderation", ModerationConfig, {"roles": _roles}),
             storage=reader.section("storage", StorageConfig, {"path": _path}),
             stats=reader.section("stats", StatsConfig),
-            cluster=_cluster(reader.section("cluster", ClusterConfig), environ, source),
+            cluster=_cluster(
+                reader.section("cluster", ClusterConfig, {"broker": _optional_text, "name": _optional_text}),
+                environ,
+                source,
+            ),
         )
         reader.finish()
         _check(config, source)
@@ -295,6 +299,12 @@ def _convert(value: Any, kind: type) -> Any:
             raise TypeError(f"must be a non-empty string, got {value!r}")
         return value.strip()
     raise TypeError(f"unsupported setting type {kind.__name__}")
+
+
+def _optional_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"must be a string, got {value!r}")
+    return value.strip()
 
 
 def _device(value: Any) -> str:
