@@ -1,4 +1,4 @@
-"""The command line: run the bot, render locally, build the tiny test model."""
+"""The command line: run the bot, serve as a remote worker, render locally, build the tiny test model."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ log = logging.getLogger("bot")
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+EXIT_WRONG_REVISION = 3  # `sygil-bot worker`: the bot is pinned to another model revision
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, default=Path("config.toml"), help="TOML settings (default: config.toml)")
     run.add_argument("--verbose", action="store_true", help="log debug messages")
     run.set_defaults(handler=_run)
+
+    worker = commands.add_parser("worker", help="render for a bot on another host, through its Redis (cluster mode)")
+    worker.add_argument("--config", type=Path, default=Path("worker.toml"), help="TOML settings (default: worker.toml)")
+    worker.add_argument("--verbose", action="store_true", help="log debug messages")
+    worker.set_defaults(handler=_worker)
 
     imagine = commands.add_parser("imagine", help="render one prompt to a PNG, without Discord")
     imagine.add_argument("prompt")
@@ -131,15 +137,9 @@ async def _serve(config: Config) -> None:
     main_task = asyncio.current_task()
     assert main_task is not None
     loop = asyncio.get_running_loop()
-
-    def on_signal(stop: Callable[[], object]) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop)
-
     # While loading, a signal cancels the load; once the bot runs, it closes the bot, which ends `bot.start`
     # cleanly (a cancellation can be swallowed inside a reconnect loop, and then the process would never stop).
-    on_signal(main_task.cancel)
+    _on_signal(main_task.cancel)
 
     queue = config.queue
     async with contextlib.AsyncExitStack() as stack:
@@ -159,7 +159,7 @@ async def _serve(config: Config) -> None:
                 task = loop.create_task(bot.shut_down(queue.shutdown_grace))
                 closing.add(task)
 
-            on_signal(close)
+            _on_signal(close)
             try:
                 await bot.start(config.token)
             except discord.LoginFailure:
@@ -171,6 +171,54 @@ async def _serve(config: Config) -> None:
                     f"Cannot reach Discord at {config.discord.api_base_url}: {exc}. Check the network, or "
                     "discord.api_base_url and discord.gateway_url in the config"
                 ) from None
+
+
+def _on_signal(stop: Callable[[], object]) -> None:
+    """Call ``stop`` on SIGTERM and SIGINT, from now on, in place of what was called before."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    config = Config.load(args.config, require_token=False)  # a worker never sees the Discord token
+    if not config.cluster.enabled:
+        raise ConfigError(
+            f"{args.config}: sygil-bot worker needs cluster.broker (or SYGIL_BROKER): the URL of the bot's Redis, "
+            "like redis://:password@queue-host:6379/0"
+        )
+    # A signal while the model loads cancels the load: that is a stop too.
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        return asyncio.run(_work(config))
+    return 0
+
+
+async def _work(config: Config) -> int:
+    """Load the model on every configured device and serve the bot's batches from Redis until stopped."""
+    from bot.cluster.remote import PinRefused, WorkerHost, connect, process_executor
+
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    _on_signal(main_task.cancel)
+    async with contextlib.AsyncExitStack() as stack:
+        workers = await _start_workers(config, stack)
+        broker = await stack.enter_async_context(connect(config.cluster.broker))
+        host = WorkerHost(
+            broker,
+            config.cluster,
+            model=config.model.id,
+            executors=[process_executor(worker) for worker in workers],
+            grace=config.queue.shutdown_grace,
+        )
+        # Once serving, a signal stops taking batches and finishes those in hand; a second gives them back at once.
+        _on_signal(host.stop)
+        try:
+            await host.run()
+        except PinRefused as error:
+            log.error("%s", error)
+            return EXIT_WRONG_REVISION
+    return 0
 
 
 async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> list[WorkerProcess]:

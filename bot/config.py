@@ -116,7 +116,7 @@ class ClusterConfig:
     prefix: str = "sygil"  # every Redis key starts with this: one Redis can serve several bots
     lease: float = 30.0  # seconds a batch stays with a worker that stopped renewing it before another takes it
     heartbeat: float = 2.0  # seconds between announcements; one missing three of them is gone
-    name: str = ""  # this worker's name in logs and /queue; empty: host name and device
+    name: str = ""  # this worker's name in logs and /queue; empty: host name and process id (each device adds its own)
 
     @property
     def enabled(self) -> bool:

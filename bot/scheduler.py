@@ -68,7 +68,8 @@ class Call:
     on_started: Callable[[], None]
     on_progress: Progress
     stopping: bool = False
-    # What the worker says about how it rendered: "revision", "dtype", "compiled" (plain values).
+    # What the worker says about how it rendered: "revision", "dtype", "compiled", and where known "seconds" (its own
+    # time from start to last PNG) and "peak_memory" (bytes); plain values.
     facts: dict[str, object] = field(default_factory=lambda: dict[str, object]())
     _on_stop: list[Callable[[], None]] = field(default_factory=lambda: list[Callable[[], None]]())
 

@@ -17,16 +17,20 @@ import redis
 
 
 class RedisServer:
-    """``redis-server`` in a temporary folder; ``stop`` and ``start`` again keep the port (not the data)."""
+    """``redis-server`` in a temporary folder; ``stop`` and ``start`` again keep the port (not the data).
 
-    def __init__(self, folder: Path) -> None:
+    With a ``password``, the server requires it and ``url`` carries it, as a broker URL with a password does.
+    """
+
+    def __init__(self, folder: Path, *, password: str | None = None) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed: run scripts/test, or apt-get install -y redis-server")
         self.executable = executable
         self.folder = folder
+        self.password = password
         self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Self:
@@ -44,7 +48,7 @@ class RedisServer:
         log = (self.folder / "redis.log").open("ab")
         self._process = subprocess.Popen(
             [self.executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)],
+             "--dir", str(self.folder), *(["--requirepass", self.password] if self.password else [])],
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip

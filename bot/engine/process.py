@@ -235,7 +235,13 @@ class WorkerProcess:
             engine: Mapping[str, Any] = self.hello.engine if self.hello is not None else {}
             revision: object = engine.get("revision")
             dtype: object = engine.get("dtype")
-            call.facts.update(revision=revision, dtype=dtype, compiled=message.compiled)
+            call.facts.update(
+                revision=revision,
+                dtype=dtype,
+                compiled=message.compiled,
+                seconds=message.seconds,
+                peak_memory=message.peak_memory,
+            )
             if message.peak_memory is not None:
                 self.peak_memory = max(self.peak_memory or 0, message.peak_memory)
             future.set_result(list(message.images))
