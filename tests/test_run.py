@@ -136,9 +136,9 @@ async def status(server: FakeDiscord, interaction: FakeInteraction, text: str) -
     return await server.wait_for_message(lambda m: m.interaction_id == interaction.id and text in m.content, 60)
 
 
-async def logged(log: Path, text: str) -> None:
+async def logged(log: Path, text: str, within: float = 10) -> None:
     """Wait until the bot's log says ``text``."""
-    for _ in range(200):
+    for _ in range(int(within / 0.05)):
         if text in log.read_text():
             return
         await asyncio.sleep(0.05)

@@ -22,7 +22,7 @@ from bot.service import Requester, open_service
 from bot.storage import Database
 
 
-def _retrain(folder: Path) -> None:
+def retrain(folder: Path) -> None:
     """Change one weight of a model folder in place: the same model id, a new checkpoint."""
     weights = next((folder / "unet").glob("*.safetensors"))
     tensors = load_file(weights)
@@ -37,7 +37,7 @@ def test_a_folder_is_named_by_its_weights(tiny_model_dir: Path, tmp_path: Path) 
     revision = folder_revision(tiny_model_dir)
     assert revision.startswith("sha256:") and len(revision) == len("sha256:") + 64
     assert folder_revision(copy) == revision
-    _retrain(copy)
+    retrain(copy)
     assert folder_revision(copy) != revision
     assert short(revision) == revision[: len("sha256:") + 12]
 
@@ -59,7 +59,7 @@ async def test_two_checkpoints_are_told_apart_in_the_database_the_pngs_and_the_e
     async with await Database.open(tmp_path / "sygil.db") as db:
         for checkpoint in range(2):
             if checkpoint:
-                _retrain(folder)
+                retrain(folder)
             settings = WorkerSettings(
                 model_id=str(folder), device="cpu", threads=1, options=EngineOptions(warmup_sizes=((64, 64),))
             )
