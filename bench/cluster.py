@@ -68,25 +68,20 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     counts = [int(count) for count in args.workers.split(",")]
     async with _broker(args.broker) as url:
         throughput: list[dict[str, object]] = []
+        rates: dict[int, float] = {}
         for count in counts:
             render = SleepRender(args.batch_cost, args.image_cost)
             direct = await _throughput(_direct(count, render), args)
-            clustered = await _throughput(_cluster(url, count, render), args)
+            rates[count] = await _throughput(_cluster(url, count, render), args)
             throughput.append(
                 {
                     "workers": count,
-                    "cluster_images_per_s": round(clustered, 2),
+                    "cluster_images_per_s": round(rates[count], 2),
                     "direct_images_per_s": round(direct, 2),
-                    "cluster_to_direct": round(clustered / direct, 3),
+                    "cluster_to_direct": round(rates[count] / direct, 3),
+                    "speedup_over_one_worker": round(rates[count] / rates[1], 2) if 1 in rates else None,
                 }
             )
-        one = next((row for row in throughput if row["workers"] == 1), None)
-        if one is not None:
-            for row in throughput:
-                row["speedup_over_one_worker"] = round(
-                    float(row["cluster_images_per_s"]) / float(one["cluster_images_per_s"]),
-                    2,  # type: ignore[arg-type]
-                )
         free = SleepRender()
         direct_ms = await _round_trips(_direct(1, free), args.batches)
         cluster_ms = await _round_trips(_cluster(url, 1, free), args.batches)

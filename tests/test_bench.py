@@ -91,3 +91,17 @@ def test_engine_benchmark_prints_json_for_each_setting() -> None:
     profiled = report["profile"]
     assert profiled["config"] == "tuned" and profiled["images"] == 2 and profiled["denoise_s"] > 0
     assert profiled["top_ops"] and all(op["seconds"] >= 0 for op in profiled["top_ops"])
+
+
+def test_cluster_benchmark_prints_json_for_each_worker_count() -> None:
+    report = run_bench(
+        "bench/cluster.py",
+        *("--workers", "1,2", "--jobs", "16", "--batches", "10", "--batch-cost", "0.05", "--image-cost", "0.01"),
+    )
+    assert report["benchmark"] == "cluster"
+    assert [row["workers"] for row in report["throughput"]] == [1, 2]
+    for row in report["throughput"]:
+        assert row["cluster_images_per_s"] > 0 and row["direct_images_per_s"] > 0
+    assert report["throughput"][0]["speedup_over_one_worker"] == 1.0
+    overhead = report["overhead"]
+    assert overhead["batches"] == 10 and overhead["cluster_round_trip_ms_mean"] > 0
