@@ -35,9 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: reach bot, bench and tests
 
-from bot.cluster.pool import ClusterPool
-
 from bench.scheduler import SETTINGS, SleepRender
+from bot.cluster.pool import ClusterPool
 from bot.cluster.remote import Executor, Served, WorkerHost, connect
 from bot.config import ClusterConfig
 from bot.engine.types import ImageSpec

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from bot.engine.process import WorkerProcess
     from bot.feedback import Exported
     from bot.prompts import Rules
+    from bot.scheduler import Worker
 
 log = logging.getLogger("bot")
 
@@ -143,7 +144,7 @@ async def _serve(config: Config) -> None:
 
     queue = config.queue
     async with contextlib.AsyncExitStack() as stack:
-        workers = await _start_workers(config, stack)
+        workers = await _start_cluster(config, stack) if config.cluster.enabled else await _start_workers(config, stack)
         tokenizer = await asyncio.to_thread(load_tokenizer, config.model.id)
         db = await stack.enter_async_context(await Database.open(config.storage.path))
         scheduler = await stack.enter_async_context(
@@ -219,6 +220,18 @@ async def _work(config: Config) -> int:
             log.error("%s", error)
             return EXIT_WRONG_REVISION
     return 0
+
+
+async def _start_cluster(config: Config, stack: contextlib.AsyncExitStack) -> list[Worker]:
+    """Hand batches to remote workers through the broker instead of loading the model here."""
+    from bot.cluster.pool import ClusterPool
+    from bot.cluster.wire import redacted
+
+    cluster = config.cluster
+    log.info("Cluster mode: broker %s, prefix %s; the workers load the model", redacted(cluster.broker), cluster.prefix)
+    pool = ClusterPool(cluster, model=config.model.id, revision=config.model.revision)
+    await stack.enter_async_context(pool)
+    return [pool]
 
 
 async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> list[WorkerProcess]:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, runtime_checkable
 
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.errors import BotError, JobCancelled, OutOfMemory, QueueFull, RenderFailed
@@ -39,7 +39,15 @@ class RenderStopped(Exception):
 
 
 class WorkerLost(Exception):
-    """The worker died holding the batch; its jobs go back to the front of the queue."""
+    """The worker died holding the batch; its jobs go back to the front of the queue.
+
+    A job on the GPU when its worker died may have caused it, so that counts as one of its ``MAX_ATTEMPTS``, unless
+    the loss is ``blameless``: nothing the jobs did can have caused it (the link to remote workers went down).
+    """
+
+    def __init__(self, *args: object, blameless: bool = False) -> None:
+        super().__init__(*args)
+        self.blameless = blameless
 
 
 class Worker(Protocol):
@@ -60,6 +68,20 @@ class Worker(Protocol):
     async def render(self, call: Call) -> list[RenderedImage]: ...
 
 
+@runtime_checkable
+class WorkerGroup(Protocol):
+    """A worker that stands for several GPUs (remote workers behind a broker): how many serve, and how they are."""
+
+    @property
+    def parallel(self) -> int:
+        """Batches rendered at the same time now: the GPUs serving; at least 1 for estimates."""
+        ...
+
+    def describe(self) -> str | None:
+        """Return a line for /queue about the GPUs behind it, or None when there is nothing to say."""
+        ...
+
+
 @dataclass(eq=False, slots=True)
 class Call:
     """One batch handed to a worker: the worker reports its start and progress; the scheduler may stop it."""
@@ -69,7 +91,8 @@ class Call:
     on_progress: Progress
     stopping: bool = False
     # What the worker says about how it rendered: "revision", "dtype", "compiled", and where known "seconds" (its own
-    # time from start to last PNG) and "peak_memory" (bytes); plain values.
+    # time from start to last PNG), "peak_memory" (bytes) and "worker" (the name of the remote worker that rendered
+    # it, where the worker stands for several); plain values.
     facts: dict[str, object] = field(default_factory=lambda: dict[str, object]())
     _on_stop: list[Callable[[], None]] = field(default_factory=lambda: list[Callable[[], None]]())
 
@@ -433,6 +456,11 @@ class Scheduler:
     def workers(self) -> tuple[Worker, ...]:
         return self._workers
 
+    def worker_notes(self) -> list[str]:
+        """Return what workers that stand for several GPUs say about them (how many are up, or why none is)."""
+        notes = (worker.describe() for worker in self._workers if isinstance(worker, WorkerGroup))
+        return [note for note in notes if note]
+
     def waiting(self, guild_id: int | None = None) -> list[Ticket]:
         """Return the waiting jobs in the order they will be served, of one server or of all."""
         return [ticket for ticket in self._line() if guild_id is None or ticket.guild_id == guild_id]
@@ -490,7 +518,10 @@ class Scheduler:
         place = self._index().get(job_id)
         if place is None or place.work_ahead is None:
             return None
-        return (ahead + place.work_ahead) / len(self._workers)
+        return (ahead + place.work_ahead) / self._parallel()
+
+    def _parallel(self) -> int:
+        return sum(max(1, worker.parallel) if isinstance(worker, WorkerGroup) else 1 for worker in self._workers)
 
     def _estimate(self, ticket: Ticket) -> float:
         """Return the seconds a job should take its worker, measured for its settings where possible."""
@@ -577,13 +608,14 @@ class Scheduler:
         try:
             results = await self._render_split(worker, pairs)
         except WorkerLost as error:
-            log.warning(
+            log.log(
+                logging.INFO if error.blameless else logging.WARNING,
                 "Worker %s was lost holding %d jobs (%s); they go back to the front of the queue",
                 worker.name,
                 len(batch),
                 error,
             )
-            self._requeue(batch)
+            self._requeue(batch, blameless=error.blameless)
             return
         except RenderStopped:
             # Cancelled jobs already have their answer. A stop for shutdown leaves the others unfinished in the
@@ -683,20 +715,21 @@ class Scheduler:
         if len(images) != len(specs):
             raise RuntimeError(f"worker {worker.name} returned {len(images)} images for {len(specs)} specs")
         now = time.perf_counter()
+        facts = running.call.facts
+        revision, dtype, who = facts.get("revision"), facts.get("dtype"), facts.get("worker")
+        name = who if isinstance(who, str) and who else worker.name
         # A busy worker prepares and encodes around the GPU work, so what one call costs is the time since the
         # worker last finished, when that is later than this call's start.
-        began = max(running.started or now, self._finished_at.get(worker.name, 0.0))
-        self._finished_at[worker.name] = now
+        began = max(running.started or now, self._finished_at.get(name, 0.0))
+        self._finished_at[name] = now
         self._measure(settings, len(specs), now - began)
-        log.info("Rendered %d images for %d jobs on %s in %.2f s", len(specs), len(tickets), worker.name, now - began)
+        log.info("Rendered %d images for %d jobs on %s in %.2f s", len(specs), len(tickets), name, now - began)
         if self._on_batch is not None:
-            self._on_batch(Batch(tuple(ticket.job_id for ticket in tickets), len(specs), now - began, worker.name))
-        facts = running.call.facts
-        revision, dtype = facts.get("revision"), facts.get("dtype")
+            self._on_batch(Batch(tuple(ticket.job_id for ticket in tickets), len(specs), now - began, name))
         rendering = Rendering(
             batch_id=next(self._batch_ids),
             batch_size=len(specs),
-            worker=worker.name,
+            worker=name,
             started_at=time.time() - (now - (running.started or now)),
             seconds=now - began,
             revision=revision if isinstance(revision, str) else None,
@@ -723,22 +756,23 @@ class Scheduler:
         self._seconds_per_work = per_work if old is None else _average(old, per_work)
         self._touch()
 
-    def _requeue(self, batch: list[Ticket]) -> None:
+    def _requeue(self, batch: list[Ticket], *, blameless: bool = False) -> None:
         """Put a dead worker's jobs back at the front of the line, in their order; a job that keeps killing
-        workers fails instead of taking the next one down."""
+        workers fails instead of taking the next one down. A ``blameless`` loss counts no attempt."""
         for ticket in reversed(batch):
             if ticket.result.done():
                 continue
-            if ticket.started.is_set():  # it was on the GPU when the worker died, so it may be the cause
-                ticket.attempts += 1
-                if ticket.attempts >= MAX_ATTEMPTS:
-                    ticket.result.set_exception(
-                        RenderFailed(
-                            f"Rendering this job stopped the GPU worker {ticket.attempts} times, so it was "
-                            "given up. Try other settings, or tell the bot's operator."
+            if ticket.started.is_set():
+                if not blameless:  # it was on the GPU when the worker died, so it may be the cause
+                    ticket.attempts += 1
+                    if ticket.attempts >= MAX_ATTEMPTS:
+                        ticket.result.set_exception(
+                            RenderFailed(
+                                f"Rendering this job stopped the GPU worker {ticket.attempts} times, so it was "
+                                "given up. Try other settings, or tell the bot's operator."
+                            )
                         )
-                    )
-                    continue
+                        continue
                 ticket.started.clear()
                 ticket.step = 0
             self._waiting.setdefault(ticket.user_id, collections.deque()).appendleft(ticket)

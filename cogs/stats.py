@@ -38,6 +38,7 @@ class Stats(commands.Cog):
         waiting = scheduler.waiting(guild_id)
         rendering = [ticket for ticket in scheduler.running if ticket.guild_id == guild_id]
         lines = [f"**Queue:** {len(waiting)} job{_s(len(waiting))} waiting, {len(rendering)} rendering."]
+        lines.extend(scheduler.worker_notes())  # a GPU cluster's workers, or why none renders
         paused, reason = self.service.moderation.pause_reason(guild_id)
         if paused:
             lines.append(f"⏸️ Paused by the moderators{': ' + reason if reason else ''}. Queued jobs keep their place.")

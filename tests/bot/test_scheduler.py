@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import pytest
 
 from bot.engine.types import ImageSpec, RenderedImage, Settings
-from bot.errors import JobCancelled, OutOfMemory, QueueFull
-from bot.scheduler import Batch, Progress, Scheduler, ThreadWorker
+from bot.errors import JobCancelled, OutOfMemory, QueueFull, RenderFailed
+from bot.scheduler import MAX_ATTEMPTS, Batch, Call, Progress, Scheduler, ThreadWorker, WorkerLost
 
 GUILD = 10
 SMALL = Settings(steps=4, width=64, height=64)
@@ -382,3 +382,48 @@ async def test_estimates_are_kept_per_settings_and_shared_by_the_workers() -> No
         await asyncio.gather(*(ticket.result for ticket in [*held, *line]))
     for worker in workers:
         await worker.close()
+
+
+class LosingWorker:
+    """Starts each batch, then loses the first ones: a worker dying under it, or the link to remote workers."""
+
+    depth = 1
+
+    def __init__(self, losses: int, *, blameless: bool) -> None:
+        self.name = "remote"
+        self.losses = losses
+        self.blameless = blameless
+        self.facts = {"worker": "gpu-b", "revision": "r1"}
+
+    async def ready(self) -> None:
+        return
+
+    async def render(self, call: Call) -> list[RenderedImage]:
+        call.on_started()
+        await asyncio.sleep(0)
+        if self.losses:
+            self.losses -= 1
+            raise WorkerLost("gone", blameless=self.blameless)
+        call.facts.update(self.facts)
+        return [RenderedImage(png=spec.prompt.encode(), seed=spec.seed) for spec in call.specs]
+
+
+async def test_a_blameless_loss_requeues_without_counting_an_attempt() -> None:
+    worker = LosingWorker(MAX_ATTEMPTS + 2, blameless=True)
+    batches: list[Batch] = []
+    async with Scheduler(workers=[worker], on_batch=batches.append) as scheduler:
+        ticket = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
+        images = await ticket.result
+    assert [image.png for image in images] == [b"a"]
+    assert ticket.attempts == 0 and worker.losses == 0
+    # The name of the remote worker that rendered it, not the pool's, goes in the record.
+    assert [batch.worker for batch in batches] == ["gpu-b"]
+    assert [(rendering.worker, rendering.revision) for rendering in ticket.renders] == [("gpu-b", "r1")]
+
+
+async def test_a_job_on_the_gpu_each_time_its_worker_dies_is_given_up() -> None:
+    worker = LosingWorker(MAX_ATTEMPTS, blameless=False)
+    async with Scheduler(workers=[worker]) as scheduler:
+        ticket = scheduler.submit(job_id=1, user_id=1, guild_id=GUILD, specs=specs("a"))
+        with pytest.raises(RenderFailed, match=f"stopped the GPU worker {MAX_ATTEMPTS} times"):
+            await ticket.result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bot.engine.revision import short
 from tests.cogs.conftest import Harness, final_message, job_id_of
 from tests.fakediscord import FakeDiscord, FakeInteraction
@@ -68,3 +70,15 @@ async def test_stats_for_the_server_and_for_me(harness: Harness) -> None:
             "**Your stats here**\nYou have made no images here yet: try `/imagine`.\n"
             "You cast **3** votes here, **33%** of them 👍."
         )
+
+
+async def test_queue_says_how_the_gpu_cluster_is(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    note = "Workers: 2 up — cpu on host-a, NVIDIA H200 on host-b"
+    async with harness.bot() as bot:
+        monkeypatch.setattr(bot.service.scheduler, "worker_notes", lambda: [note])
+        response = await (await harness.server.slash("queue")).wait_response()
+    assert response["data"]["content"].splitlines()[:3] == [
+        "**Queue:** 0 jobs waiting, 0 rendering.",
+        note,
+        "You have no jobs in the queue.",
+    ]
