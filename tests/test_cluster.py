@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from tests.bot.engine.test_revision import retrain
 from tests.fakediscord import FakeDiscord, FakeInteraction
 from tests.redis_server import RedisServer
-from tests.test_run import attachment_jobs, bot_process, logged, status, write_config
+from tests.test_run import attachment_jobs, bot_process, logged, status, stop, write_config
 
 # Short beats, so that a dead worker's batch is taken over within seconds.
 CLUSTER = "heartbeat = 0.3\nlease = 3.0"
@@ -66,15 +65,7 @@ async def worker_process(config: Path, log: Path) -> AsyncIterator[asyncio.subpr
     try:
         yield process
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-                raise AssertionError(f"the worker did not stop on SIGTERM:\n{log.read_text()[-4000:]}") from None
+        await stop(process, log, "the worker")
 
 
 async def delivered(server: FakeDiscord, interactions: list[FakeInteraction], within: float = 240) -> None:

@@ -65,15 +65,22 @@ async def bot_process(config: Path, server: FakeDiscord, log: Path) -> AsyncIter
         await server.wait_until_connected(60)
         yield process
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
-                    await process.wait()
-            except TimeoutError:
-                process.send_signal(signal.SIGABRT)
-                await process.wait()
-                raise AssertionError(f"the bot did not stop on SIGTERM:\n{log.read_text()[-6000:]}") from None
+        # SIGABRT: the faulthandler dumps every thread's stack into the log.
+        await stop(process, log, "the bot", abort=signal.SIGABRT)
+
+
+async def stop(process: asyncio.subprocess.Process, log: Path, what: str, *, abort: int = signal.SIGKILL) -> None:
+    """Stop a process with SIGTERM as its operator would; one still there after 30 s is aborted and fails the test."""
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(30):
+            await process.wait()
+    except TimeoutError:
+        process.send_signal(abort)
+        await process.wait()
+        raise AssertionError(f"{what} did not stop on SIGTERM:\n{log.read_text()[-6000:]}") from None
 
 
 async def test_run_serves_imagine_and_old_buttons_work_after_a_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
