@@ -38,6 +38,10 @@ class RenderStopped(Exception):
     """A batch was stopped before it finished, because the scheduler asked (``Call.stop``)."""
 
 
+class _TakenBack(Exception):
+    """A batch a worker held to render next was stopped to put its jobs back in line (their server paused)."""
+
+
 class WorkerLost(Exception):
     """The worker died holding the batch; its jobs go back to the front of the queue.
 
@@ -213,6 +217,7 @@ class _Running:
     call: Call
     estimate: float | None
     started: float | None = None  # perf_counter when the worker began it
+    taken_back: bool = False  # stopped before it started, to go back in line
 
     def remaining(self, now: float) -> float:
         if self.estimate is None:
@@ -412,8 +417,16 @@ class Scheduler:
     # Pausing and stopping
 
     def pause(self, guild_id: int) -> None:
-        """Start no new batch of this server's jobs; they keep their places, and the batch on the GPU finishes."""
+        """Start no new batch of this server's jobs; they keep their places, and the batch on the GPU finishes.
+
+        A batch a worker holds to render next is taken back if it holds a job of this server: it has not started,
+        so its jobs go back to the head of the line (the other servers' jobs in it go out again at once).
+        """
         self._paused.add(guild_id)
+        for running in self._running:
+            if running.started is None and any(ticket.guild_id == guild_id for ticket in running.tickets):
+                running.taken_back = True
+                running.call.stop()
         self._touch()
 
     def resume(self, guild_id: int) -> None:
@@ -451,6 +464,11 @@ class Scheduler:
     def running(self) -> list[Ticket]:
         """Jobs on a GPU now."""
         return [ticket for ticket in self._in_flight() if ticket.started.is_set()]
+
+    @property
+    def next_up(self) -> list[Ticket]:
+        """Jobs a worker holds to render next: handed out, not started."""
+        return self._next()
 
     @property
     def workers(self) -> tuple[Worker, ...]:
@@ -617,6 +635,10 @@ class Scheduler:
             )
             self._requeue(batch, blameless=error.blameless)
             return
+        except _TakenBack:
+            log.info("Took back a batch of %d images a worker held to render next: its server paused", len(pairs))
+            self._requeue(batch, blameless=True)
+            return
         except RenderStopped:
             # Cancelled jobs already have their answer. A stop for shutdown leaves the others unfinished in the
             # database, to run after the restart: their waiters see a cancellation, not a failure.
@@ -709,6 +731,10 @@ class Scheduler:
         self._touch()
         try:
             images = await worker.render(running.call)
+        except RenderStopped:
+            if running.taken_back:
+                raise _TakenBack from None
+            raise
         finally:
             self._running.remove(running)
             self._touch()

@@ -200,6 +200,9 @@ class ClusterPool:
                 self._lost(error)  # which fails this flight too
             else:
                 flight.entry_id = entry_id if isinstance(entry_id, bytes) else entry_id.encode()
+                if flight.future.done() and self._up:  # stopped while its entry was on the way: delete it too
+                    self._abandoned.append((batch_id, flight.entry_id))
+                    self._spawn(self._send_stops())
             return await flight.future
         finally:
             del self._flights[batch_id]

@@ -394,8 +394,13 @@ class WorkerHost:
                 continue
             self._back()
             backoff.reset()
-            if entry is not None:
-                self._hold(consumer, *entry)
+            if entry is None:
+                continue
+            if self._stopping.is_set():
+                # Brought by a read that began before the stop: not started, so given back with the rest.
+                consumer.held[entry[0]] = _Held(entry[0], "", None, renewing=True)
+                continue
+            self._hold(consumer, *entry)
 
     async def _may_pull(self, consumer: _Consumer) -> bool:
         """Wait until the consumer may take an entry; return False when the host stops first."""
@@ -677,8 +682,10 @@ class WorkerHost:
 
     async def _close(self, pulling: list[asyncio.Task[None]], tending: list[asyncio.Task[None]]) -> None:
         self._stopping.set()
-        # A read in progress ends within its block time. Cancelled mid-read, an entry Redis had already handed
-        # over would wait out its lease.
+        # The grace counts from the stop, not from the end of a read that was in progress then.
+        deadline = time.monotonic() + self._grace
+        # A read in progress ends within its block time (an entry it brings is given back below, unrendered).
+        # Cancelled mid-read, an entry Redis had already handed over would wait out its lease.
         _, late = await asyncio.wait(pulling, timeout=_READ_BLOCK_MS / 1000 + 5)
         await _cancel(late)
         batches = [held.task for consumer in self.consumers for held in consumer.held.values() if held.task]
@@ -686,7 +693,8 @@ class WorkerHost:
             log.info("Finishing the %d batch(es) in hand (for up to %g s)", len(batches), self._grace)
             finished = asyncio.ensure_future(asyncio.wait(batches))
             hurry = asyncio.ensure_future(self._hurry.wait())
-            await asyncio.wait([finished, hurry], timeout=self._grace, return_when=asyncio.FIRST_COMPLETED)
+            left = max(0.0, deadline - time.monotonic())
+            await asyncio.wait([finished, hurry], timeout=left, return_when=asyncio.FIRST_COMPLETED)
             finished.cancel()  # cancels the waiting only, not the batches
             hurry.cancel()
         unfinished = [(consumer, held) for consumer in self.consumers for held in list(consumer.held.values())]

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import multiprocessing
 import os
 import queue
+import re
 import signal
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 
@@ -38,9 +41,15 @@ from bot.errors import BotError, OutOfMemory
 
 log = logging.getLogger(__name__)
 
-# Faults that cannot be produced on a CPU, injected by the tests through the environment.
+# Faults and moments the tests need but a CPU cannot produce on cue, injected through the environment.
 _OOM_ABOVE = "SYGIL_TEST_OOM_ABOVE"  # batches of more images than this run out of memory
 _OOM_PROMPT = "SYGIL_TEST_OOM_PROMPT"  # batches holding a prompt with this text run out of memory
+# A batch whose prompt holds the word ``hold-NAME`` stops after its first step, writes a line (pid, the pid of the
+# bot or remote worker host that started this process, batch id) to NAME.held in this folder, and goes on once
+# NAME.release exists there (or stops, if asked). So a test catches a batch mid-render however fast the machine is.
+_HOLD_DIR = "SYGIL_TEST_HOLD_DIR"
+_HOLD_WORD = re.compile(r"\bhold-([a-z0-9]+)\b")
+_HOLD_POLL = 0.01
 EXIT_CUDA_FAULT = 70
 
 
@@ -78,9 +87,16 @@ class _Worker:
         # One batch prepared ahead: enough to hide its preparation, without fixing the order of later ones early.
         self._prepared: queue.Queue[tuple[RenderBatch, Prepared] | None] = queue.Queue(maxsize=1)
         self._stopped: set[int] = set()
+        # Batches received and not started, and those of them already answered as stopped: a stop for a batch that
+        # waits behind the GPU is answered at once, so the bot can put its jobs back in line (a pause).
+        self._state_lock = threading.Lock()
+        self._unstarted: set[int] = set()
+        self._answered: set[int] = set()
         self._shutting_down = False
         self._oom_above = int(os.environ.get(_OOM_ABOVE, "0") or 0)
         self._oom_prompt = os.environ.get(_OOM_PROMPT, "")
+        hold_dir = os.environ.get(_HOLD_DIR, "")
+        self._hold_dir = Path(hold_dir) if hold_dir else None
 
     def run(self) -> None:
         settings = self._settings
@@ -122,9 +138,11 @@ class _Worker:
             while True:
                 message = decode(self._conn.recv())
                 if isinstance(message, RenderBatch):
+                    with self._state_lock:
+                        self._unstarted.add(message.batch_id)
                     self._inbox.put(message)
                 elif isinstance(message, StopBatch):
-                    self._stopped.add(message.batch_id)
+                    self._stop(message.batch_id)
                 elif isinstance(message, Shutdown):
                     self._shutting_down = True  # the batch in hand stops at its next step; no other starts
                     break
@@ -133,8 +151,32 @@ class _Worker:
             self._shutting_down = True
         self._inbox.put(None)
 
+    def _stop(self, batch_id: int) -> None:
+        """Stop a batch: one not started is answered now; one on the GPU stops at its next step."""
+        with self._state_lock:
+            unstarted = batch_id in self._unstarted
+            if unstarted:
+                self._unstarted.discard(batch_id)
+                self._answered.add(batch_id)
+            else:
+                self._stopped.add(batch_id)
+        if unstarted:
+            self._send(Failed(batch_id, FailureKind.STOPPED, "stopped before it started"))
+
+    def _answered_already(self, batch_id: int, *, starting: bool) -> bool:
+        """Return whether a batch was answered as stopped before it started (then forget it); note a start."""
+        with self._state_lock:
+            if batch_id in self._answered:
+                self._answered.discard(batch_id)
+                return True
+            if starting:
+                self._unstarted.discard(batch_id)
+            return False
+
     def _prepare_all(self, engine: Engine) -> None:
         while (batch := self._inbox.get()) is not None:
+            if self._answered_already(batch.batch_id, starting=False):
+                continue
             if self._wants_stop(batch.batch_id):
                 self._send(Failed(batch.batch_id, FailureKind.STOPPED, "stopped before it started"))
                 continue
@@ -151,6 +193,8 @@ class _Worker:
         self, engine: Engine, finisher: concurrent.futures.Executor, batch: RenderBatch, prepared: Prepared
     ) -> None:
         batch_id = batch.batch_id
+        if self._answered_already(batch_id, starting=True):
+            return
         if self._wants_stop(batch_id):
             self._send(Failed(batch_id, FailureKind.STOPPED, "stopped before it started"))
             return
@@ -161,6 +205,8 @@ class _Worker:
             if self._wants_stop(batch_id):
                 raise _Stopped
             self._send(Progress(batch_id, step, total))
+            if step == 1 and self._hold_dir is not None:
+                self._hold(batch)
 
         try:
             decoded = engine.denoise(prepared, progress)
@@ -187,6 +233,8 @@ class _Worker:
         """Tell the bot why a batch did not render; exit if the device can no longer be trusted."""
         batch_id = batch.batch_id
         self._stopped.discard(batch_id)
+        with self._state_lock:
+            self._unstarted.discard(batch_id)
         if isinstance(error, _Stopped):
             self._send(Failed(batch_id, FailureKind.STOPPED, "stopped"))
         elif isinstance(error, OutOfMemory | torch.OutOfMemoryError):
@@ -213,6 +261,23 @@ class _Worker:
             raise torch.OutOfMemoryError(f"injected: more than {self._oom_above} images")
         if self._oom_prompt and any(self._oom_prompt in spec.prompt for spec in batch.specs):
             raise torch.OutOfMemoryError(f"injected: a prompt holds {self._oom_prompt!r}")
+
+    def _hold(self, batch: RenderBatch) -> None:
+        """Wait, mid-render, until the test releases each hold this batch's prompts name (see ``_HOLD_DIR``)."""
+        assert self._hold_dir is not None
+        names = sorted({name for spec in batch.specs for name in _HOLD_WORD.findall(spec.prompt)})
+        for name in names:
+            release = self._hold_dir / f"{name}.release"
+            if release.exists():
+                continue
+            with (self._hold_dir / f"{name}.held").open("a", encoding="utf-8") as held:
+                # The bot or `sygil-bot worker` that started this process (its parent is the forkserver).
+                parent = multiprocessing.parent_process()
+                held.write(f"{os.getpid()} {parent.pid if parent else os.getppid()} {batch.batch_id}\n")
+            while not release.exists():
+                if self._wants_stop(batch.batch_id):
+                    raise _Stopped
+                time.sleep(_HOLD_POLL)
 
     def _send(self, message: FromWorker) -> None:
         data = encode(message)

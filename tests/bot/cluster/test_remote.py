@@ -33,13 +33,12 @@ from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBa
 from bot.engine.revision import folder_revision
 from bot.errors import ConfigError
 from bot.scheduler import ThreadWorker
+from tests.holds import Holds
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 FAST = Settings(steps=3, width=64, height=64)
-MEDIUM = Settings(steps=60, width=64, height=64)  # a couple of seconds: long enough to lose or stop mid-render
-SLOW = Settings(steps=150, width=64, height=64)
 HEARTBEAT, LEASE = 0.2, 1.0
 KEYS = Keys("test")
 OTHER_REVISION = "sha256:" + "0" * 64
@@ -50,10 +49,20 @@ def _spec(prompt: str, seed: int, settings: Settings = FAST) -> ImageSpec:
     return ImageSpec(prompt=prompt, negative_prompt="", seed=seed, settings=settings)
 
 
+@pytest.fixture(scope="module")
+def holds(tmp_path_factory: pytest.TempPathFactory) -> Holds:
+    """Batches whose prompt says ``hold-NAME`` wait mid-render in the module's worker process until released."""
+    return Holds(tmp_path_factory.mktemp("holds"))
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def process(tiny_model_dir: Path) -> AsyncIterator[WorkerProcess]:
+async def process(tiny_model_dir: Path, holds: Holds) -> AsyncIterator[WorkerProcess]:
     settings = WorkerSettings(
-        model_id=str(tiny_model_dir), device="cpu", threads=1, options=EngineOptions(warmup_sizes=((64, 64),))
+        model_id=str(tiny_model_dir),
+        device="cpu",
+        threads=1,
+        options=EngineOptions(warmup_batches=(1,), warmup_sizes=((64, 64),)),
+        environ=holds.environ,
     )
     async with WorkerProcess(settings) as worker:
         yield worker
@@ -157,6 +166,13 @@ def fake_executor(revision: str = OTHER_REVISION) -> Executor:
     return Executor(ThreadWorker(render), lambda: Served("cpu", "fake", revision, "float32"))
 
 
+def _logged(caplog: pytest.LogCaptureFixture, text: str) -> Awaitable[bool]:
+    async def check() -> bool:
+        return any(record.getMessage().startswith(text) for record in caplog.records)
+
+    return check()
+
+
 def _pngs(rendered: Rendered) -> list[tuple[int, int]]:
     sizes: list[tuple[int, int]] = []
     for image in rendered.images:
@@ -197,14 +213,19 @@ async def test_a_pinned_worker_announces_itself_renders_and_acknowledges(
 
 
 async def test_a_worker_waits_for_the_bot_and_its_pin_then_pulls(
-    redis_server: RedisServer, client: Redis, process: WorkerProcess, revision: str
+    redis_server: RedisServer,
+    client: Redis,
+    process: WorkerProcess,
+    revision: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="bot.cluster.remote")
     bot = FakeBot(client)
     async with serving(redis_server, process_executor(process)):
         await bot.send(2, [_spec("species:owl", 2)])
-        await asyncio.sleep(5 * HEARTBEAT)  # no bot yet
+        await eventually(lambda: _logged(caplog, "Waiting for the bot: it has not announced itself"))
         await bot.announce(None)
-        await asyncio.sleep(5 * HEARTBEAT)  # a bot that has not pinned a revision yet
+        await eventually(lambda: _logged(caplog, "Waiting for the bot to pin a model revision"))
         assert await client.xlen(KEYS.events(bot.session)) == 0
         groups: Any = await client.xinfo_groups(KEYS.batches) if await client.exists(KEYS.batches) else []
         assert all(group["pending"] == 0 for group in groups), "nothing was pulled"
@@ -227,22 +248,21 @@ async def test_a_batch_of_an_earlier_bot_session_is_dropped_unrendered(
 
 
 async def test_a_stop_key_stops_a_batch_before_it_starts_and_while_it_renders(
-    redis_server: RedisServer, client: Redis, process: WorkerProcess, revision: str
+    redis_server: RedisServer, client: Redis, process: WorkerProcess, revision: str, holds: Holds
 ) -> None:
     bot = FakeBot(client)
     async with serving(redis_server, process_executor(process)):
         await bot.announce(revision)
-        await bot.send(5, [_spec("species:whale", 5, SLOW)])
+        # Held mid-render and never released: only the stop can end it.
+        await bot.send(5, [_spec(f"species:whale, {holds.word('stopkey')}", 5)])
         await client.set(KEYS.stop(bot.session, 6), 1)
         await bot.send(6, [_spec("species:whale", 6)])
         before = [message for message, _ in await bot.finished(6)]
         assert before == [Failed(6, FailureKind.STOPPED, "stopped before it started")]
 
-        await bot.until(lambda: bot.progressed(5))
+        await holds.wait("stopkey")
         await client.set(KEYS.stop(bot.session, 5), 1)
-        asked = time.monotonic()
-        events = await bot.finished(5, within=10)
-        assert time.monotonic() - asked < 3, "stopped within a heartbeat or two, not after 150 steps"
+        events = await bot.finished(5)
         outcome = events[-1][0]
         assert isinstance(outcome, Failed) and outcome.kind is FailureKind.STOPPED
         assert not any(isinstance(message, Rendered) for message, _ in events)
@@ -282,7 +302,7 @@ async def test_the_worker_recovers_by_itself_when_redis_comes_back_empty(
         await bot.send(8, [_spec("species:seal", 8)])
         assert isinstance((await bot.finished(8))[-1][0], Rendered)
         redis_server.stop()
-        await asyncio.sleep(3)
+        await eventually(lambda: _logged(caplog, "Lost the broker"))
         redis_server.start()
         await client.connection_pool.disconnect()  # the test's own connections died with the server
         await eventually(lambda: client.exists(KEYS.worker(host.names[0])))  # the heartbeat is back
@@ -297,15 +317,16 @@ async def test_the_worker_recovers_by_itself_when_redis_comes_back_empty(
 
 
 async def test_a_batch_lost_with_the_local_process_is_given_back_and_rendered_once(
-    redis_server: RedisServer, client: Redis, process: WorkerProcess, revision: str
+    redis_server: RedisServer, client: Redis, process: WorkerProcess, revision: str, holds: Holds
 ) -> None:
     bot = FakeBot(client)
     restarts = process.restarts
     async with serving(redis_server, process_executor(process)):
         await bot.announce(revision)
-        await bot.send(10, [_spec("species:fox", 10, MEDIUM)])
-        await bot.until(lambda: bot.progressed(10))
-        process.kill()
+        await bot.send(10, [_spec(f"species:fox, {holds.word('lost')}", 10)])
+        await holds.wait("lost")
+        process.kill()  # mid-render; the new process renders it through
+        holds.release("lost")
         events = await bot.finished(10, within=90)
         await bot.settled()
     messages = [message for message, _ in events]
@@ -315,13 +336,13 @@ async def test_a_batch_lost_with_the_local_process_is_given_back_and_rendered_on
 
 
 async def test_a_stopping_worker_gives_back_what_it_cannot_finish_and_another_takes_it_at_once(
-    redis_server: RedisServer, client: Redis, process: WorkerProcess, revision: str
+    redis_server: RedisServer, client: Redis, process: WorkerProcess, revision: str, holds: Holds
 ) -> None:
     bot = FakeBot(client)
     async with serving(redis_server, process_executor(process), name="first", grace=0.1) as (first, task):
         await bot.announce(revision)
-        await bot.send(11, [_spec("species:fox", 11, MEDIUM)])
-        await bot.until(lambda: bot.progressed(11))
+        await bot.send(11, [_spec(f"species:fox, {holds.word('giveback')}", 11)])
+        await holds.wait("giveback")  # it cannot finish within the grace
         first.stop()
         await asyncio.wait_for(task, 10)
     assert not await client.exists(KEYS.worker("first-cpu"))
@@ -329,6 +350,7 @@ async def test_a_stopping_worker_gives_back_what_it_cannot_finish_and_another_ta
     pending: Any = await client.xpending_range(KEYS.batches, GROUP, "-", "+", 10)
     assert [item["consumer"] for item in pending] == [b"first-cpu"]
     assert pending[0]["time_since_delivered"] >= LEASE * 1000, "claimable now, not after a lease"
+    holds.release("giveback")
     async with serving(redis_server, process_executor(process), name="second"):
         events = await bot.finished(11)
         assert events[-1][1]["worker"] == "second-cpu" and isinstance(events[-1][0], Rendered)

