@@ -145,6 +145,15 @@ class SygilBot(commands.Bot):
         log.info("Closing; unfinished jobs stay queued for the next start")
         await self.close()
 
+    async def close(self) -> None:
+        # discord.py 2.7.1 leaves running the task that waits guild_ready_timeout before dispatching READY; closed
+        # within that wait (a SIGTERM just after login), the client later dispatches on a closed loop and logs a
+        # traceback. Nothing needs READY once closing.
+        ready = self._connection._ready_task  # pyright: ignore[reportPrivateUsage]
+        if ready is not None:
+            ready.cancel()
+        await super().close()
+
     async def on_ready(self) -> None:
         assert self.user is not None
         log.info("Logged in as %s (%d) in %d guilds", self.user, self.user.id, len(self.guilds))
