@@ -391,7 +391,7 @@ def _prompt_check(args: argparse.Namespace) -> int:
         prompts = [args.prompt]
     config = Config.load(args.config, require_token=False) if args.config else None
     model = args.model or (config.model.id if config else None)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, revision=config.model.revision if config else "main")
     rules = _rules(config, allow_rating=args.allow_rating)
     negative = check_prompt(
         args.negative, field_name="negative prompt", tokenizer=tokenizer, rules=rules, allow_empty=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
+
+from bot.__main__ import main
+from bot.prompts import Tokenizer
 
 
 def sygil(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -167,6 +171,37 @@ def test_prompt_check_uses_the_configs_blocklist_and_truncation(tiny_model_dir: 
     long = sygil("prompt", "check", "cat " * 80, "--json", "--config", str(config))
     report = json.loads(long.stdout)
     assert long.returncode == 0 and report["tokens"] == 80 and "left out" in report["warnings"][0]
+
+
+def test_prompt_check_counts_with_clip_when_the_configs_model_is_out_of_reach(
+    empty_hf_home: Path,
+    tmp_path: Path,
+    clip_tokenizer: Tokenizer,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\nid = "Sygil/Sygil-Diffusion"\n')
+    caplog.set_level(logging.INFO)
+    prompt = "species:seal, studio:dc"
+    assert main(["prompt", "check", prompt, "--json", "--config", str(config)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == len(clip_tokenizer.encode(prompt, add_special_tokens=False))
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == [
+        "Counting tokens with the bundled CLIP ViT-L/14 tokenizer: Sygil/Sygil-Diffusion: cannot reach the Hugging "
+        f"Face hub and the model is not in the cache (HF_HOME={empty_hf_home})"
+    ]
+
+
+def test_prompt_check_refuses_a_model_folder_whose_tokenizer_is_not_clips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "model" / "tokenizer").mkdir(parents=True)
+    assert main(["prompt", "check", "species:seal", "--model", str(tmp_path / "model")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"sygil-bot: Cannot load the tokenizer of model '{tmp_path / 'model'}': it is not a CLIP")
 
 
 def test_prompt_check_negative_prompt_errors_are_reported() -> None:
