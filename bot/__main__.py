@@ -197,14 +197,18 @@ def _worker(args: argparse.Namespace) -> int:
 
 async def _work(config: Config) -> int:
     """Load the model on every configured device and serve the bot's batches from Redis until stopped."""
-    from bot.cluster.remote import PinRefused, WorkerHost, connect, process_executor
+    from bot.cluster.broker import check, connect, redacted
+    from bot.cluster.remote import PinRefused, WorkerHost, process_executor
 
     main_task = asyncio.current_task()
     assert main_task is not None
     _on_signal(main_task.cancel)
     async with contextlib.AsyncExitStack() as stack:
-        workers = await _start_workers(config, stack)
+        # The broker first, password included: a wrong one is one line now, not after minutes of loading.
         broker = await stack.enter_async_context(connect(config.cluster.broker))
+        await check(broker, config.cluster.broker)
+        log.info("The broker at %s answers", redacted(config.cluster.broker))
+        workers = await _start_workers(config, stack)
         host = WorkerHost(
             broker,
             config.cluster,
@@ -224,8 +228,8 @@ async def _work(config: Config) -> int:
 
 async def _start_cluster(config: Config, stack: contextlib.AsyncExitStack) -> list[Worker]:
     """Hand batches to remote workers through the broker instead of loading the model here."""
+    from bot.cluster.broker import redacted
     from bot.cluster.pool import ClusterPool
-    from bot.cluster.wire import redacted
 
     cluster = config.cluster
     log.info("Cluster mode: broker %s, prefix %s; the workers load the model", redacted(cluster.broker), cluster.prefix)

@@ -19,7 +19,8 @@ import redis
 class RedisServer:
     """``redis-server`` in a temporary folder; ``stop`` and ``start`` again keep the port (not the data).
 
-    With a ``password``, the server requires it and ``url`` carries it, as a broker URL with a password does.
+    With a ``password``, the server requires it and ``url`` carries it as written, as a broker URL does (compose
+    passes the password raw, ``/`` and all: ``redis.Redis.from_url`` cannot read that, so ``client`` does not use it).
     """
 
     def __init__(self, folder: Path, *, password: str | None = None) -> None:
@@ -53,7 +54,7 @@ class RedisServer:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
-        client = redis.Redis.from_url(self.url)
+        client = self.client()
         try:
             for _ in range(200):
                 try:
@@ -75,7 +76,7 @@ class RedisServer:
             self._process = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
 
 
 def _free_port() -> int:
