@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,10 +126,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config) -> None:
-    import aiohttp
-    import discord
-
-    from bot.client import SygilBot
+    from bot.client import SygilBot, check_token
     from bot.prompts import load_tokenizer
     from bot.scheduler import Scheduler
     from bot.service import open_service
@@ -144,9 +141,13 @@ async def _serve(config: Config) -> None:
 
     queue = config.queue
     async with contextlib.AsyncExitStack() as stack:
-        workers = await _start_cluster(config, stack) if config.cluster.enabled else await _start_workers(config, stack)
-        tokenizer = await asyncio.to_thread(load_tokenizer, config.model.id)
+        # What is quick to check goes first: a wrong token or database path is one line now, not after the model
+        # loaded and warmed up.
+        with _reaching_discord(config):
+            await check_token(config)
         db = await stack.enter_async_context(await Database.open(config.storage.path))
+        tokenizer = await asyncio.to_thread(load_tokenizer, config.model.id, revision=config.model.revision)
+        workers = await _start_cluster(config, stack) if config.cluster.enabled else await _start_workers(config, stack)
         scheduler = await stack.enter_async_context(
             Scheduler(workers=workers, max_batch=queue.max_batch, max_queue=queue.max_queue)
         )
@@ -161,17 +162,27 @@ async def _serve(config: Config) -> None:
                 closing.add(task)
 
             _on_signal(close)
-            try:
+            with _reaching_discord(config):
                 await bot.start(config.token)
-            except discord.LoginFailure:
-                raise ConfigError(
-                    "Discord refused the token in DISCORD_TOKEN: check it in the developer portal"
-                ) from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise BotError(
-                    f"Cannot reach Discord at {config.discord.api_base_url}: {exc}. Check the network, or "
-                    "discord.api_base_url and discord.gateway_url in the config"
-                ) from None
+
+
+@contextlib.contextmanager
+def _reaching_discord(config: Config) -> Iterator[None]:
+    """Turn a refused token or an unreachable Discord into one line."""
+    import aiohttp
+    import discord
+
+    try:
+        yield
+    except discord.LoginFailure:
+        raise ConfigError("Discord refused the token in DISCORD_TOKEN: check it in the developer portal") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise BotError(
+            f"Cannot reach Discord at {config.discord.api_base_url}: {exc}. Check the network, or "
+            "discord.api_base_url and discord.gateway_url in the config"
+        ) from None
+    except discord.HTTPException as exc:
+        raise BotError(f"Discord did not let the bot log in: {exc}") from None
 
 
 def _on_signal(stop: Callable[[], object]) -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,10 @@ from types import TracebackType
 from typing import Self
 
 import redis
+
+# What `openssl rand -base64 32` prints (44 characters of A-Z a-z 0-9 + /, ending in =), the way compose passes it to
+# Redis and in the broker URL: raw. This one holds all three of + / =.
+BASE64_PASSWORD = base64.b64encode(b"\xfb\xef\xff" + bytes(range(29))).decode()
 
 
 class RedisServer:

@@ -88,6 +88,6 @@ def download_hint() -> str:
             "model.id to a local folder"
         )
     return (
-        "download it once from a host with network access (check the network or proxy), or set model.id to a local "
+        "Download it once from a host with network access (check the network or proxy), or set model.id to a local "
         "folder"
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 from pathlib import Path
@@ -14,11 +13,10 @@ from bot.cluster.broker import BrokerURL, check, connect, parse, redacted
 from bot.cluster.pool import ClusterPool
 from bot.config import ClusterConfig, Config, ModelConfig
 from bot.errors import ConfigError
-from tests.redis_server import RedisServer
+from tests.redis_server import BASE64_PASSWORD, RedisServer
 from tests.waiting import until
 
-# What `openssl rand -base64 32` prints: 44 characters of A-Z a-z 0-9 + /, ending in =. This one has all three.
-PASSWORD = base64.b64encode(b"\xfb\xef\xff" + bytes(range(29))).decode()
+PASSWORD = BASE64_PASSWORD
 assert {"+", "/", "="} <= set(PASSWORD) and len(PASSWORD) == 44
 
 
