@@ -181,8 +181,6 @@ def _reaching_discord(config: Config) -> Iterator[None]:
             f"Cannot reach Discord at {config.discord.api_base_url}: {exc}. Check the network, or "
             "discord.api_base_url and discord.gateway_url in the config"
         ) from None
-    except discord.HTTPException as exc:
-        raise BotError(f"Discord did not let the bot log in: {exc}") from None
 
 
 def _on_signal(stop: Callable[[], object]) -> None:

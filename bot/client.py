@@ -36,6 +36,8 @@ async def check_token(config: Config) -> None:
     http = discord.http.HTTPClient(asyncio.get_running_loop())
     try:
         await http.static_login(config.token)
+    except discord.HTTPException as exc:  # anything but 401, which is LoginFailure
+        raise BotError(f"Discord did not let the bot log in: {exc}") from None
     finally:
         await http.close()
 
