@@ -36,8 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: reach bot, bench and tests
 
 from bench.scheduler import SETTINGS, SleepRender
+from bot.cluster.broker import connect
 from bot.cluster.pool import ClusterPool
-from bot.cluster.remote import Executor, Served, WorkerHost, connect
+from bot.cluster.remote import Executor, Served, WorkerHost
 from bot.config import ClusterConfig
 from bot.engine.types import ImageSpec
 from bot.scheduler import Scheduler, ThreadWorker, Worker

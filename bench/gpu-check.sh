@@ -4,7 +4,7 @@
 #
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 open-clip-torch==3.3.0 importlib_metadata zipp
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata zipp
 #
 # then run `bash bench/gpu-check.sh` there with `.whl` carried. Results land in $OUT (or ./gpu-check/).
 # Extra arguments go to bench/engine.py; CONFIGS picks the engine settings (compiling takes minutes per shape).

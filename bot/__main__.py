@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,10 +126,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config) -> None:
-    import aiohttp
-    import discord
-
-    from bot.client import SygilBot
+    from bot.client import SygilBot, check_token
     from bot.prompts import load_tokenizer
     from bot.scheduler import Scheduler
     from bot.service import open_service
@@ -144,9 +141,13 @@ async def _serve(config: Config) -> None:
 
     queue = config.queue
     async with contextlib.AsyncExitStack() as stack:
-        workers = await _start_cluster(config, stack) if config.cluster.enabled else await _start_workers(config, stack)
-        tokenizer = await asyncio.to_thread(load_tokenizer, config.model.id)
+        # What is quick to check goes first: a wrong token or database path is one line now, not after the model
+        # loaded and warmed up.
+        with _reaching_discord(config):
+            await check_token(config)
         db = await stack.enter_async_context(await Database.open(config.storage.path))
+        tokenizer = await asyncio.to_thread(load_tokenizer, config.model.id, revision=config.model.revision)
+        workers = await _start_cluster(config, stack) if config.cluster.enabled else await _start_workers(config, stack)
         scheduler = await stack.enter_async_context(
             Scheduler(workers=workers, max_batch=queue.max_batch, max_queue=queue.max_queue)
         )
@@ -161,17 +162,25 @@ async def _serve(config: Config) -> None:
                 closing.add(task)
 
             _on_signal(close)
-            try:
+            with _reaching_discord(config):
                 await bot.start(config.token)
-            except discord.LoginFailure:
-                raise ConfigError(
-                    "Discord refused the token in DISCORD_TOKEN: check it in the developer portal"
-                ) from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise BotError(
-                    f"Cannot reach Discord at {config.discord.api_base_url}: {exc}. Check the network, or "
-                    "discord.api_base_url and discord.gateway_url in the config"
-                ) from None
+
+
+@contextlib.contextmanager
+def _reaching_discord(config: Config) -> Iterator[None]:
+    """Turn a refused token or an unreachable Discord into one line."""
+    import aiohttp
+    import discord
+
+    try:
+        yield
+    except discord.LoginFailure:
+        raise ConfigError("Discord refused the token in DISCORD_TOKEN: check it in the developer portal") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise BotError(
+            f"Cannot reach Discord at {config.discord.api_base_url}: {exc}. Check the network, or "
+            "discord.api_base_url and discord.gateway_url in the config"
+        ) from None
 
 
 def _on_signal(stop: Callable[[], object]) -> None:
@@ -197,14 +206,18 @@ def _worker(args: argparse.Namespace) -> int:
 
 async def _work(config: Config) -> int:
     """Load the model on every configured device and serve the bot's batches from Redis until stopped."""
-    from bot.cluster.remote import PinRefused, WorkerHost, connect, process_executor
+    from bot.cluster.broker import check, connect, redacted
+    from bot.cluster.remote import PinRefused, WorkerHost, process_executor
 
     main_task = asyncio.current_task()
     assert main_task is not None
     _on_signal(main_task.cancel)
     async with contextlib.AsyncExitStack() as stack:
-        workers = await _start_workers(config, stack)
+        # The broker first, password included: a wrong one is one line now, not after minutes of loading.
         broker = await stack.enter_async_context(connect(config.cluster.broker))
+        await check(broker, config.cluster.broker)
+        log.info("The broker at %s answers", redacted(config.cluster.broker))
+        workers = await _start_workers(config, stack)
         host = WorkerHost(
             broker,
             config.cluster,
@@ -224,8 +237,8 @@ async def _work(config: Config) -> int:
 
 async def _start_cluster(config: Config, stack: contextlib.AsyncExitStack) -> list[Worker]:
     """Hand batches to remote workers through the broker instead of loading the model here."""
+    from bot.cluster.broker import redacted
     from bot.cluster.pool import ClusterPool
-    from bot.cluster.wire import redacted
 
     cluster = config.cluster
     log.info("Cluster mode: broker %s, prefix %s; the workers load the model", redacted(cluster.broker), cluster.prefix)
@@ -391,7 +404,7 @@ def _prompt_check(args: argparse.Namespace) -> int:
         prompts = [args.prompt]
     config = Config.load(args.config, require_token=False) if args.config else None
     model = args.model or (config.model.id if config else None)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, revision=config.model.revision if config else "main")
     rules = _rules(config, allow_rating=args.allow_rating)
     negative = check_prompt(
         args.negative, field_name="negative prompt", tokenizer=tokenizer, rules=rules, allow_empty=True

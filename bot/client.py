@@ -29,6 +29,19 @@ def use_endpoints(config: DiscordConfig) -> None:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.gateway_url)
 
 
+async def check_token(config: Config) -> None:
+    """Log in to Discord once (GET /users/@me, as ``Client.login`` does); raise discord.LoginFailure if refused."""
+    use_endpoints(config.discord)
+    # The HTTP client alone: a whole Client would log its voice and intent notices a second time.
+    http = discord.http.HTTPClient(asyncio.get_running_loop())
+    try:
+        await http.static_login(config.token)
+    except discord.HTTPException as exc:  # anything but 401, which is LoginFailure
+        raise BotError(f"Discord did not let the bot log in: {exc}") from None
+    finally:
+        await http.close()
+
+
 class Tree(app_commands.CommandTree["SygilBot"]):
     """The command tree; its ``on_error`` is the one place command errors are answered."""
 

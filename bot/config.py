@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bot.cluster.broker import parse as parse_broker
 from bot.engine.types import ATTENTIONS, EngineOptions
 from bot.errors import ConfigError
 
@@ -269,9 +270,13 @@ _SECTIONS = (
 
 def _cluster(cluster: ClusterConfig, environ: Mapping[str, str], source: str) -> ClusterConfig:
     """Take the broker from SYGIL_BROKER when set (so its password need not be in the file), and check the URL."""
-    broker = environ.get("SYGIL_BROKER", "").strip() or cluster.broker.strip()
-    if broker and not broker.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{source}: cluster.broker: must be a redis://, rediss:// or unix:// URL")
+    from_environment = environ.get("SYGIL_BROKER", "").strip()
+    broker = from_environment or cluster.broker.strip()
+    if broker:
+        try:
+            parse_broker(broker)
+        except ValueError as exc:  # its message never quotes the URL: it may hold the password
+            raise ConfigError(f"{'SYGIL_BROKER' if from_environment else f'{source}: cluster.broker'}: {exc}") from None
     if cluster.lease <= 0 or cluster.heartbeat <= 0:
         raise ConfigError(f"{source}: cluster.lease and cluster.heartbeat: must be more than 0 seconds")
     if cluster.lease < 3 * cluster.heartbeat:

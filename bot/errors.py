@@ -27,6 +27,10 @@ class ModelError(ConfigError):
     """The model could not be loaded from the configured place."""
 
 
+class HubUnreachable(BotError):
+    """The Hugging Face hub cannot be reached and the model is not in the local cache: not a setting to fix."""
+
+
 class JobCancelled(BotError):
     """A job was withdrawn before its images were delivered; the message says by whom and why."""
 

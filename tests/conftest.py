@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def clip_tokenizer() -> Tokenizer:
-    """Load the real CLIP ViT-L/14 tokenizer from the vocabulary open-clip-torch ships."""
+    """Load the real CLIP ViT-L/14 tokenizer from the vocabulary shipped in the package."""
     from bot.prompts import load_tokenizer
 
     return load_tokenizer()
@@ -45,6 +45,20 @@ def engine(tiny_model_dir: Path) -> Engine:
     from bot.engine import Engine
 
     return Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", scheduler="dpm++")
+
+
+@pytest.fixture
+def empty_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache of this process, offline: no hub model is in it, and the hub is out of reach."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HOME once, at import; its functions read these at each call.
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home
 
 
 @pytest.fixture

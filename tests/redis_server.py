@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import subprocess
@@ -15,11 +16,16 @@ from typing import Self
 
 import redis
 
+# What `openssl rand -base64 32` prints (44 characters of A-Z a-z 0-9 + /, ending in =), the way compose passes it to
+# Redis and in the broker URL: raw. This one holds all three of + / =.
+BASE64_PASSWORD = base64.b64encode(b"\xfb\xef\xff" + bytes(range(29))).decode()
+
 
 class RedisServer:
     """``redis-server`` in a temporary folder; ``stop`` and ``start`` again keep the port (not the data).
 
-    With a ``password``, the server requires it and ``url`` carries it, as a broker URL with a password does.
+    With a ``password``, the server requires it and ``url`` carries it as written, as a broker URL does (compose
+    passes the password raw, ``/`` and all: ``redis.Redis.from_url`` cannot read that, so ``client`` does not use it).
     """
 
     def __init__(self, folder: Path, *, password: str | None = None) -> None:
@@ -53,7 +59,7 @@ class RedisServer:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
-        client = redis.Redis.from_url(self.url)
+        client = self.client()
         try:
             for _ in range(200):
                 try:
@@ -75,7 +81,7 @@ class RedisServer:
             self._process = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
+
+from bot.__main__ import main
+from bot.prompts import Tokenizer
+from tests.fakediscord import serve_in_thread
+from tests.redis_server import BASE64_PASSWORD as PASSWORD
+from tests.redis_server import RedisServer
 
 
 def sygil(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -94,27 +101,78 @@ def test_run_with_a_missing_config_file(tmp_path: Path) -> None:
     assert "no such config file" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_run_with_a_missing_model_folder_says_what_to_do(tmp_path: Path) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text(f'[model]\nid = "{tmp_path / "nowhere"}"\ndevices = ["cpu"]\n')
-    result = sygil("run", "--config", str(config), env={"DISCORD_TOKEN": "x"})
-    assert result.returncode == 2, result.stderr
-    assert "does not exist" in result.stderr and "make-tiny-model" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_run_that_cannot_reach_discord_says_so_and_stops_its_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text(
-        '[discord]\napi_base_url = "http://127.0.0.1:9/api/v10"\ngateway_url = "ws://127.0.0.1:9/"\n'
-        f'[model]\nid = "{tiny_model_dir}"\ndevices = ["cpu"]\n[generation]\nsizes = ["64x64"]\n'
-        f'[storage]\npath = "{tmp_path / "sygil.db"}"\n'
+def _run_config(path: Path, api_base_url: str, gateway_url: str, model: Path, database: Path) -> Path:
+    path.write_text(
+        f'[discord]\napi_base_url = "{api_base_url}"\ngateway_url = "{gateway_url}"\n'
+        f'[model]\nid = "{model}"\ndevices = ["cpu"]\n[generation]\nsizes = ["64x64"]\n'
+        f'[storage]\npath = "{database}"\n'
     )
-    result = sygil("run", "--config", str(config), env={"DISCORD_TOKEN": "x"})
+    return path
+
+
+def _loading(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith("Loading")]
+
+
+def test_run_that_cannot_reach_discord_says_so_before_loading_the_model(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = _run_config(
+        tmp_path / "config.toml", "http://127.0.0.1:9/api/v10", "ws://127.0.0.1:9/", tmp_path / "model", tmp_path / "db"
+    )
+    monkeypatch.setenv("DISCORD_TOKEN", "x")
+    caplog.set_level(logging.INFO)
+    assert main(["run", "--config", str(config)]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("sygil-bot: Cannot reach Discord at http://127.0.0.1:9/api/v10: ")
+    assert _loading(caplog) == []
+
+
+def test_run_checks_the_token_then_opens_the_database_before_it_loads_the_model(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    model, database = tmp_path / "no-model", tmp_path / "data" / "sygil.db"
+    with serve_in_thread() as server:
+        config = _run_config(tmp_path / "config.toml", server.api_base_url, server.gateway_url, model, database)
+        monkeypatch.setenv("DISCORD_TOKEN", "not-the-token")
+        assert main(["run", "--config", str(config)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            "sygil-bot: Discord refused the token in DISCORD_TOKEN: check it in the developer portal"
+        ]
+        assert _loading(caplog) == [] and not database.exists()  # no GPU worker was started
+        # With the right token, the database is opened (created) before the model is loaded, and found missing.
+        monkeypatch.setenv("DISCORD_TOKEN", server.token)
+        assert main(["run", "--config", str(config)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"sygil-bot: Model folder '{model}' does not exist") and "make-tiny-model" in line
+        assert database.is_file() and len(_loading(caplog)) == 1
+        logins = [request for request in server.requests if request.path.endswith("/users/@me")]
+        assert len(logins) == 2  # one refused, one accepted
+
+
+def test_the_worker_connects_with_a_raw_password_first_then_says_the_hub_is_out_of_reach(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[model]\nid = "Sygil/Sygil-Diffusion"\ndevices = ["cpu"]\n[cluster]\nprefix = "test"\n')
+    home = tmp_path / "hf-home"  # empty: the model is not in it
+    with RedisServer(tmp_path / "redis", password=PASSWORD) as server:
+        env = {"SYGIL_BROKER": server.url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        result = sygil("worker", "--config", str(config), env=env)
     assert result.returncode == 1, result.stderr
-    assert "GPU worker cpu ready" in result.stderr  # the model loaded in its own process first
-    assert "sygil-bot: Cannot reach Discord at http://127.0.0.1:9/api/v10" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("sygil-bot:")] == [
+        "sygil-bot: Model 'Sygil/Sygil-Diffusion': cannot reach the Hugging Face hub and the model is not in the cache "
+        f"(HF_HOME={home}). HF_HUB_OFFLINE is set: unset it once on a host that can reach the hub to download the "
+        "model, or set model.id to a local folder (a tiny test model: `sygil-bot make-tiny-model DIR`)."
+    ]
+    answers = result.stderr.index(f"The broker at redis://:***@127.0.0.1:{server.port}/0 answers")
+    assert answers < result.stderr.index("Loading Sygil/Sygil-Diffusion on cpu")
+    assert PASSWORD not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_prompt_check_json_accepts_and_counts(tiny_model_dir: Path) -> None:
@@ -167,6 +225,37 @@ def test_prompt_check_uses_the_configs_blocklist_and_truncation(tiny_model_dir: 
     long = sygil("prompt", "check", "cat " * 80, "--json", "--config", str(config))
     report = json.loads(long.stdout)
     assert long.returncode == 0 and report["tokens"] == 80 and "left out" in report["warnings"][0]
+
+
+def test_prompt_check_counts_with_clip_when_the_configs_model_is_out_of_reach(
+    empty_hf_home: Path,
+    tmp_path: Path,
+    clip_tokenizer: Tokenizer,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\nid = "Sygil/Sygil-Diffusion"\n')
+    caplog.set_level(logging.INFO)
+    prompt = "species:seal, studio:dc"
+    assert main(["prompt", "check", prompt, "--json", "--config", str(config)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == len(clip_tokenizer.encode(prompt, add_special_tokens=False))
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == [
+        "Counting tokens with the bundled CLIP ViT-L/14 tokenizer: Sygil/Sygil-Diffusion: cannot reach the Hugging "
+        f"Face hub and the model is not in the cache (HF_HOME={empty_hf_home})"
+    ]
+
+
+def test_prompt_check_refuses_a_model_folder_whose_tokenizer_is_not_clips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "model" / "tokenizer").mkdir(parents=True)
+    assert main(["prompt", "check", "species:seal", "--model", str(tmp_path / "model")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"sygil-bot: Cannot load the tokenizer of model '{tmp_path / 'model'}': it is not a CLIP")
 
 
 def test_prompt_check_negative_prompt_errors_are_reported() -> None:

@@ -20,17 +20,14 @@ from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT, XReadResponse
 
-from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, exact_revision, pack, redacted, unpack
+from bot.cluster.broker import connect, parse
+from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, exact_revision, pack, unpack
 from bot.config import ClusterConfig
 from bot.engine.protocol import Failed, FailureKind, Progress, RenderBatch, Rendered, Started
 from bot.engine.types import RenderedImage
@@ -47,7 +44,6 @@ _RETRY_FIRST = 0.5  # seconds before reconnecting, doubled after each failure up
 _RETRY_LAST = 5.0
 _READ_BLOCK_MS = 1000
 _READ_COUNT = 100
-_SOCKET_TIMEOUT = 10.0  # more than a blocking read, so only a silent broker times out
 _STOP_SECONDS = 300  # how long a stop key waits for a worker to take its batch
 _WORKERS_SHOWN = 8
 
@@ -83,16 +79,10 @@ class ClusterPool:
         self._keys = Keys(config.prefix)
         self._model = model
         self._configured_revision = revision
-        self._url = redacted(config.broker)
-        self._password = urlsplit(config.broker).password
-        # One quick retry gets past a pooled connection the broker closed; the supervisor does the real retrying.
-        self._redis = Redis.from_url(  # pyright: ignore[reportUnknownMemberType] (its **kwargs are untyped)
-            config.broker,
-            retry=Retry(NoBackoff(), 1),
-            socket_timeout=_SOCKET_TIMEOUT,
-            socket_connect_timeout=_SOCKET_TIMEOUT,
-            protocol=2,  # replies shaped as _entries reads them
-        )
+        broker = parse(config.broker)
+        self._url = str(broker)
+        self._password = broker.password
+        self._redis = connect(config.broker)  # the supervisor does the retrying
         self._ids = itertools.count(1)
         self._flights: dict[int, _Flight] = {}
         self._workers: dict[str, WorkerInfo] = {}  # alive and serving the pinned revision

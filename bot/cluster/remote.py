@@ -36,14 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
 from redis.exceptions import ConnectionError as BrokerConnectionError
 from redis.exceptions import TimeoutError as BrokerTimeoutError
 from redis.typing import EncodableT, FieldT, StreamIdT
 
-from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, pack, redacted, unpack
+from bot.cluster.broker import redacted
+from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, pack, unpack
 from bot.config import ClusterConfig
 from bot.engine.process import WorkerProcess
 from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started
@@ -97,12 +96,6 @@ def process_executor(process: WorkerProcess) -> Executor:
         )
 
     return Executor(process, served)
-
-
-def connect(url: str) -> Redis:
-    """Return a client for the broker whose commands fail at once while Redis is away: the worker's loops retry."""
-    # One quick retry covers a pooled connection that died with an earlier Redis; waiting is the loops' business.
-    return Redis.from_url(url, retry=Retry(NoBackoff(), 1))  # pyright: ignore[reportUnknownMemberType]
 
 
 def default_name(cluster: ClusterConfig) -> str:

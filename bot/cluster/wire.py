@@ -27,7 +27,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from bot.engine.protocol import Message, decode, encode
 
@@ -166,18 +165,6 @@ def unpack(fields: Mapping[bytes, bytes] | Mapping[str, bytes]) -> tuple[Message
 def exact_revision(revision: str) -> bool:
     """Return whether a revision names exact weights (a commit, or a folder's hash) rather than a branch or tag."""
     return _EXACT_REVISION.fullmatch(revision) is not None
-
-
-def redacted(url: str) -> str:
-    """Return a broker URL fit for a log: its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
 def _is_blob(key: str) -> bool:

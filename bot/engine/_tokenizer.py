@@ -1,9 +1,13 @@
-"""Write the real CLIP ViT-L/14 tokenizer files from the BPE vocabulary bundled with open-clip-torch."""
+"""Write the real CLIP ViT-L/14 tokenizer files from the BPE vocabulary shipped in this package.
+
+``bpe_simple_vocab_16e6.txt.gz`` is OpenAI CLIP's vocabulary, as open_clip ships it (both MIT; the notices are in
+``bpe_simple_vocab_16e6.LICENSE`` beside it). It is ours to read with no other package installed.
+"""
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
+import importlib.resources
 import json
 import logging
 from pathlib import Path
@@ -33,23 +37,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(code) for code in codes), strict=True))
 
 
-def _bpe_path() -> Path:
-    """Return the path of open_clip's BPE vocabulary without importing open_clip."""
-    # importlib.resources.files("open_clip") would import the package, and open_clip's __init__ needs
-    # torchvision, which is deliberately not installed (it drags in a CUDA torch); find_spec does not import.
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{_BPE_FILE} not found: install open-clip-torch with `pip install --no-deps`")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / _BPE_FILE
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{_BPE_FILE} is missing from the installed open_clip package")
+def _bpe_bytes() -> bytes:
+    """Return the gzipped BPE vocabulary shipped in this package; raise FileNotFoundError if the install lacks it."""
+    resource = importlib.resources.files("bot.engine") / _BPE_FILE
+    try:
+        return resource.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{_BPE_FILE} is missing from the installed bot.engine package: reinstall it") from None
 
 
 def write_clip_tokenizer(folder: Path) -> None:
     """Write vocab.json, merges.txt and the two config files of the CLIP tokenizer into folder."""
-    lines = gzip.decompress(_bpe_path().read_bytes()).decode("utf-8").split("\n")
+    lines = gzip.decompress(_bpe_bytes()).decode("utf-8").split("\n")
     # Line 0 is the "#version" header, exactly what transformers skips when it reads merges.txt.
     merges = lines[1 : _MERGE_COUNT + 1]
     byte_chars = list(_bytes_to_unicode().values())

@@ -37,9 +37,10 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from transformers import CLIPTokenizer
 
+from bot.engine import hub
 from bot.engine.revision import folder_revision, snapshot_revision
 from bot.engine.types import EngineOptions, ImageSpec, Mode, RenderedImage, Settings
-from bot.errors import ModelError, OutOfMemory
+from bot.errors import HubUnreachable, ModelError, OutOfMemory
 from bot.prompts.tokens import count_tokens
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,19 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _root_line(error: BaseException) -> str:
+    """Return the first line of an error, or of its cause where it only points at a traceback nobody sees."""
+    line = _first_line(error)
+    cause = error.__cause__ or error.__context__
+    if cause is not None and "stacktrace above" in line:
+        return _root_line(cause)
+    return line
+
+
 def _looks_like_path(model_id: str) -> bool:
     """Tell a local folder from a hub id ("owner/name") when nothing exists at that path."""
     path = Path(model_id)
     return path.is_absolute() or model_id.startswith((".", "~")) or "\\" in model_id or len(path.parts) > 2
-
-
-def _hub_offline() -> bool:
-    """Return whether the environment forbids reaching the Hugging Face hub."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _load_pipeline(
@@ -107,13 +112,12 @@ def _load_pipeline(
     # Any failure inside from_pretrained (missing files, corrupt weights, no network) means this model id is
     # unusable as configured; the user gets one line and the log keeps the chained cause.
     except Exception as error:
-        if source == model_id and _hub_offline():
-            raise ModelError(
-                f"Model {model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it "
-                f"once with network access, or set `model.id` to a local folder "
-                f"(a tiny test model: `sygil-bot make-tiny-model DIR`)."
+        if source == model_id and hub.unreachable(error) and not hub.cached(model_id, "model_index.json", revision):
+            raise HubUnreachable(
+                f"Model {model_id!r}: {hub.not_cached_text()}. {hub.download_hint()} "
+                "(a tiny test model: `sygil-bot make-tiny-model DIR`)."
             ) from error
-        raise ModelError(f"Could not load model {model_id!r}: {_first_line(error)}; {_MAKE_TINY_HINT}.") from error
+        raise ModelError(f"Could not load model {model_id!r}: {_root_line(error)}; {_MAKE_TINY_HINT}.") from error
     if not isinstance(pipe, StableDiffusionPipeline):
         raise ModelError(f"Model {model_id!r} is a {type(pipe).__name__}, not a Stable Diffusion pipeline.")
     return pipe

@@ -36,7 +36,7 @@ from bot.engine.protocol import (
     encode,
 )
 from bot.engine.types import RenderedImage
-from bot.errors import ModelError, OutOfMemory, RenderFailed
+from bot.errors import HubUnreachable, ModelError, OutOfMemory, RenderFailed
 from bot.scheduler import Call, RenderStopped, WorkerLost
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class WorkerProcess:
         return self._ready.is_set()
 
     async def start(self) -> Hello:
-        """Start the process and wait until its model is loaded and warmed up; raise ModelError if it cannot be."""
+        """Start the process and wait until its model is loaded and warmed up; raise a ModelError or HubUnreachable."""
         loop = asyncio.get_running_loop()
         context = _forkserver()
         ours, theirs = context.Pipe()
@@ -219,7 +219,7 @@ class WorkerProcess:
                 if isinstance(message, Hello):
                     waiter.set_result(message)
                 else:
-                    waiter.set_exception(ModelError(message.message))
+                    waiter.set_exception((HubUnreachable if message.unreachable else ModelError)(message.message))
             return
         entry = self._calls.get(message.batch_id)
         if entry is None:
@@ -288,7 +288,7 @@ class WorkerProcess:
                     await asyncio.sleep(delay)
                 try:
                     await self.start()
-                except ModelError as error:
+                except (ModelError, HubUnreachable) as error:
                     log.error("GPU worker %s could not start again: %s", self.name, error)
                     continue
                 # Starting can also fail outside the model (the forkserver, the operating system); keep trying.

@@ -83,6 +83,7 @@ class Hello:
 @dataclass(frozen=True, slots=True)
 class LoadFailed:
     message: str
+    unreachable: bool = False  # the hub could not be reached and the model is not cached: no setting is wrong
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +137,8 @@ def encode(message: Message) -> dict[str, Any]:
                 "warmup_seconds": warmup_seconds,
                 "engine": dict(engine),
             }
-        case LoadFailed(text):
-            return {"type": "load_failed", "message": text}
+        case LoadFailed(text, unreachable):
+            return {"type": "load_failed", "message": text, "unreachable": unreachable}
         case Started(batch_id):
             return {"type": "started", "batch_id": batch_id}
         case Progress(batch_id, step, total):
@@ -168,7 +169,7 @@ def decode(data: Mapping[str, Any]) -> Message:
         if kind == "hello":
             return Hello(data["pid"], data["device"], data["device_name"], data["warmup_seconds"], dict(data["engine"]))
         if kind == "load_failed":
-            return LoadFailed(data["message"])
+            return LoadFailed(data["message"], bool(data.get("unreachable", False)))
         if kind == "started":
             return Started(data["batch_id"])
         if kind == "progress":

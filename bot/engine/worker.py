@@ -37,7 +37,7 @@ from bot.engine.protocol import (
     decode,
     encode,
 )
-from bot.errors import BotError, OutOfMemory
+from bot.errors import BotError, HubUnreachable, OutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class _Worker:
             )
             engine.warm_up()
         except BotError as error:
-            self._send(LoadFailed(str(error)))
+            self._send(LoadFailed(str(error), unreachable=isinstance(error, HubUnreachable)))
             return
         # Whatever else goes wrong while loading (a driver fault, a corrupt file) is reported the same way, so
         # the bot's operator reads one line instead of a dead process.

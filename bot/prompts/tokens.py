@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from bot.engine import hub
+from bot.engine._tokenizer import VOCAB_SIZE, write_clip_tokenizer
 from bot.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+log = logging.getLogger(__name__)
 
 MAX_TOKENS = 75  # CLIP reads 77 ids; the start and end ids take two.
 
@@ -79,23 +87,77 @@ def count_tokens(tokenizer: Tokenizer, text: str, max_tokens: int = MAX_TOKENS) 
     return TokenCount(tokens=len(ids), overflow=str(tokenizer.decode(ids[max_tokens:])).strip())
 
 
-def load_tokenizer(model: str | None = None) -> Tokenizer:
-    """Load a model's CLIP tokenizer (hub id or folder), or the bundled CLIP ViT-L/14 one when ``model`` is None."""
+def load_tokenizer(model: str | None = None, *, revision: str = "main") -> Tokenizer:
+    """Load the CLIP tokenizer of ``model`` (hub id or folder), else the bundled CLIP ViT-L/14 one, never another.
+
+    Without a model, the bundled one. A model that cannot be reached or found counts with the bundled one, and a
+    warning says so; a folder whose tokenizer is not CLIP's raises ModelError.
+    """
+    if model is None:
+        return _bundled()
+    local = Path(model).expanduser()
+    if local.is_dir():
+        folder = local / "tokenizer" if (local / "tokenizer").is_dir() else local
+        try:
+            return _checked(_from_pretrained(str(folder)))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"Cannot load the tokenizer of model {model!r}: {_first_line(exc)}") from None
+    if local.exists() or _looks_like_path(model):
+        reason = f"model {model!r} is not a folder"
+    else:
+        try:
+            return _checked(_from_pretrained(hub.snapshot(model, "tokenizer", revision)))
+        # Whatever stops it (no network, no such model, a broken download), the bundled vocabulary is CLIP's.
+        except Exception as exc:
+            if hub.unreachable(exc) and not hub.cached(model, "tokenizer/vocab.json", revision):
+                reason = f"{model}: {hub.not_cached_text()}"
+            else:
+                reason = f"cannot load the tokenizer of {model}: {_first_line(exc)}"
+    tokenizer = _bundled(reason)
+    log.warning("Counting tokens with the bundled CLIP ViT-L/14 tokenizer: %s", reason)
+    return tokenizer
+
+
+_PROBE, _PROBE_TOKENS = "species:seal", 3  # species, :, seal
+
+
+def _checked(tokenizer: CLIPTokenizer) -> CLIPTokenizer:
+    """Return ``tokenizer`` if it reads like CLIP's; raise ValueError for one built without its vocabulary."""
+    # transformers 5 builds a CLIPTokenizer of two entries, silently, from a folder or hub id it found no files in.
+    size = len(tokenizer)
+    tokens = len(tokenizer.encode(_PROBE, add_special_tokens=False))
+    if size < VOCAB_SIZE // 2 or tokens != _PROBE_TOKENS:
+        raise ValueError(
+            f"it is not a CLIP tokenizer ({size} entries where CLIP has {VOCAB_SIZE}; "
+            f"{_PROBE!r} is {tokens} tokens, not {_PROBE_TOKENS})"
+        )
+    return tokenizer
+
+
+def _bundled(instead_of: str | None = None) -> CLIPTokenizer:
+    """Build the CLIP ViT-L/14 tokenizer from the vocabulary shipped in this package (``instead_of`` the model's)."""
+    with tempfile.TemporaryDirectory(prefix="sygil-clip-") as folder:
+        try:
+            write_clip_tokenizer(Path(folder))
+        except FileNotFoundError as exc:
+            if instead_of is None:
+                raise ModelError(f"No CLIP tokenizer: {exc}") from None
+            raise ModelError(f"No tokenizer: {instead_of}; and {exc}") from None
+        return _checked(_from_pretrained(folder))
+
+
+def _from_pretrained(folder: str) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
-    if model is None:
-        from bot.engine._tokenizer import write_clip_tokenizer
+    return CLIPTokenizer.from_pretrained(folder)
 
-        with tempfile.TemporaryDirectory(prefix="sygil-clip-") as folder:
-            try:
-                write_clip_tokenizer(Path(folder))
-            except FileNotFoundError as exc:
-                raise ModelError(f"No bundled CLIP vocabulary: {exc}; or name a model with --model") from None
-            return CLIPTokenizer.from_pretrained(folder)
-    local = Path(model).expanduser()
-    subfolder = "tokenizer" if (local / "tokenizer").is_dir() or not local.exists() else ""
-    try:
-        return CLIPTokenizer.from_pretrained(str(local) if local.exists() else model, subfolder=subfolder)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"Cannot load the tokenizer of model {model!r}: {first}") from None
+
+def _looks_like_path(model: str) -> bool:
+    """Tell a local folder from a hub id ("owner/name") when nothing exists at that path."""
+    path = Path(model)
+    return path.is_absolute() or model.startswith((".", "~")) or "\\" in model or len(path.parts) > 2
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

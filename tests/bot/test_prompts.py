@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import logging
 import string
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bot.engine._tokenizer import write_clip_tokenizer
 from bot.errors import PromptRejected
-from bot.prompts import Blocklist, Rules, Tag, Tokenizer, check_prompt, nearest_namespace, normalise
+from bot.prompts import Blocklist, Rules, Tag, Tokenizer, check_prompt, load_tokenizer, nearest_namespace, normalise
 from bot.prompts.tokens import count_tokens
 
 
@@ -194,6 +197,42 @@ def test_token_count_is_the_clip_tokenizers(clip_tokenizer: Tokenizer) -> None:
     assert check_prompt(prompt, tokenizer=clip_tokenizer).tokens == len(
         clip_tokenizer.encode(prompt, add_special_tokens=False)
     )
+
+
+def test_a_model_out_of_reach_counts_with_the_bundled_clip_tokenizer_and_says_so(
+    empty_hf_home: Path, clip_tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bot.prompts")
+    tokenizer = load_tokenizer("Sygil/Sygil-Diffusion")
+    prompt = "species:seal, studio:dc"
+    clip = len(clip_tokenizer.encode(prompt, add_special_tokens=False))
+    assert count_tokens(tokenizer, prompt).tokens == clip
+    assert count_tokens(tokenizer, "cat " * 76).tokens == 76
+    assert caplog.messages == [
+        "Counting tokens with the bundled CLIP ViT-L/14 tokenizer: Sygil/Sygil-Diffusion: cannot reach the Hugging "
+        f"Face hub and the model is not in the cache (HF_HOME={empty_hf_home})"
+    ]
+
+
+def test_a_cached_hub_model_counts_with_its_own_tokenizer_offline(
+    empty_hf_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transformers import CLIPTokenizer
+
+    # The hub cache's layout: the branch names a commit, whose snapshot holds the model's files.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = empty_hf_home / "hub" / "models--Sygil--Sygil-Diffusion"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    folder = repo / "snapshots" / commit / "tokenizer"
+    write_clip_tokenizer(folder)
+    own = CLIPTokenizer.from_pretrained(str(folder))
+    own.add_tokens(["<sygil-style>"])  # what a textual inversion adds: one token where CLIP reads several
+    own.save_pretrained(str(folder))
+    caplog.set_level(logging.WARNING, logger="bot.prompts")
+    tokenizer = load_tokenizer("Sygil/Sygil-Diffusion")
+    assert tokenizer.encode("<sygil-style>", add_special_tokens=False) == [49408]
+    assert caplog.messages == []
 
 
 def test_too_long_prompts_are_refused_showing_what_would_be_cut(clip_tokenizer: Tokenizer) -> None:

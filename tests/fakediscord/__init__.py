@@ -17,6 +17,9 @@ Pointing a bot at it (both settings are process-global in discord.py):
 - Build the client with a small ``guild_ready_timeout`` (for example 0.1): discord.py waits that long after the
   last GUILD_CREATE before ``on_ready`` (default 2 s). Not 0, which races the GUILD_CREATE.
 
+A command run in-process (``bot.__main__.main([...])``, which has its own ``asyncio.run``) logs in to a fake served
+from another thread: ``with serve_in_thread() as server``.
+
 In-process tests use ``point_discord_at(server)`` (restores both on exit) or ``run_bot(bot, server)``, which
 also logs the bot in, waits for ``on_ready``, fails on ERROR records of the ``discord`` logger
 (``capture_discord_errors``) and closes the bot before the server stops.
@@ -60,7 +63,7 @@ does, so discord.py hands the callback a ``discord.Object``.
 
 from __future__ import annotations
 
-from ._harness import capture_discord_errors, point_discord_at, run_bot
+from ._harness import capture_discord_errors, point_discord_at, run_bot, serve_in_thread
 from ._models import Attachment, FakeInteraction, Message, RecordedRequest, Violation
 from ._server import FakeDiscord
 
@@ -74,4 +77,5 @@ __all__ = [
     "capture_discord_errors",
     "point_discord_at",
     "run_bot",
+    "serve_in_thread",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import TypeVar
 
@@ -83,3 +84,26 @@ async def run_bot(
             await bot.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+@contextlib.contextmanager
+def serve_in_thread() -> Iterator[FakeDiscord]:
+    """Serve a ``FakeDiscord`` from its own thread and event loop, for a command run in this process with its own
+    ``asyncio.run`` (``bot.__main__.main([...])``); stop it on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fake-discord", daemon=True)
+    thread.start()
+
+    async def start() -> FakeDiscord:
+        return await FakeDiscord().__aenter__()
+
+    try:
+        server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+        try:
+            yield server
+        finally:
+            asyncio.run_coroutine_threadsafe(server.__aexit__(None, None, None), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

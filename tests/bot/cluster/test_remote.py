@@ -24,7 +24,8 @@ import pytest_asyncio
 from PIL import Image
 from redis.asyncio import Redis
 
-from bot.cluster.remote import Executor, PinRefused, Served, WorkerHost, connect, process_executor
+from bot.cluster.broker import connect
+from bot.cluster.remote import Executor, PinRefused, Served, WorkerHost, process_executor
 from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, pack, unpack
 from bot.config import ClusterConfig
 from bot.engine import EngineOptions, ImageSpec, RenderedImage, Settings
