@@ -206,7 +206,7 @@ def _images(count: int) -> str:
 def _use_compile_cache(folder: str) -> Path:
     """Keep inductor's kernels and FX graphs in folder, so a restarted worker loads them instead of compiling."""
     path = Path(folder).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # beside the database, and as private as it
     # torch 2.13 reads TORCHINDUCTOR_CACHE_DIR each time it needs the folder (cache_dir_utils.cache_dir), so
     # setting it after importing torch works; clear_caches drops the few paths memoised by an earlier compile.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
