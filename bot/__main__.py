@@ -434,14 +434,29 @@ def _date(text: str) -> float:
 
 
 def _export_feedback(args: argparse.Namespace) -> int:
+    import datetime
+
     from bot.feedback import FORMATS, PARQUET_INSTALL, Filters, ProgressBar, export
     from bot.storage import Database
 
+    if args.min_votes < 0:
+        print(f"sygil-bot: --min-votes must be 0 or more, got {args.min_votes}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        since, until = (datetime.datetime.fromtimestamp(day, datetime.UTC).date() for day in (args.since, args.until))
+        print(
+            f"sygil-bot: --since {since} must be before --until {until} (--since is included, --until is not)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     database = args.database or Config.load(args.config, require_token=False).storage.path
-    if not database.is_file():
+    if not database.exists():
         print(f"sygil-bot: no database at {database} (set --database, or storage.path in the config)", file=sys.stderr)
         return EXIT_USAGE
     to_stdout = str(args.out) == "-"
+    if not to_stdout and args.out.is_dir():
+        print(f"sygil-bot: --out {args.out} is a folder: name a file, like {args.out / 'votes.jsonl'}", file=sys.stderr)
+        return EXIT_USAGE
     if not to_stdout and not args.out.parent.is_dir():
         print(f"sygil-bot: cannot write {args.out}: no folder {args.out.parent}", file=sys.stderr)
         return EXIT_USAGE
@@ -460,8 +475,10 @@ def _export_feedback(args: argparse.Namespace) -> int:
     progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
 
     async def run(out: Any) -> Exported:
-        # Read while the bot runs: SQLite's WAL lets this reader see a consistent snapshot beside the writer.
-        async with await Database.open(database) as db:
+        # Read while the bot runs: SQLite's WAL lets this reader see a consistent snapshot beside the writer. Read
+        # only: the database may belong to another version of the bot, which alone may migrate it.
+        setting = "--database" if args.database else "storage.path"
+        async with await Database.open_readonly(database, setting=setting) as db:
             return await export(
                 db, out, format=fmt, filters=filters, images=args.images, storage=database.parent, progress=progress
             )

@@ -26,6 +26,7 @@ from bot.storage.files import create_private, private_folder
 log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"(?P<number>\d{4})_[a-z0-9_]+\.sql")
+FEEDBACK_SCHEMA = 3  # the first database version holding what ``feedback`` reads (0003_feedback.sql)
 # Which images the feedback export takes; named parameters :since, :until, :revision and :min_votes.
 _FEEDBACK_FILTER = """
     (:since IS NULL OR i.created_at >= :since)
