@@ -235,7 +235,7 @@ async def _start_cluster(config: Config, stack: contextlib.AsyncExitStack) -> li
 
 
 async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> list[WorkerProcess]:
-    """Start one GPU worker process per configured device, each loading the model; raise if any cannot."""
+    """Start one worker process per configured device, each loading the model; raise if any cannot."""
     from bot.engine.process import WorkerProcess
     from bot.engine.protocol import WorkerSettings
 
@@ -258,6 +258,7 @@ async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> li
                 verbose=log.isEnabledFor(logging.DEBUG),
             ),
             name=f"{index}:{device}" if len(devices) > 1 else device,
+            announce=not config.cluster.enabled,  # `sygil-bot worker` announces each device as a cluster worker
         )
         for index, (device, dtype) in enumerate(devices)
     ]
@@ -269,19 +270,6 @@ async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> li
         if isinstance(result, BaseException):
             raise result
     return workers
-
-
-def _quiet_libraries() -> None:
-    """Keep library progress bars and notices off the terminal; the bot's own log says what happens."""
-    import diffusers.utils.logging
-    import huggingface_hub.utils
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def _resolve_devices(model: ModelConfig) -> list[tuple[str, str]]:
@@ -335,7 +323,6 @@ def _imagine(args: argparse.Namespace) -> int:
 
     from bot.engine import Engine, EngineOptions
 
-    _quiet_libraries()
     # One image, and no warm-up: compiling would take longer than rendering it uncompiled.
     options = config.engine_options() if config else EngineOptions()
     device, dtype = _resolve_device(model, args.device or model.devices[0])
@@ -512,10 +499,26 @@ def _export_feedback(args: argparse.Namespace) -> int:
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from bot.engine import make_tiny_model
+    from bot.engine.pipeline import quiet_libraries
 
-    _quiet_libraries()
-    make_tiny_model(args.directory)
-    print(f"wrote a tiny random-weights model to {args.directory}")
+    directory: Path = args.directory
+    if directory.exists() and not directory.is_dir():
+        print(f"sygil-bot: {directory} is a file: make-tiny-model writes a folder; name a new one", file=sys.stderr)
+        return EXIT_USAGE
+    if directory.is_dir() and any(directory.iterdir()):
+        print(
+            f"sygil-bot: {directory} is not empty: make-tiny-model writes only into a new or empty folder, so that "
+            "it overwrites nothing",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    quiet_libraries()
+    try:
+        make_tiny_model(directory)
+    except OSError as exc:
+        print(f"sygil-bot: cannot write {directory}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote a tiny random-weights model to {directory}")
     return 0
 
 

@@ -1,16 +1,24 @@
-"""The ``sygil-bot`` command line, run as a user would run it: in a child process."""
+"""The ``sygil-bot`` command line, run as a user would run it: in a child process, or through ``main`` in this one
+where the exit status and the output are all there is to see."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
+
+from bot.__main__ import main
+
+# Runs ``sygil-bot ARGS`` in this process: its exit status, standard output and standard error.
+Cli = Callable[..., tuple[int, str, str]]
 
 
 def sygil(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -24,6 +32,18 @@ def sygil(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
         timeout=300,
         check=False,
     )
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")  # what main sets for itself, undone after the test
+
+    def run(*args: str) -> tuple[int, str, str]:
+        status = main(list(args))
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
 
 
 def test_imagine_writes_a_png_with_its_settings_and_the_same_seed_gives_the_same_pixels(
@@ -112,7 +132,7 @@ def test_run_that_cannot_reach_discord_says_so_and_stops_its_worker(tiny_model_d
     )
     result = sygil("run", "--config", str(config), env={"DISCORD_TOKEN": "x"})
     assert result.returncode == 1, result.stderr
-    assert "GPU worker cpu ready" in result.stderr  # the model loaded in its own process first
+    assert "CPU worker cpu ready" in result.stderr  # the model loaded in its own process first
     assert "sygil-bot: Cannot reach Discord at http://127.0.0.1:9/api/v10" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -187,3 +207,33 @@ def test_prompt_check_needs_a_prompt_or_a_file(tmp_path: Path) -> None:
     assert sygil("prompt", "check").returncode == 2
     missing = sygil("prompt", "check", "--file", str(tmp_path / "none.txt"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_make_tiny_model_overwrites_nothing(cli: Cli, tmp_path: Path) -> None:
+    file = tmp_path / "model"
+    file.write_text("mine")
+    assert cli("make-tiny-model", str(file)) == (
+        2,
+        "",
+        f"sygil-bot: {file} is a file: make-tiny-model writes a folder; name a new one\n",
+    )
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert cli("make-tiny-model", str(folder)) == (
+        2,
+        "",
+        f"sygil-bot: {folder} is not empty: make-tiny-model writes only into a new or empty folder, so that it "
+        "overwrites nothing\n",
+    )
+    assert file.read_text() == "mine" and [path.name for path in folder.iterdir()] == ["notes.txt"]
+
+
+def test_make_tiny_model_says_once_what_it_wrote(cli: Cli, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)  # what `sygil-bot` logs on its standard error
+    folder = tmp_path / "tiny"
+    folder.mkdir()  # an empty folder is as good as a new one
+    status, out, err = cli("make-tiny-model", str(folder))
+    assert (status, out, err) == (0, f"wrote a tiny random-weights model to {folder}\n", "")
+    assert caplog.text == ""
+    assert (folder / "model_index.json").is_file()

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import diffusers.utils.deprecation_utils
+import diffusers.utils.logging
+import huggingface_hub.utils
 import numpy as np
 import torch
 import torch._dynamo.config
 import torch._inductor.config
 import torch._inductor.utils
+import transformers.utils.logging
 
 # diffusers exports its public names through a lazy module that pyright reads as private imports.
 # pyright: reportPrivateImportUsage=false
@@ -51,6 +54,15 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 _DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
 DEFAULT_OPTIONS = EngineOptions()
 _MAKE_TINY_HINT = "build a tiny test model with `sygil-bot make-tiny-model DIR`, or check `model.id`"
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' progress bars (carriage returns and escape codes) and notices out of the logs."""
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _make_scheduler(name: str, config: Any) -> Any:
@@ -324,6 +336,7 @@ class Engine:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid names: {', '.join(DTYPES)}")
 
+        quiet_libraries()  # in a worker process too, whose output goes to the bot's log
         pipe = _load_pipeline(model_id, DTYPES[dtype], safety_checker, revision)
         engine = cls.from_pipeline(pipe, model_id=model_id, device=device, scheduler=scheduler, options=options)
         local = Path(model_id).expanduser()
