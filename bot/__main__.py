@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.config import Config, ModelConfig, PromptsConfig
+from bot.config import SCHEDULERS, Config, ModelConfig, PromptsConfig
 from bot.errors import BotError, ConfigError
 
 if TYPE_CHECKING:
@@ -320,6 +320,10 @@ def _imagine(args: argparse.Namespace) -> int:
     if not args.output.parent.is_dir():
         print(f"sygil-bot: cannot write {args.output}: no folder {args.output.parent}", file=sys.stderr)
         return EXIT_USAGE
+    scheduler = args.scheduler or model.scheduler
+    if scheduler not in SCHEDULERS:
+        print(f"sygil-bot: --scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}", file=sys.stderr)
+        return EXIT_USAGE
 
     from bot.engine import Engine, EngineOptions
 
@@ -330,7 +334,7 @@ def _imagine(args: argparse.Namespace) -> int:
         args.model or model.id,
         device=device,
         dtype=dtype,
-        scheduler=args.scheduler or model.scheduler,
+        scheduler=scheduler,
         safety_checker=model.safety_checker,
         options=replace(options, compile=False),
         revision=model.revision,
@@ -370,9 +374,13 @@ def _prompt_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.file is not None:
         try:
-            prompts = args.file.read_text("utf-8").splitlines()
+            lines = args.file.read_text("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             print(f"sygil-bot: cannot read {args.file}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        prompts = [line for line in lines if line.strip()]  # blank lines separate prompts; they are none
+        if not prompts:
+            print(f"sygil-bot: {args.file} holds no prompt (one prompt per line)", file=sys.stderr)
             return EXIT_USAGE
     else:
         prompts = [args.prompt]

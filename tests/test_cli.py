@@ -209,6 +209,46 @@ def test_prompt_check_needs_a_prompt_or_a_file(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_imagine_with_an_unknown_scheduler_names_the_valid_ones(cli: Cli, tmp_path: Path) -> None:
+    assert cli("imagine", "species:seal", "--scheduler", "bogus", "-o", str(tmp_path / "x.png")) == (
+        2,
+        "",
+        "sygil-bot: --scheduler must be one of dpm++, ddim, euler-a, got 'bogus'\n",
+    )
+
+
+def test_imagine_names_the_negative_prompt_it_refuses(cli: Cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "x.png"
+    status, _, err = cli(
+        "imagine", "species:seal", "--negative", "speces:blur", "--model", str(tiny_model_dir), "--width", "64",
+        "--height", "64", "-o", str(output),
+    )  # fmt: skip
+    assert (status, err) == (
+        1,
+        "sygil-bot: In the negative prompt, `speces:` is not a namespace Sygil knows. Did you mean `species:`?\n",
+    )
+    assert not output.exists()
+
+
+def test_prompt_check_names_the_negative_prompt_and_skips_blank_lines(
+    cli: Cli, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("species:seal\n\n   \nstudio:dc\n", "utf-8")
+    model = ("--model", str(tiny_model_dir))
+    status, out, _ = cli("prompt", "check", "--file", str(prompts), "--json", *model)
+    assert status == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["species:seal", "studio:dc"]
+    status, out, _ = cli("prompt", "check", "species:seal", "--negative", "title:blurry", *model)
+    assert status == 1
+    assert "  error [provenance_namespace]: In the negative prompt, `title:` records where" in out
+    prompts.write_text("\n  \n", "utf-8")
+    assert cli("prompt", "check", "--file", str(prompts), *model) == (
+        2,
+        "",
+        f"sygil-bot: {prompts} holds no prompt (one prompt per line)\n",
+    )
+
+
 def test_make_tiny_model_overwrites_nothing(cli: Cli, tmp_path: Path) -> None:
     file = tmp_path / "model"
     file.write_text("mine")

@@ -130,6 +130,16 @@ def test_bad_prompts_are_refused_before_anything_is_taken(service: ImageService)
     assert service.usage.used(guild_id=GUILD, user_id=1) == 2  # only the two accepted ones
 
 
+@pytest.mark.parametrize(
+    "negative",
+    ["speces:blur", "title:blurry", "rating:explicit", "species:", "Forbidden things", "cat " * 80],
+)
+def test_a_refused_negative_prompt_is_named(service: ImageService, negative: str) -> None:
+    with pytest.raises(PromptRejected) as refused:
+        admit(service, negative=negative)
+    assert "negative prompt" in str(refused.value)
+
+
 async def test_reroll_keeps_everything_but_the_seed(service: ImageService) -> None:
     parent = await service.enqueue(admit(service, seed=5, count=2, steps=9))
     await finish(service, parent)
