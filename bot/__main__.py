@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.config import Config, ModelConfig, PromptsConfig
+from bot.config import SCHEDULERS, Config, ModelConfig, PromptsConfig
 from bot.errors import BotError, ConfigError
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ async def _start_cluster(config: Config, stack: contextlib.AsyncExitStack) -> li
 
 
 async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> list[WorkerProcess]:
-    """Start one GPU worker process per configured device, each loading the model; raise if any cannot."""
+    """Start one worker process per configured device, each loading the model; raise if any cannot."""
     from bot.engine.process import WorkerProcess
     from bot.engine.protocol import WorkerSettings
 
@@ -271,6 +271,7 @@ async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> li
                 verbose=log.isEnabledFor(logging.DEBUG),
             ),
             name=f"{index}:{device}" if len(devices) > 1 else device,
+            announce=not config.cluster.enabled,  # `sygil-bot worker` announces each device as a cluster worker
         )
         for index, (device, dtype) in enumerate(devices)
     ]
@@ -282,19 +283,6 @@ async def _start_workers(config: Config, stack: contextlib.AsyncExitStack) -> li
         if isinstance(result, BaseException):
             raise result
     return workers
-
-
-def _quiet_libraries() -> None:
-    """Keep library progress bars and notices off the terminal; the bot's own log says what happens."""
-    import diffusers.utils.logging
-    import huggingface_hub.utils
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def _resolve_devices(model: ModelConfig) -> list[tuple[str, str]]:
@@ -345,10 +333,13 @@ def _imagine(args: argparse.Namespace) -> int:
     if not args.output.parent.is_dir():
         print(f"sygil-bot: cannot write {args.output}: no folder {args.output.parent}", file=sys.stderr)
         return EXIT_USAGE
+    scheduler = args.scheduler or model.scheduler
+    if scheduler not in SCHEDULERS:
+        print(f"sygil-bot: --scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}", file=sys.stderr)
+        return EXIT_USAGE
 
     from bot.engine import Engine, EngineOptions
 
-    _quiet_libraries()
     # One image, and no warm-up: compiling would take longer than rendering it uncompiled.
     options = config.engine_options() if config else EngineOptions()
     device, dtype = _resolve_device(model, args.device or model.devices[0])
@@ -356,7 +347,7 @@ def _imagine(args: argparse.Namespace) -> int:
         args.model or model.id,
         device=device,
         dtype=dtype,
-        scheduler=args.scheduler or model.scheduler,
+        scheduler=scheduler,
         safety_checker=model.safety_checker,
         options=replace(options, compile=False),
         revision=model.revision,
@@ -396,9 +387,13 @@ def _prompt_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.file is not None:
         try:
-            prompts = args.file.read_text("utf-8").splitlines()
+            lines = args.file.read_text("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             print(f"sygil-bot: cannot read {args.file}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        prompts = [line for line in lines if line.strip()]  # blank lines separate prompts; they are none
+        if not prompts:
+            print(f"sygil-bot: {args.file} holds no prompt (one prompt per line)", file=sys.stderr)
             return EXIT_USAGE
     else:
         prompts = [args.prompt]
@@ -447,14 +442,29 @@ def _date(text: str) -> float:
 
 
 def _export_feedback(args: argparse.Namespace) -> int:
+    import datetime
+
     from bot.feedback import FORMATS, PARQUET_INSTALL, Filters, ProgressBar, export
     from bot.storage import Database
 
+    if args.min_votes < 0:
+        print(f"sygil-bot: --min-votes must be 0 or more, got {args.min_votes}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        since, until = (datetime.datetime.fromtimestamp(day, datetime.UTC).date() for day in (args.since, args.until))
+        print(
+            f"sygil-bot: --since {since} must be before --until {until} (--since is included, --until is not)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     database = args.database or Config.load(args.config, require_token=False).storage.path
-    if not database.is_file():
+    if not database.exists():
         print(f"sygil-bot: no database at {database} (set --database, or storage.path in the config)", file=sys.stderr)
         return EXIT_USAGE
     to_stdout = str(args.out) == "-"
+    if not to_stdout and args.out.is_dir():
+        print(f"sygil-bot: --out {args.out} is a folder: name a file, like {args.out / 'votes.jsonl'}", file=sys.stderr)
+        return EXIT_USAGE
     if not to_stdout and not args.out.parent.is_dir():
         print(f"sygil-bot: cannot write {args.out}: no folder {args.out.parent}", file=sys.stderr)
         return EXIT_USAGE
@@ -473,8 +483,10 @@ def _export_feedback(args: argparse.Namespace) -> int:
     progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
 
     async def run(out: Any) -> Exported:
-        # Read while the bot runs: SQLite's WAL lets this reader see a consistent snapshot beside the writer.
-        async with await Database.open(database) as db:
+        # Read while the bot runs: SQLite's WAL lets this reader see a consistent snapshot beside the writer. Read
+        # only: the database may belong to another version of the bot, which alone may migrate it.
+        setting = "--database" if args.database else "storage.path"
+        async with await Database.open_readonly(database, setting=setting) as db:
             return await export(
                 db, out, format=fmt, filters=filters, images=args.images, storage=database.parent, progress=progress
             )
@@ -508,10 +520,26 @@ def _export_feedback(args: argparse.Namespace) -> int:
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from bot.engine import make_tiny_model
+    from bot.engine.pipeline import quiet_libraries
 
-    _quiet_libraries()
-    make_tiny_model(args.directory)
-    print(f"wrote a tiny random-weights model to {args.directory}")
+    directory: Path = args.directory
+    if directory.exists() and not directory.is_dir():
+        print(f"sygil-bot: {directory} is a file: make-tiny-model writes a folder; name a new one", file=sys.stderr)
+        return EXIT_USAGE
+    if directory.is_dir() and any(directory.iterdir()):
+        print(
+            f"sygil-bot: {directory} is not empty: make-tiny-model writes only into a new or empty folder, so that "
+            "it overwrites nothing",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    quiet_libraries()
+    try:
+        make_tiny_model(directory)
+    except OSError as exc:
+        print(f"sygil-bot: cannot write {directory}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote a tiny random-weights model to {directory}")
     return 0
 
 

@@ -95,6 +95,10 @@ class SygilBot(commands.Bot):
 
     def __init__(self, *, config: Config, service: ImageService) -> None:
         use_endpoints(config.discord)
+        # The bot never joins a voice channel: discord.py's warnings that voice's libraries (PyNaCl, davey) are
+        # missing would only be noise in its log.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents(guilds=True),

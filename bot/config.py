@@ -151,7 +151,7 @@ class Config:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        return cls.from_dict(data, source=str(path), environ=environ, require_token=require_token)
+        return cls.from_dict(data, source=str(path), environ=environ, require_token=require_token, folder=path.parent)
 
     @classmethod
     def from_dict(
@@ -161,8 +161,13 @@ class Config:
         source: str = "<config>",
         environ: Mapping[str, str] = os.environ,
         require_token: bool = True,
+        folder: Path | None = None,
     ) -> Config:
-        """Build settings from parsed TOML, naming ``source`` and the key in every error."""
+        """Build settings from parsed TOML, naming ``source`` and the key in every error.
+
+        A relative storage.path is taken from ``folder`` (the config file's), so the bot finds its database whatever
+        folder it is started from; None leaves it relative to the working folder.
+        """
         reader = _Reader(source, data)
         token = environ.get("DISCORD_TOKEN", "").strip()
         if require_token and not token:
@@ -180,7 +185,7 @@ class Config:
                 "engine", EngineConfig, {"warmup_batches": _batches, "warmup_sizes": _optional_sizes}
             ),
             moderation=reader.section("moderation", ModerationConfig, {"roles": _roles}),
-            storage=reader.section("storage", StorageConfig, {"path": _path}),
+            storage=_storage(reader.section("storage", StorageConfig, {"path": _path}), folder),
             stats=reader.section("stats", StatsConfig),
             cluster=_cluster(
                 reader.section("cluster", ClusterConfig, {"broker": _optional_text, "name": _optional_text}),
@@ -284,6 +289,12 @@ def _cluster(cluster: ClusterConfig, environ: Mapping[str, str], source: str) ->
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cluster.prefix):
         raise ConfigError(f"{source}: cluster.prefix: letters, digits, '_', '.' and '-' only")
     return replace(cluster, broker=broker)
+
+
+def _storage(storage: StorageConfig, folder: Path | None) -> StorageConfig:
+    if folder is None or storage.path.is_absolute():
+        return storage
+    return replace(storage, path=folder / storage.path)
 
 
 def _convert(value: Any, kind: type) -> Any:

@@ -11,6 +11,14 @@ class ConfigError(BotError):
     """A setting is missing or wrong; the message names the file and the key."""
 
 
+class StorageError(ConfigError):
+    """The database file cannot be opened or used; the message names the file, the setting and the fix."""
+
+
+class DatabaseVersionError(BotError):
+    """The database's schema is newer than this bot knows, or older than a reader that must not migrate it can use."""
+
+
 class PromptRejected(BotError):
     """A prompt broke a rule of the prompt language."""
 

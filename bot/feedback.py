@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
 
+from bot.errors import DatabaseVersionError
 from bot.storage import Database
+from bot.storage.database import FEEDBACK_SCHEMA
 
 if TYPE_CHECKING:
     import pyarrow
@@ -287,6 +289,13 @@ async def export(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    version = await db.schema_version()
+    if version < FEEDBACK_SCHEMA:
+        raise DatabaseVersionError(
+            f"The database is at version {version}, from an older sygil-bot; the export reads version "
+            f"{FEEDBACK_SCHEMA} or later and never upgrades a database itself: start this sygil-bot on it once (it "
+            "upgrades the database as it starts), then export again"
+        )
     keep = _Images(images, storage=storage or Path()) if images is not None else None
     if keep is not None:
         await asyncio.to_thread(keep.folder.mkdir, parents=True, exist_ok=True)

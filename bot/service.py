@@ -25,6 +25,7 @@ from bot.moderation import Moderation
 from bot.prompts import Rules, Tokenizer, check_prompt
 from bot.scheduler import Place, Scheduler, Ticket
 from bot.storage import AuditEntry, Database, Job, JobKind, JobStatus, Provenance, Reply
+from bot.storage.files import private_folder, write_private
 
 log = logging.getLogger(__name__)
 
@@ -613,11 +614,11 @@ def _s(count: int) -> str:
 
 
 def _keep(folder: Path, job_id: int, images: Sequence[RenderedImage]) -> list[str | None]:
-    """Write a job's PNGs under the storage folder (storage.keep_images) and return their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write a job's PNGs under the storage folder (storage.keep_images), for this user only; return their paths."""
+    private_folder(folder)
     paths: list[str | None] = []
     for index, image in enumerate(images):
         path = folder / f"sygil_{job_id}_{index}.png"
-        path.write_bytes(image.png)
+        write_private(path, image.png)
         paths.append(str(path))
     return paths

@@ -1,4 +1,5 @@
-"""The ``sygil-bot`` command line, run as a user would run it: in a child process."""
+"""The ``sygil-bot`` command line, run as a user would run it: in a child process, or through ``main`` in this one
+where the exit status and the output are all there is to see."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,9 @@ from bot.prompts import Tokenizer
 from tests.fakediscord import serve_in_thread
 from tests.redis_server import BASE64_PASSWORD as PASSWORD
 from tests.redis_server import RedisServer
+
+# Runs ``sygil-bot ARGS`` in this process: its exit status, standard output and standard error.
+Cli = Callable[..., tuple[int, str, str]]
 
 
 def sygil(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,6 +36,18 @@ def sygil(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
         timeout=300,
         check=False,
     )
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")  # what main sets for itself, undone after the test
+
+    def run(*args: str) -> tuple[int, str, str]:
+        status = main(list(args))
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
 
 
 def test_imagine_writes_a_png_with_its_settings_and_the_same_seed_gives_the_same_pixels(
@@ -276,3 +293,73 @@ def test_prompt_check_needs_a_prompt_or_a_file(tmp_path: Path) -> None:
     assert sygil("prompt", "check").returncode == 2
     missing = sygil("prompt", "check", "--file", str(tmp_path / "none.txt"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_imagine_with_an_unknown_scheduler_names_the_valid_ones(cli: Cli, tmp_path: Path) -> None:
+    assert cli("imagine", "species:seal", "--scheduler", "bogus", "-o", str(tmp_path / "x.png")) == (
+        2,
+        "",
+        "sygil-bot: --scheduler must be one of dpm++, ddim, euler-a, got 'bogus'\n",
+    )
+
+
+def test_imagine_names_the_negative_prompt_it_refuses(cli: Cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "x.png"
+    status, _, err = cli(
+        "imagine", "species:seal", "--negative", "speces:blur", "--model", str(tiny_model_dir), "--width", "64",
+        "--height", "64", "-o", str(output),
+    )  # fmt: skip
+    assert (status, err) == (
+        1,
+        "sygil-bot: In the negative prompt, `speces:` is not a namespace Sygil knows. Did you mean `species:`?\n",
+    )
+    assert not output.exists()
+
+
+def test_prompt_check_names_the_negative_prompt_and_skips_blank_lines(
+    cli: Cli, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("species:seal\n\n   \nstudio:dc\n", "utf-8")
+    model = ("--model", str(tiny_model_dir))
+    status, out, _ = cli("prompt", "check", "--file", str(prompts), "--json", *model)
+    assert status == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["species:seal", "studio:dc"]
+    status, out, _ = cli("prompt", "check", "species:seal", "--negative", "title:blurry", *model)
+    assert status == 1
+    assert "  error [provenance_namespace]: In the negative prompt, `title:` records where" in out
+    prompts.write_text("\n  \n", "utf-8")
+    assert cli("prompt", "check", "--file", str(prompts), *model) == (
+        2,
+        "",
+        f"sygil-bot: {prompts} holds no prompt (one prompt per line)\n",
+    )
+
+
+def test_make_tiny_model_overwrites_nothing(cli: Cli, tmp_path: Path) -> None:
+    file = tmp_path / "model"
+    file.write_text("mine")
+    assert cli("make-tiny-model", str(file)) == (
+        2,
+        "",
+        f"sygil-bot: {file} is a file: make-tiny-model writes a folder; name a new one\n",
+    )
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert cli("make-tiny-model", str(folder)) == (
+        2,
+        "",
+        f"sygil-bot: {folder} is not empty: make-tiny-model writes only into a new or empty folder, so that it "
+        "overwrites nothing\n",
+    )
+    assert file.read_text() == "mine" and [path.name for path in folder.iterdir()] == ["notes.txt"]
+
+
+def test_make_tiny_model_says_once_what_it_wrote(cli: Cli, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)  # what `sygil-bot` logs on its standard error
+    folder = tmp_path / "tiny"
+    folder.mkdir()  # an empty folder is as good as a new one
+    status, out, err = cli("make-tiny-model", str(folder))
+    assert (status, out, err) == (0, f"wrote a tiny random-weights model to {folder}\n", "")
+    assert caplog.text == ""
+    assert (folder / "model_index.json").is_file()

@@ -20,9 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from bot.__main__ import main
 from bot.engine.types import Settings
 from bot.feedback import FIELDS, ProgressBar, parquet_schema
 from bot.storage import Database, JobKind, Provenance
+from bot.storage.database import migrations
 from tests._bulk import bulk_database
 from tests.test_cli import sygil
 
@@ -118,6 +120,84 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no database at" in missing.stderr and "Traceback" not in missing.stderr
     bad_date = _export("--database", str(tmp_path / "x.db"), "--out", "x.jsonl", "--since", "yesterday")
     assert bad_date.returncode == 2 and "not a date like 2026-11-30" in bad_date.stderr
+
+
+def _export_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str]]:
+    """Run export-feedback in this process; return its status and the lines on standard error."""
+    status = main(["export-feedback", *args])
+    return status, capsys.readouterr().err.splitlines()
+
+
+def _older_database(path: Path, version: int) -> None:
+    """Write the database an older bot made: the migrations up to ``version`` only."""
+    with sqlite3.connect(path) as raw:
+        for number, sql in migrations()[:version]:
+            raw.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+    raw.close()
+
+
+def test_wrong_filters_and_a_folder_for_out_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    database = tmp_path / "sygil.db"
+    asyncio.run(_database(database))
+    out = ["--database", str(database), "--out", str(tmp_path / "x.jsonl")]
+    assert _export_here(capsys, *out, "--min-votes", "-1") == (
+        2,
+        ["sygil-bot: --min-votes must be 0 or more, got -1"],
+    )
+    for since, until in [("2026-02-01", "2026-01-01"), ("2026-01-01", "2026-01-01")]:
+        assert _export_here(capsys, *out, "--since", since, "--until", until) == (
+            2,
+            [f"sygil-bot: --since {since} must be before --until {until} (--since is included, --until is not)"],
+        )
+    assert _export_here(capsys, "--database", str(database), "--out", str(tmp_path)) == (
+        2,
+        [f"sygil-bot: --out {tmp_path} is a folder: name a file, like {tmp_path / 'votes.jsonl'}"],
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sygil.db"]
+
+
+def test_an_export_reads_an_older_database_without_upgrading_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database, out = tmp_path / "sygil.db", tmp_path / "feedback.jsonl"
+    _older_database(database, 3)  # the first version with what the export reads
+    before = database.read_bytes()
+    assert _export_here(capsys, "--database", str(database), "--out", str(out)) == (
+        0,
+        [f"wrote 0 images to {out} (jsonl)"],
+    )
+    assert database.read_bytes() == before
+    _older_database(older := tmp_path / "older.db", 2)
+    before = older.read_bytes()
+    assert _export_here(capsys, "--database", str(older), "--out", str(out)) == (
+        1,
+        [
+            "sygil-bot: The database is at version 2, from an older sygil-bot; the export reads version 3 or later "
+            "and never upgrades a database itself: start this sygil-bot on it once (it upgrades the database as it "
+            "starts), then export again"
+        ],
+    )
+    assert older.read_bytes() == before
+
+
+def test_an_export_refuses_a_newer_database_or_another_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    newer, out = tmp_path / "newer.db", tmp_path / "feedback.jsonl"
+    _older_database(newer, len(migrations()))
+    with sqlite3.connect(newer) as raw:
+        raw.execute(f"PRAGMA user_version = {len(migrations()) + 1}")
+    raw.close()
+    before = newer.read_bytes()
+    status, lines = _export_here(capsys, "--database", str(newer), "--out", str(out))
+    assert status == 1 and len(lines) == 1
+    assert lines[0].startswith(f"sygil-bot: {newer} was made by a newer sygil-bot") and "upgrade" in lines[0]
+    assert newer.read_bytes() == before
+    other = tmp_path / "votes.csv"
+    other.write_text("job,votes\n1,3\n" * 20)
+    assert _export_here(capsys, "--database", str(other), "--out", str(out)) == (
+        2,
+        [f"sygil-bot: --database: {other} is not an SQLite database: name the bot's database file"],
+    )
+    assert not out.exists()
 
 
 async def test_parquet_holds_the_same_records_typed(tmp_path: Path) -> None:

@@ -348,8 +348,8 @@ async def _none_unfinished(db: Database) -> bool:
 
 
 def _worker_pid(text: str, name: str, *, last: bool = False) -> int:
-    """Return the pid the bot logged for its GPU worker of that name (the first one, or the latest)."""
-    marker = f"GPU worker {name} ready: pid "
+    """Return the pid the bot logged for its CPU worker of that name (the first one, or the latest)."""
+    marker = f"CPU worker {name} ready: pid "
     pids = [int(line.split(marker)[1].split()[0]) for line in text.splitlines() if marker in line]
     assert pids, f"no worker {name} in the log:\n{text[-3000:]}"
     return pids[-1] if last else pids[0]

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import diffusers.utils.deprecation_utils
+import diffusers.utils.logging
+import huggingface_hub.utils
 import numpy as np
 import torch
 import torch._dynamo.config
 import torch._inductor.config
 import torch._inductor.utils
+import transformers.utils.logging
 
 # diffusers exports its public names through a lazy module that pyright reads as private imports.
 # pyright: reportPrivateImportUsage=false
@@ -52,6 +55,15 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 _DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
 DEFAULT_OPTIONS = EngineOptions()
 _MAKE_TINY_HINT = "build a tiny test model with `sygil-bot make-tiny-model DIR`, or check `model.id`"
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' progress bars (carriage returns and escape codes) and notices out of the logs."""
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _make_scheduler(name: str, config: Any) -> Any:
@@ -210,7 +222,7 @@ def _images(count: int) -> str:
 def _use_compile_cache(folder: str) -> Path:
     """Keep inductor's kernels and FX graphs in folder, so a restarted worker loads them instead of compiling."""
     path = Path(folder).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # beside the database, and as private as it
     # torch 2.13 reads TORCHINDUCTOR_CACHE_DIR each time it needs the folder (cache_dir_utils.cache_dir), so
     # setting it after importing torch works; clear_caches drops the few paths memoised by an earlier compile.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
@@ -328,6 +340,7 @@ class Engine:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid names: {', '.join(DTYPES)}")
 
+        quiet_libraries()  # in a worker process too, whose output goes to the bot's log
         pipe = _load_pipeline(model_id, DTYPES[dtype], safety_checker, revision)
         engine = cls.from_pipeline(pipe, model_id=model_id, device=device, scheduler=scheduler, options=options)
         local = Path(model_id).expanduser()

@@ -63,9 +63,10 @@ class WorkerProcess:
 
     depth = 2  # one batch on the GPU, the next being prepared beside it
 
-    def __init__(self, settings: WorkerSettings, *, name: str | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, *, name: str | None = None, announce: bool = True) -> None:
         self.name = name or settings.device
         self.settings = settings
+        self.announce = announce  # False: its first ready line is a debug one, as its caller announces the device
         self.hello: Hello | None = None
         self.restarts = 0
         self.peak_memory: int | None = None  # the most GPU memory a batch has used, in bytes, where reported
@@ -98,6 +99,11 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def kind(self) -> str:
+        """What the log calls it: "CPU worker" or "GPU worker"."""
+        return "CPU worker" if self.settings.device == "cpu" else "GPU worker"
+
     async def start(self) -> Hello:
         """Start the process and wait until its model is loaded and warmed up; raise a ModelError or HubUnreachable."""
         loop = asyncio.get_running_loop()
@@ -121,10 +127,14 @@ class WorkerProcess:
             hello = await self._hello_waiter
         finally:
             self._hello_waiter = None
+        first = self.hello is None
         self.hello = hello
         self._ready.set()
-        log.info(
-            "GPU worker %s ready: pid %d on %s (%s), loaded and warmed up in %.1f s%s",
+        # A restart is always news; a first start may be its caller's to announce.
+        log.log(
+            logging.INFO if self.announce or not first else logging.DEBUG,
+            "%s %s ready: pid %d on %s (%s), loaded and warmed up in %.1f s%s",
+            self.kind,
             self.name,
             hello.pid,
             hello.device,
@@ -166,7 +176,7 @@ class WorkerProcess:
         self._send(Shutdown())
         await asyncio.to_thread(process.join, _STOP_SECONDS)
         if process.is_alive():
-            log.warning("GPU worker %s did not stop within %.0f s; killing it", self.name, _STOP_SECONDS)
+            log.warning("%s %s did not stop within %.0f s; killing it", self.kind, self.name, _STOP_SECONDS)
             process.kill()
             await asyncio.to_thread(process.join)
         self._fail_calls(WorkerLost(f"worker {self.name} was closed"))
@@ -199,10 +209,10 @@ class WorkerProcess:
             except (EOFError, OSError):
                 break
             except ValueError:
-                log.exception("GPU worker %s sent a malformed message", self.name)
+                log.exception("%s %s sent a malformed message", self.kind, self.name)
                 continue
             if isinstance(message, RenderBatch | StopBatch | Shutdown):
-                log.error("GPU worker %s sent a message meant for workers: %r", self.name, message)
+                log.error("%s %s sent a message meant for workers: %r", self.kind, self.name, message)
                 continue
             with contextlib.suppress(RuntimeError):  # the loop closed: the bot is gone
                 loop.call_soon_threadsafe(self._on_message, incarnation, message)
@@ -260,11 +270,11 @@ class WorkerProcess:
         waiter = self._hello_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(
-                ModelError(f"The GPU worker on {self.settings.device} exited (code {exitcode}) while loading the model")
+                ModelError(f"The {self.kind} {self.name} exited (code {exitcode}) while loading the model")
             )
         if self._closing:
             return
-        log.error("GPU worker %s (pid %s) died with exit code %s", self.name, self.pid, exitcode)
+        log.error("%s %s (pid %s) died with exit code %s", self.kind, self.name, self.pid, exitcode)
         self._fail_calls(WorkerLost(f"worker {self.name} exited with code {exitcode}"))
         if self.hello is not None and self._restarting is None:
             self._restarting = asyncio.get_running_loop().create_task(self._restart(), name=f"restart-{self.name}")
@@ -284,16 +294,16 @@ class WorkerProcess:
                 delay = _RESTART_DELAYS[min(self._crashes, len(_RESTART_DELAYS) - 1)]
                 self._crashes += 1
                 if delay:
-                    log.info("Starting GPU worker %s again in %.0f s", self.name, delay)
+                    log.info("Starting %s %s again in %.0f s", self.kind, self.name, delay)
                     await asyncio.sleep(delay)
                 try:
                     await self.start()
                 except (ModelError, HubUnreachable) as error:
-                    log.error("GPU worker %s could not start again: %s", self.name, error)
+                    log.error("%s %s could not start again: %s", self.kind, self.name, error)
                     continue
                 # Starting can also fail outside the model (the forkserver, the operating system); keep trying.
                 except Exception:
-                    log.exception("GPU worker %s could not start again", self.name)
+                    log.exception("%s %s could not start again", self.kind, self.name)
                     continue
                 self.restarts += 1
                 return

@@ -154,4 +154,4 @@ def make_tiny_model(path: Path) -> None:
     # tokenizer folder is the four plain CLIP files, which both transformers 4 and 5 load.
     shutil.rmtree(path / "tokenizer")
     write_clip_tokenizer(path / "tokenizer")
-    log.info("wrote a tiny Stable Diffusion pipeline to %s", path)
+    log.debug("wrote a tiny Stable Diffusion pipeline to %s", path)  # `make-tiny-model` says so itself

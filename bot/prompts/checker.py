@@ -161,8 +161,8 @@ def check_prompt(
             errors.append(
                 Problem(
                     "rating_not_allowed",
-                    f"`{tag}` steers towards mature content, which is allowed only in age-restricted channels "
-                    "(or where a moderator allows it). Remove it, or use it in such a channel.",
+                    f"{_where(field_name)}`{tag}` steers towards mature content, which is allowed only in "
+                    "age-restricted channels (or where a moderator allows it). Remove it, or use it in such a channel.",
                     suggestion="rating:safe",
                 )
             )
@@ -308,7 +308,7 @@ def _whole(item: str, field_name: str) -> _Item:
             text=_plain(item).text,
             error=Problem(
                 "unknown_namespace",
-                f"`{name}:` is not a namespace Sygil knows.{hint}",
+                f"{_where(field_name)}`{name}:` is not a namespace Sygil knows.{hint}",
                 suggestion=f"{suggestion}:" if suggestion else None,
             ),
         )
@@ -330,8 +330,8 @@ def _whole(item: str, field_name: str) -> _Item:
             tag=Tag(name, tag),
             error=Problem(
                 "provenance_namespace",
-                f"`{name}:` records where a training image came from, not what it shows, so it cannot steer the "
-                f"picture. Describe what it shows instead, e.g. with `{instead}:`.",
+                f"{_where(field_name)}`{name}:` records where a training image came from, not what it shows, so it "
+                f"cannot steer the picture. Describe what it shows instead, e.g. with `{instead}:`.",
                 suggestion=f"{instead}:",
             ),
         )
@@ -339,6 +339,11 @@ def _whole(item: str, field_name: str) -> _Item:
     if glued is not None and note is None:
         note = f"`{text}` is read as one tag; put a comma before `{glued['namespace']}:` if you meant two."
     return _Item(text=text, tag=Tag(name, tag), note=note, weighted=weighted)
+
+
+def _where(field_name: str) -> str:
+    """Name the field a problem is in, unless it is the prompt itself (the field a reader assumes)."""
+    return "" if field_name == "prompt" else f"In the {field_name}, "
 
 
 def _plain(item: str, *, weighted: bool = False) -> _Item:

@@ -7,6 +7,7 @@ import contextlib
 import enum
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
@@ -18,11 +19,14 @@ from typing import Any, Self
 import aiosqlite
 
 from bot.engine.types import Mode, Settings
+from bot.errors import DatabaseVersionError, StorageError
 from bot.limits import Charge, Limits, Scope, standard_images
+from bot.storage.files import create_private, private_folder
 
 log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"(?P<number>\d{4})_[a-z0-9_]+\.sql")
+FEEDBACK_SCHEMA = 3  # the first database version holding what ``feedback`` reads (0003_feedback.sql)
 # Which images the feedback export takes; named parameters :since, :until, :revision and :min_votes.
 _FEEDBACK_FILTER = """
     (:since IS NULL OR i.created_at >= :since)
@@ -173,6 +177,26 @@ class GuildRules:
     pause_reason: str | None = None
 
 
+def _refuse_folder(path: Path | str, setting: str) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise StorageError(f"{setting}: {path} is a folder: name the database file, like {path / 'sygil.db'}")
+
+
+def _readonly_uri(path: Path) -> str:
+    return f"{path.absolute().as_uri()}?mode=ro"
+
+
+def _unusable(error: sqlite3.Error, path: Path | str, setting: str) -> StorageError:
+    """Say in one line why SQLite cannot use the file at ``path``."""
+    if error.sqlite_errorname == "SQLITE_NOTADB":
+        return StorageError(f"{setting}: {path} is not an SQLite database: name the bot's database file")
+    return StorageError(
+        f"{setting}: cannot use the database {path}: {error}. Check that the file and its folder exist and this user "
+        "can read and write them"
+    )
+
+
 def migrations() -> list[tuple[int, str]]:
     """Return the numbered migration scripts shipped with the package, in order."""
     found: list[tuple[int, str]] = []
@@ -221,17 +245,71 @@ class Database:
             pass
 
     @classmethod
-    async def open(cls, path: Path | str) -> Self:
-        """Open (creating if needed) and migrate the database at ``path``."""
+    async def open(cls, path: Path | str, *, setting: str = "storage.path") -> Self:
+        """Open (creating if needed) and migrate the database at ``path``, which ``setting`` names.
+
+        A new file is made readable by this user only, in folders made the same way: it holds live interaction
+        tokens (SQLite gives its -wal and -shm files the database's mode). Raise StorageError when the file cannot be
+        used, DatabaseVersionError when a newer bot made it.
+        """
         if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        connection = await aiosqlite.connect(path, isolation_level=None)
+            path = Path(path)
+            _refuse_folder(path, setting)
+            try:
+                private_folder(path.parent)
+                create_private(path)
+            except OSError as error:
+                raise StorageError(
+                    f"{setting}: cannot create the database {path}: {error.filename}: {error.strerror}. Name a file "
+                    "in a folder this user can write to"
+                ) from None
+        pragmas = ("journal_mode = WAL", "foreign_keys = ON", "busy_timeout = 5000")
+        return await cls._open(str(path), path=path, setting=setting, pragmas=pragmas, migrate=True)
+
+    @classmethod
+    async def open_readonly(cls, path: Path, *, setting: str = "storage.path") -> Self:
+        """Open the database at ``path`` for reading only: nothing is created, migrated or written.
+
+        Beside the running bot it reads a consistent snapshot (WAL). Raise StorageError when the file cannot be read,
+        DatabaseVersionError when a newer bot made it.
+        """
+        _refuse_folder(path, setting)
+        return await cls._open(
+            _readonly_uri(path), uri=True, path=path, setting=setting, pragmas=("busy_timeout = 5000",)
+        )
+
+    @classmethod
+    async def _open(
+        cls,
+        target: str,
+        *,
+        path: Path | str,
+        setting: str,
+        pragmas: Sequence[str],
+        migrate: bool = False,
+        uri: bool = False,
+    ) -> Self:
+        """Connect, refuse a database newer than this bot's migrations, then set ``pragmas`` and migrate if asked."""
         try:
-            connection.row_factory = aiosqlite.Row
-            database = cls(connection)
-            for pragma in ("journal_mode = WAL", "foreign_keys = ON", "busy_timeout = 5000"):
+            connection = await aiosqlite.connect(target, isolation_level=None, uri=uri)
+        except sqlite3.Error as error:
+            raise _unusable(error, path, setting) from None
+        connection.row_factory = aiosqlite.Row
+        database = cls(connection)
+        try:
+            version, known = await database.schema_version(), len(migrations())
+            if version > known:
+                raise DatabaseVersionError(
+                    f"{path} was made by a newer sygil-bot (database version {version}; this one knows up to "
+                    f"{known}): upgrade sygil-bot to use it, or set {setting} to another file"
+                )
+            for pragma in pragmas:
                 await database._execute(f"PRAGMA {pragma}")
-            await database.migrate()
+            if migrate:
+                await database.migrate()
+        except sqlite3.Error as error:
+            await connection.close()
+            raise _unusable(error, path, setting) from None
         except BaseException:
             await connection.close()
             raise

@@ -18,12 +18,13 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_example_config_loads_with_defaults() -> None:
-    config = Config.load(Path(__file__).parents[2] / "config.example.toml", environ=ENV)
+    example = Path(__file__).parents[2] / "config.example.toml"
+    config = Config.load(example, environ=ENV)
     assert config.token == "abc.def"
     assert config.discord.api_base_url == DISCORD_API
     assert config.model.id == "Sygil/Sygil-Diffusion"
     assert config.model.scheduler == "dpm++"
-    assert config.storage.path == Path("sygil.db")
+    assert config.storage.path == example.parent / "sygil.db"
     assert config.generation.size("512x768") == (512, 768)
     assert (config.queue.max_per_user, config.queue.images_per_hour, config.queue.shutdown_grace) == (3, 60, 30.0)
     assert config.moderation.roles == ()
@@ -156,6 +157,22 @@ def test_bad_settings_name_the_file_and_key(tmp_path: Path, text: str, expected:
     assert message.startswith(str(path))
     assert expected in message
     assert "\n" not in message
+
+
+def test_a_relative_storage_path_is_in_the_config_files_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where the bot is started from does not matter
+    path = tmp_path / "deploy" / "config.toml"
+    for text, expected in [
+        ("", tmp_path / "deploy" / "sygil.db"),
+        ('[storage]\npath = "data/bot.db"\n', tmp_path / "deploy" / "data" / "bot.db"),
+        (f'[storage]\npath = "{tmp_path / "bot.db"}"\n', tmp_path / "bot.db"),
+    ]:
+        path.write_text(text, "utf-8")
+        assert Config.load(path, environ=ENV).storage.path == expected
+    path.write_text('[model]\nid = "models/tiny"\n', "utf-8")
+    assert Config.load(path, environ=ENV).model.id == "models/tiny"  # a hub id or a folder, as written
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import stat
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -126,6 +128,16 @@ def test_bad_prompts_are_refused_before_anything_is_taken(service: ImageService)
     with pytest.raises(PromptRejected, match="does not allow"):
         admit(service, negative="Forbidden things")
     assert service.usage.used(guild_id=GUILD, user_id=1) == 2  # only the two accepted ones
+
+
+@pytest.mark.parametrize(
+    "negative",
+    ["speces:blur", "title:blurry", "rating:explicit", "species:", "Forbidden things", "cat " * 80],
+)
+def test_a_refused_negative_prompt_is_named(service: ImageService, negative: str) -> None:
+    with pytest.raises(PromptRejected) as refused:
+        admit(service, negative=negative)
+    assert "negative prompt" in str(refused.value)
 
 
 async def test_reroll_keeps_everything_but_the_seed(service: ImageService) -> None:
@@ -392,3 +404,16 @@ async def test_each_image_records_what_made_it_and_the_jobs_tags(tmp_path: Path,
         assert record.file is not None and Path(record.file).read_bytes() == image.png
     assert records[0].provenance and records[1].provenance
     assert records[0].provenance.batch_id == records[1].provenance.batch_id  # one GPU call
+
+
+async def test_kept_images_and_their_folder_are_for_this_user_only(tmp_path: Path, clip_tokenizer: Tokenizer) -> None:
+    storage = tmp_path / "data" / "sygil.db"
+    settings = dataclasses.replace(config(), storage=StorageConfig(path=storage, keep_images=True))
+    async with await Database.open(storage) as db, Scheduler(render) as scheduler:
+        service = await open_service(settings, db=db, scheduler=scheduler, model="tiny", tokenizer=clip_tokenizer)
+        queued = await service.enqueue(admit(service, count=2))
+        await finish(service, queued)
+        files = [Path(record.file or "") for record in await db.job_images(job_id=queued.job.id)]
+    modes = {path: stat.S_IMODE(os.stat(path).st_mode) for path in [storage.parent, storage.parent / "images"]}
+    modes |= {path: stat.S_IMODE(os.stat(path).st_mode) for path in [storage, *files]}
+    assert modes == {storage.parent: 0o700, storage.parent / "images": 0o700} | dict.fromkeys([storage, *files], 0o600)

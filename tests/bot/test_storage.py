@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
+import sqlite3
+import stat
 from pathlib import Path
 
 import aiosqlite
 import pytest
 
 from bot.engine.types import Mode, Settings
+from bot.errors import DatabaseVersionError, StorageError
 from bot.storage import Database, JobKind, JobStatus
 from bot.storage.database import migrations
 
@@ -38,6 +42,79 @@ async def test_file_is_created_in_wal_mode_and_migrated(tmp_path: Path) -> None:
         async with raw.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name") as cursor:
             tables = [row[0] for row in await cursor.fetchall()]
     assert {"jobs", "images", "votes"} <= set(tables)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+async def test_a_new_database_and_its_folders_are_for_this_user_only(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "bot" / "sygil.db"
+    async with await Database.open(path) as db:
+        await make_job(db)  # a write: the -wal and -shm files exist while it is open
+        files = [path, path.with_name("sygil.db-wal"), path.with_name("sygil.db-shm")]
+        assert [mode(file) for file in files] == [0o600] * 3
+    assert mode(tmp_path / "data") == mode(path.parent) == 0o700
+
+
+def older_database(path: Path, version: int) -> None:
+    """Write the database an older bot made: the migrations up to ``version`` only."""
+    with sqlite3.connect(path) as raw:
+        for number, sql in migrations()[:version]:
+            raw.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+    raw.close()
+
+
+async def test_a_database_made_by_a_newer_bot_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "sygil.db"
+    newer = len(migrations()) + 1
+    older_database(path, len(migrations()))
+    with sqlite3.connect(path) as raw:
+        raw.execute(f"PRAGMA user_version = {newer}")
+    raw.close()
+    before = path.read_bytes()
+    for opening in (Database.open, Database.open_readonly):
+        with pytest.raises(DatabaseVersionError) as refused:
+            await opening(path)
+        assert str(refused.value) == (
+            f"{path} was made by a newer sygil-bot (database version {newer}; this one knows up to "
+            f"{len(migrations())}): upgrade sygil-bot to use it, or set storage.path to another file"
+        )
+    assert path.read_bytes() == before
+
+
+async def test_a_read_only_open_changes_nothing_not_even_an_older_database(tmp_path: Path) -> None:
+    path = tmp_path / "sygil.db"
+    older_database(path, 3)
+    before = path.read_bytes()
+    async with await Database.open_readonly(path) as db:
+        assert await db.schema_version() == 3
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await make_job(db)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("not-sqlite", "storage.path: {path} is not an SQLite database: name the bot's database file"),
+        ("folder", "storage.path: {path} is a folder: name the database file, like {path}/sygil.db"),
+        ("under-a-file", "storage.path: cannot create the database {path}: {path.parent}: not a folder. Name a file"),
+    ],
+)
+async def test_a_database_path_that_cannot_be_used_is_one_line(tmp_path: Path, where: str, message: str) -> None:
+    path = tmp_path / "sygil.db"
+    if where == "not-sqlite":
+        path.write_text("name,votes\nseal,3\n" * 20)
+    elif where == "folder":
+        path.mkdir()
+    else:
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "sygil.db"
+    with pytest.raises(StorageError) as refused:
+        await Database.open(path)
+    assert str(refused.value).startswith(message.format(path=path))
+    assert "\n" not in str(refused.value)
 
 
 async def test_reopening_keeps_data_and_does_not_migrate_twice(tmp_path: Path) -> None:
