@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--verbose", action="store_true", help="log debug messages")
     worker.set_defaults(handler=_worker)
 
+    health = commands.add_parser(
+        "health", help="exit 0 while `sygil-bot run` of this config serves, else 1 (for a container HEALTHCHECK)"
+    )
+    health.add_argument("--config", type=Path, default=Path("config.toml"), help="TOML settings (default: config.toml)")
+    health.add_argument("--worker", action="store_true", help="check `sygil-bot worker` of this config instead")
+    health.set_defaults(handler=_health)
+
     imagine = commands.add_parser("imagine", help="render one prompt to a PNG, without Discord")
     imagine.add_argument("prompt")
     imagine.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
@@ -127,6 +134,7 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _serve(config: Config) -> None:
     from bot.client import SygilBot, check_token
+    from bot.health import beating, heartbeat_file
     from bot.prompts import load_tokenizer
     from bot.scheduler import Scheduler
     from bot.service import open_service
@@ -152,7 +160,10 @@ async def _serve(config: Config) -> None:
             Scheduler(workers=workers, max_batch=queue.max_batch, max_queue=queue.max_queue)
         )
         service = await open_service(config, db=db, scheduler=scheduler, model=config.model.id, tokenizer=tokenizer)
-        async with SygilBot(config=config, service=service) as bot:
+        async with (
+            SygilBot(config=config, service=service) as bot,
+            beating(heartbeat_file(config), bot.health),  # what `sygil-bot health` reads
+        ):
             closing: set[asyncio.Task[None]] = set()  # keeps the closing task alive until it is done
 
             def close() -> None:
@@ -191,6 +202,21 @@ def _on_signal(stop: Callable[[], object]) -> None:
             loop.add_signal_handler(sig, stop)
 
 
+def _health(args: argparse.Namespace) -> int:
+    from bot.health import check, heartbeat_file
+
+    try:
+        config = Config.load(args.config, require_token=False)
+    except ConfigError as exc:
+        # A HEALTHCHECK reads 1 as unhealthy; Docker reserves 2.
+        print(f"unhealthy: {exc}")
+        return EXIT_REFUSED
+    command = "sygil-bot worker" if args.worker else "sygil-bot run"
+    health = check(heartbeat_file(config, worker=args.worker), command=command)
+    print(health.line())
+    return 0 if health.ok else EXIT_REFUSED
+
+
 def _worker(args: argparse.Namespace) -> int:
     config = Config.load(args.config, require_token=False)  # a worker never sees the Discord token
     if not config.cluster.enabled:
@@ -208,6 +234,7 @@ async def _work(config: Config) -> int:
     """Load the model on every configured device and serve the bot's batches from Redis until stopped."""
     from bot.cluster.broker import check, connect, redacted
     from bot.cluster.remote import PinRefused, WorkerHost, process_executor
+    from bot.health import Health, beating, heartbeat_file
 
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -227,6 +254,16 @@ async def _work(config: Config) -> int:
         )
         # Once serving, a signal stops taking batches and finishes those in hand; a second gives them back at once.
         _on_signal(host.stop)
+
+        def health() -> Health:
+            down = [worker.name for worker in workers if not worker.alive]
+            if down:
+                return Health(False, f"worker {', '.join(down)} is down (restarting)")
+            if not host.broker_ok:
+                return Health(False, "the broker (cluster.broker) does not answer")
+            return Health(True, f"the broker answers; workers up: {', '.join(worker.name for worker in workers)}")
+
+        await stack.enter_async_context(beating(heartbeat_file(config, worker=True), health))
         try:
             await host.run()
         except PinRefused as error:

@@ -12,8 +12,11 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cluster.pool import ClusterPool
 from bot.config import Config, DiscordConfig
+from bot.engine.process import WorkerProcess
 from bot.errors import BotError
+from bot.health import Health
 from bot.service import ImageService, Requester
 
 log = logging.getLogger(__name__)
@@ -170,6 +173,24 @@ class SygilBot(commands.Bot):
         if ready is not None:
             ready.cancel()
         await super().close()
+
+    def health(self) -> Health:
+        """Say whether the bot serves: connected to the Discord gateway, its GPU workers (or the broker) up."""
+        if self.is_closed() or not self.is_ready() or self.ws is None or not self.ws.open:
+            return Health(False, "not connected to the Discord gateway")
+        workers = self.service.scheduler.workers
+        processes = [worker for worker in workers if isinstance(worker, WorkerProcess)]
+        down = [process.name for process in processes if not process.alive]
+        if down:
+            return Health(False, f"connected to Discord, but worker {', '.join(down)} is down (restarting)")
+        notes = ["connected to Discord"]
+        if processes:
+            notes.append(f"workers up: {', '.join(process.name for process in processes)}")
+        for pool in (worker for worker in workers if isinstance(worker, ClusterPool)):
+            if not pool.up:
+                return Health(False, "connected to Discord, but the cluster's broker (Redis) does not answer")
+            notes.append(f"the broker answers; {pool.parallel} remote workers serve")
+        return Health(True, "; ".join(notes))
 
     async def on_ready(self) -> None:
         assert self.user is not None

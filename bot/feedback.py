@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import pyarrow
 
 FORMATS = ("jsonl", "csv", "parquet")
-PARQUET_INSTALL = "pip install 'sygil-bot[export]'"
+PARQUET_INSTALL = 'pip install -e ".[export]" in the sygil-bot checkout'
 # Records handled at a time (image files copied, lines written) and images per Parquet row group: what is held in
 # memory at once, whatever the number of images.
 CHUNK = 500

@@ -227,12 +227,18 @@ class WorkerHost:
         self._waiting_for: str | None = None  # what the log last said the worker waits for
         self._error: Exception | None = None
         self._broker_ok = True
+        self._heard = False  # the broker answered a heartbeat at least once
         self._claimed: set[str] = set()  # heartbeat keys this host wrote: the ones it deletes when it stops
         self._started_at = time.time()
 
     @property
     def names(self) -> list[str]:
         return [consumer.name for consumer in self.consumers]
+
+    @property
+    def broker_ok(self) -> bool:
+        """Whether the broker answered the latest heartbeat."""
+        return self._heard and self._broker_ok
 
     def stop(self) -> None:
         """Take no more batches; ``run`` finishes those in hand within the grace, gives back the rest, and returns.
@@ -745,6 +751,7 @@ class WorkerHost:
             log.debug("The broker is still away: %s", error)
 
     def _back(self) -> None:
+        self._heard = True
         if not self._broker_ok:
             self._broker_ok = True
             log.info("The broker at %s is back", redacted(self._cluster.broker))
