@@ -8,7 +8,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -127,10 +127,24 @@ def _run_config(path: Path, api_base_url: str, gateway_url: str, model: Path, da
     return path
 
 
+@pytest.fixture
+def discord_endpoints() -> Iterator[None]:
+    """`run` in this process points discord.py's process-wide endpoints at its config: put them back afterwards."""
+    from discord.gateway import DiscordWebSocket
+    from discord.http import Route
+
+    base, gateway = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    try:
+        yield
+    finally:
+        Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+
+
 def _loading(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.getMessage().startswith("Loading")]
 
 
+@pytest.mark.usefixtures("discord_endpoints")
 def test_run_that_cannot_reach_discord_says_so_before_loading_the_model(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -148,6 +162,7 @@ def test_run_that_cannot_reach_discord_says_so_before_loading_the_model(
     assert _loading(caplog) == []
 
 
+@pytest.mark.usefixtures("discord_endpoints")
 def test_run_checks_the_token_then_opens_the_database_before_it_loads_the_model(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from bot.engine import Engine, ImageSpec, Mode, RenderedImage, Settings
 from bot.engine.pipeline import SCHEDULERS
-from bot.errors import ModelError
+from bot.errors import HubUnreachable, ModelError
 
 FAST = Settings(steps=4, guidance=7.0, width=64, height=64)
 
@@ -224,10 +224,11 @@ def test_folder_without_model_index_raises_model_error(tmp_path: Path) -> None:
     assert "\n" not in str(excinfo.value)
 
 
-def test_uncached_hub_id_offline_raises_model_error() -> None:
-    with pytest.raises(ModelError, match="HF_HUB_OFFLINE") as excinfo:
+def test_uncached_hub_id_offline_says_the_hub_is_out_of_reach() -> None:
+    with pytest.raises(HubUnreachable, match="HF_HUB_OFFLINE") as excinfo:
         Engine.load("sygil-bot-tests/no-such-model")
     message = str(excinfo.value)
     assert "'sygil-bot-tests/no-such-model'" in message
+    assert "cannot reach the Hugging Face hub and the model is not in the cache (HF_HOME=" in message
     assert "model.id" in message
     assert "\n" not in message
