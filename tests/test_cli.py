@@ -50,6 +50,7 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
     return run
 
 
+@pytest.mark.e2e
 def test_imagine_writes_a_png_with_its_settings_and_the_same_seed_gives_the_same_pixels(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -189,6 +190,7 @@ def test_run_checks_the_token_then_opens_the_database_before_it_loads_the_model(
         assert len(logins) == 2  # one refused, one accepted
 
 
+@pytest.mark.e2e
 def test_the_worker_connects_with_a_raw_password_first_then_says_the_hub_is_out_of_reach(tmp_path: Path) -> None:
     config = tmp_path / "worker.toml"
     config.write_text('[model]\nid = "Sygil/Sygil-Diffusion"\ndevices = ["cpu"]\n[cluster]\nprefix = "test"\n')

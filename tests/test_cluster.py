@@ -11,12 +11,17 @@ import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
+import pytest
+
 from tests.bot.engine.test_revision import retrain
 from tests.fakediscord import FakeDiscord, FakeInteraction
 from tests.holds import Holds
 from tests.redis_server import RedisServer
 from tests.test_run import all_delivered, attachment_jobs, bot_process, logged, stop, write_config
 from tests.waiting import until
+
+# Each test runs the bot (or a worker) as its own process: `pytest -m "not e2e"` leaves them out.
+pytestmark = pytest.mark.e2e
 
 # Short beats, so that a dead worker's batch is taken over within seconds.
 CLUSTER = "heartbeat = 0.3\nlease = 3.0"

@@ -275,6 +275,7 @@ async def healthy(health: Health, within: float = 60) -> str:
     return replies[-1][1]
 
 
+@pytest.mark.e2e
 async def test_sygil_bot_health_says_whether_the_bot_serves(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -304,6 +305,7 @@ async def test_sygil_bot_health_says_whether_the_bot_serves(
         assert status == 1 and "sygil-bot run is not running" in line
 
 
+@pytest.mark.e2e
 async def test_sygil_bot_health_worker_says_whether_the_worker_serves(
     tiny_model_dir: Path, tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

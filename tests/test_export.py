@@ -428,6 +428,7 @@ sys.exit(status)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from /proc (Linux)")
 @pytest.mark.parametrize("format", ["jsonl", "csv", "parquet"])
 def test_export_streams_its_peak_memory_does_not_grow_with_the_rows(
@@ -470,6 +471,7 @@ def test_export_streams_its_peak_memory_does_not_grow_with_the_rows(
         assert parquet.read_row_group(19, columns=["tags"]).column("tags")[-1].as_py() == ["species:seal"]
 
 
+@pytest.mark.slow
 async def test_export_streams_its_python_memory_does_not_grow_with_the_rows(bulk: dict[int, Path]) -> None:
     """The Python allocations alone, by tracemalloc (slow to trace, so one format)."""
     import tracemalloc

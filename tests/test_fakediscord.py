@@ -466,6 +466,7 @@ _SUBPROCESS_BOT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 async def test_bot_in_another_process(server: FakeDiscord) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _SUBPROCESS_BOT, server.api_base_url, server.gateway_url, server.token
@@ -683,6 +684,7 @@ _KILLED_BOT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 async def test_bot_killed_with_sigkill_then_another_connects(
     server: FakeDiscord, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,10 +8,15 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fakediscord import FakeDiscord
 from tests.redis_server import RedisServer
 from tests.test_run import bot_process, stop, write_config
 from tests.waiting import until
+
+# Each test runs the bot (or a worker) as its own process: `pytest -m "not e2e"` leaves them out.
+pytestmark = pytest.mark.e2e
 
 
 def assert_quiet(log: str) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from bot.storage import Database
@@ -19,6 +20,9 @@ from tests.cogs.conftest import remix_result
 from tests.fakediscord import FakeDiscord, FakeInteraction, Message
 from tests.holds import Holds
 from tests.waiting import until
+
+# Each test runs the bot (or a worker) as its own process: `pytest -m "not e2e"` leaves them out.
+pytestmark = pytest.mark.e2e
 
 
 def write_config(

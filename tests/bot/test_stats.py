@@ -211,6 +211,7 @@ VOTERS = (100, 101)  # two of the makers vote on every image
 REVISIONS = ("rev:a", "rev:b", "rev:c")
 
 
+@pytest.mark.slow
 async def test_stats_answer_within_a_second_on_100000_images_with_indexed_queries(tmp_path: Path) -> None:
     images = 100_000
     path = tmp_path / "big.db"

@@ -413,6 +413,7 @@ async def _heartbeats(client: Redis) -> list[bytes]:
     return [key async for key in client.scan_iter(match=KEYS.workers)]
 
 
+@pytest.mark.e2e
 async def test_the_worker_command_needs_a_broker(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = tmp_path / "worker.toml"
     _write_config(config, tiny_model_dir, broker=None)
@@ -423,6 +424,7 @@ async def test_the_worker_command_needs_a_broker(tmp_path: Path, tiny_model_dir:
     assert "sygil-bot worker needs cluster.broker (or SYGIL_BROKER)" in text and "Traceback" not in text
 
 
+@pytest.mark.e2e
 async def test_the_worker_command_renders_and_stops_cleanly_on_sigterm(
     tmp_path: Path, tiny_model_dir: Path, revision: str
 ) -> None:
@@ -449,6 +451,7 @@ async def test_the_worker_command_renders_and_stops_cleanly_on_sigterm(
     assert "hunter2" not in text and "Traceback" not in text
 
 
+@pytest.mark.e2e
 async def test_the_worker_command_exits_3_when_the_bot_is_pinned_to_another_revision(
     tmp_path: Path, tiny_model_dir: Path, revision: str
 ) -> None:

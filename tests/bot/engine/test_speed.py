@@ -221,6 +221,7 @@ def test_bad_options_name_the_field(kwargs: dict[str, object], field: str) -> No
         EngineOptions(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_compiled_engine_pads_to_warm_shapes_and_never_compiles_for_a_request(
     tiny_model_dir: Path, plain: Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
