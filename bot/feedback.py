@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
 
 from bot.errors import DatabaseVersionError
-from bot.storage import Database
-from bot.storage.database import FEEDBACK_SCHEMA
+from bot.storage import FEEDBACK_SCHEMA, Database
 
 if TYPE_CHECKING:
     import pyarrow

@@ -12,19 +12,20 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.config import Config, GenerationConfig, PromptsConfig
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import BotError, JobCancelled, JobNotFound, PromptRejected, Refused
+from bot.jobs import Job, JobKind, JobStatus, Reply
 from bot.limits import DESCRIPTIONS, WINDOW, Charge, Limits, Resolved, Usage, describe_images, describe_wait
 from bot.limits import standard_images as cost_of
 from bot.moderation import Moderation
 from bot.prompts import Rules, Tokenizer, check_prompt
 from bot.scheduler import Place, Scheduler, Ticket
-from bot.storage import AuditEntry, Database, Job, JobKind, JobStatus, Provenance, Reply
+from bot.storage import AuditEntry, ChargedJob, Database, Provenance
 from bot.storage.files import private_folder, write_private
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,20 @@ def config_limits(config: Config) -> tuple[Limits, Limits]:
     return defaults, Limits(max_count=gen.max_count, max_steps=gen.max_steps)
 
 
+def _priced(charged: Iterable[ChargedJob]) -> list[Charge]:
+    """Return what each stored job charged its user, priced by today's rule (bigger and longer images cost more)."""
+    return [
+        Charge(
+            guild_id=job.guild_id,
+            user_id=job.user_id,
+            cost=cost_of(Settings(steps=job.steps, width=job.width, height=job.height), job.count),
+            at=job.at,
+            job_id=job.job_id,
+        )
+        for job in charged
+    ]
+
+
 async def open_service(
     config: Config, *, db: Database, scheduler: Scheduler, model: str, tokenizer: Tokenizer | None = None
 ) -> ImageService:
@@ -157,7 +172,7 @@ async def open_service(
         db, scheduler, defaults=defaults, ceilings=ceilings, blocklist=config.prompts.blocklist
     )
     usage = Usage()
-    usage.load(await db.charges_since(time.time() - WINDOW))
+    usage.load(_priced(await db.charges_since(time.time() - WINDOW)))
     return ImageService(
         db=db,
         scheduler=scheduler,

@@ -23,7 +23,8 @@ from PIL import Image
 from bot.__main__ import main
 from bot.engine.types import Settings
 from bot.feedback import FIELDS, ProgressBar, parquet_schema
-from bot.storage import Database, JobKind, Provenance
+from bot.jobs import JobKind
+from bot.storage import Database, Provenance
 from bot.storage.database import migrations
 from tests._bulk import bulk_database
 from tests.test_cli import sygil

@@ -17,10 +17,10 @@ from bot.client import requester
 from bot.config import GenerationConfig
 from bot.engine.types import RenderedImage
 from bot.errors import BotError, JobCancelled, JobNotFound
+from bot.jobs import Job, JobKind, Reply
 from bot.prompts import SAFE_RATINGS
 from bot.prompts.vocabulary import Vocabulary
 from bot.service import MAX_SEED, Admission, Queued
-from bot.storage import Job, JobKind, Reply
 from cogs.imagine._views import (
     DYNAMIC_ITEMS,
     cancel_view,

@@ -12,8 +12,9 @@ import discord
 from bot.client import answer_error
 from bot.engine.types import Mode, RenderedImage
 from bot.errors import BotError
+from bot.jobs import Job, JobKind
 from bot.limits import describe_wait
-from bot.storage import ImageRecord, Job, JobKind, VoteTally
+from bot.storage import ImageRecord, VoteTally
 
 if TYPE_CHECKING:
     from bot.client import SygilBot

@@ -14,12 +14,13 @@ import pytest
 from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, PromptRejected, QueueFull, Refused
+from bot.jobs import JobKind, JobStatus
 from bot.limits import Limits, Scope
 from bot.moderation import Target, server_target
 from bot.prompts import Tokenizer
 from bot.scheduler import Progress, Scheduler, ThreadWorker
 from bot.service import Admission, ImageService, InvalidRequest, Queued, Requester, open_service
-from bot.storage import Database, JobKind, JobStatus
+from bot.storage import Database
 
 GENERATION = GenerationConfig(sizes=("64x64", "64x96", "768x512"), max_steps=50, max_count=4)
 GUILD = 2

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
-import bot.storage.database
+import bot.storage._store
 from bot.engine.types import Settings
+from bot.jobs import JobKind
 from bot.stats import Approval, Figures, Rated, RevisionFigures, figures, ranked
-from bot.storage import Database, JobKind, Provenance
+from bot.storage import Database, Provenance
 from bot.storage.database import migrations
 from tests._bulk import START, bulk_database, bulk_vote
 
@@ -62,7 +63,7 @@ async def _votes(db: Database, job_id: int, index: int, votes: dict[int, int]) -
 async def server(db: Database, monkeypatch: pytest.MonkeyPatch) -> Database:
     """Four jobs in GUILD by members 1 and 2, one of them deleted, and one job in another server."""
     clock = Clock()
-    monkeypatch.setattr(bot.storage.database, "time", SimpleNamespace(time=clock.time))
+    monkeypatch.setattr(bot.storage._store, "time", SimpleNamespace(time=clock.time))
     tags = [("species", "seal"), ("species", "cat"), ("studio", "dc")]
     first = await _job(db, clock, user=1, tags=tags, at=DAY + 9 * HOUR, images=2, revision="rev:old")
     await _votes(db, first, 0, {5: 1, 6: 1, 7: 1})

@@ -10,7 +10,8 @@ import pytest
 
 from bot.engine.types import Mode, Settings
 from bot.errors import DatabaseVersionError, StorageError
-from bot.storage import Database, JobKind, JobStatus
+from bot.jobs import JobKind, JobStatus
+from bot.storage import Database
 from bot.storage.database import migrations
 
 SETTINGS = Settings(steps=20, guidance=6.5, width=64, height=96)

@@ -18,9 +18,10 @@ from bot.client import SygilBot
 from bot.config import Config, DiscordConfig, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
 from bot.engine import Engine
 from bot.engine.types import ImageSpec, RenderedImage
+from bot.jobs import Job, JobStatus
 from bot.scheduler import Progress, Scheduler, ThreadWorker
 from bot.service import open_service
-from bot.storage import Database, Job, JobStatus
+from bot.storage import Database
 from tests.fakediscord import FakeDiscord, FakeInteraction, Message, point_discord_at, run_bot
 
 GENERATION = GenerationConfig(default_steps=3, max_steps=8, sizes=("64x64", "64x96"), max_count=4)

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from bot.config import ModerationConfig, QueueConfig
-from bot.storage import JobStatus
+from bot.jobs import JobStatus
 from tests.cogs.conftest import Harness, all_delivered, final_message, job_id_of, job_when
 from tests.fakediscord import FakeDiscord, FakeInteraction
 
