@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: reach bench.prompts
 
 from bench.prompts import BLOCKLIST, make_prompts
+from bot.admission import Admission, Requester
 from bot.config import Config, PromptsConfig, QueueConfig
 from bot.engine.types import ImageSpec, RenderedImage
 from bot.errors import BotError
@@ -33,7 +34,7 @@ from bot.moderation import Target, server_target
 from bot.prompts import load_tokenizer
 from bot.prompts.vocabulary import Vocabulary
 from bot.scheduler import Progress, Scheduler
-from bot.service import Admission, ImageService, Requester, open_service
+from bot.service import ImageService, open_service
 from bot.storage import Database
 
 GUILD = 1

@@ -349,9 +349,9 @@ def _resolve_device(model: ModelConfig, device: str) -> tuple[str, str]:
 
 
 def _imagine(args: argparse.Namespace) -> int:
+    from bot.admission import MAX_SEED, random_seed
     from bot.engine.types import ImageSpec, Settings
     from bot.prompts import check_prompt
-    from bot.service import MAX_SEED, random_seed
 
     config = Config.load(args.config, require_token=False) if args.config else None
     model = config.model if config else ModelConfig()

@@ -12,12 +12,13 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from bot.admission import Requester
 from bot.cluster.pool import ClusterPool
 from bot.config import Config, DiscordConfig
 from bot.engine.process import WorkerProcess
 from bot.errors import BotError
 from bot.health import Health
-from bot.service import ImageService, Requester
+from bot.service import ImageService
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.admission import MAX_SEED, Admission
 from bot.client import requester
 from bot.config import GenerationConfig
 from bot.engine.types import RenderedImage
@@ -20,7 +21,7 @@ from bot.errors import BotError, JobCancelled, JobNotFound
 from bot.jobs import Job, JobKind, Reply
 from bot.prompts import SAFE_RATINGS
 from bot.prompts.vocabulary import Vocabulary
-from bot.service import MAX_SEED, Admission, Queued
+from bot.service import Queued
 from cogs.imagine._views import (
     DYNAMIC_ITEMS,
     cancel_view,

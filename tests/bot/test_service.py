@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bot.admission import Admission, InvalidRequest, Requester
 from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, PromptRejected, QueueFull, Refused
@@ -19,7 +20,7 @@ from bot.limits import Limits, Scope
 from bot.moderation import Target, server_target
 from bot.prompts import Tokenizer
 from bot.scheduler import Progress, Scheduler, ThreadWorker
-from bot.service import Admission, ImageService, InvalidRequest, Queued, Requester, open_service
+from bot.service import ImageService, Queued, open_service
 from bot.storage import Database
 
 GENERATION = GenerationConfig(sizes=("64x64", "64x96", "768x512"), max_steps=50, max_count=4)

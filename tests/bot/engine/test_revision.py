@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from bot.admission import Requester
 from bot.config import Config, GenerationConfig
 from bot.engine import EngineOptions
 from bot.engine.process import WorkerProcess
@@ -18,7 +19,7 @@ from bot.engine.revision import folder_revision, short, snapshot_revision
 from bot.feedback import export
 from bot.prompts import Tokenizer
 from bot.scheduler import Scheduler
-from bot.service import Requester, open_service
+from bot.service import open_service
 from bot.storage import Database
 
 
