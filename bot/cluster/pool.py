@@ -16,18 +16,15 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, FieldT, XReadResponse
+from redis.typing import EncodableT, FieldT
 
-from bot.cluster.broker import connect, parse
-from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, exact_revision, pack, unpack
+from bot.cluster.broker import Backoff, Outage, connect, create_group, end, entries, kept, redacted, unreachable_errors
+from bot.cluster.wire import BotInfo, Keys, WorkerInfo, exact_revision, pack, unpack
 from bot.config import ClusterConfig
 from bot.engine.protocol import Failed, FailureKind, Progress, RenderBatch, Rendered, Started
 from bot.engine.types import RenderedImage
@@ -36,12 +33,8 @@ from bot.scheduler import Call, RenderStopped, WorkerLost
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 DEPTH = 64  # scheduler slots; how many of them may hold a batch is what the live workers can take
-_BROKEN = (RedisConnectionError, RedisTimeoutError, OSError)  # the broker is unreachable, not a bug
-_RETRY_FIRST = 0.5  # seconds before reconnecting, doubled after each failure up to _RETRY_LAST
-_RETRY_LAST = 5.0
+_BROKEN = unreachable_errors()
 _READ_BLOCK_MS = 1000
 _READ_COUNT = 100
 _STOP_SECONDS = 300  # how long a stop key waits for a worker to take its batch
@@ -79,10 +72,15 @@ class ClusterPool:
         self._keys = Keys(config.prefix)
         self._model = model
         self._configured_revision = revision
-        broker = parse(config.broker)
-        self._url = str(broker)
-        self._password = broker.password
         self._redis = connect(config.broker)  # the supervisor does the retrying
+        self._outage = Outage(
+            log,
+            config.broker,
+            begins="The cluster's broker at %(url)s is unreachable (%(reason)s): jobs keep their place in the queue "
+            "until it is back",
+            lasts="The cluster's broker is still unreachable: %(reason)s",
+            ends="The cluster's broker at %(url)s is back after %(seconds).0f s: handing out batches again",
+        )
         self._ids = itertools.count(1)
         self._flights: dict[int, _Flight] = {}
         self._workers: dict[str, WorkerInfo] = {}  # alive and serving the pinned revision
@@ -92,8 +90,6 @@ class ClusterPool:
         self._changed = asyncio.Event()  # set and replaced whenever room may have changed
         self._up = False
         self._connected_once = False
-        self._said_down = False
-        self._down_since = time.monotonic()
         self._alone_since: float | None = None  # when the last accepted worker left
         self._grace_until = 0.0  # after a reconnect, workers have a heartbeat's time to announce themselves again
         self._abandoned: list[tuple[int, bytes | None]] = []  # batches given up: stop them on the broker
@@ -129,7 +125,7 @@ class ClusterPool:
 
     def describe(self) -> str:
         if not self._up:
-            if not self._said_down:
+            if not self._outage.down:
                 return "Connecting to the GPU cluster…"
             return "⚠️ The GPU cluster's broker is unreachable: your jobs keep their place and run when it is back."
         if not self._workers:
@@ -151,14 +147,14 @@ class ClusterPool:
     async def close(self) -> None:
         """Stop talking to the broker; workers see no bot announcement and wait for the next one."""
         for task in [task for task in (self._supervisor, *self._chores) if task is not None]:
-            await _end(task)
+            await end(task)
         self._fail_flights(WorkerLost("the cluster pool was closed", blameless=True))
         if self._up:
             self._up = False
             with contextlib.suppress(*_BROKEN, TimeoutError):
                 async with asyncio.timeout(2):
                     await self._send_stops()
-                    await _kept(self._redis.delete(self._keys.bot))
+                    await kept(self._redis.delete(self._keys.bot))
         await self._redis.aclose()
 
     async def ready(self) -> None:
@@ -185,7 +181,7 @@ class ClusterPool:
         try:
             try:
                 entry: dict[FieldT, EncodableT] = {**pack(RenderBatch(batch_id, call.specs), session=self.session)}
-                entry_id = await _kept(self._redis.xadd(self._keys.batches, entry))
+                entry_id = await kept(self._redis.xadd(self._keys.batches, entry))
             except _BROKEN as error:
                 self._lost(error)  # which fails this flight too
             else:
@@ -214,11 +210,11 @@ class ClusterPool:
 
     async def _supervise(self) -> None:
         """Keep the broker connected: announce the bot, watch the workers, read their events; reconnect when lost."""
-        delay = _RETRY_FIRST
+        backoff = Backoff()
         while True:
             try:
                 await self._connect()
-                delay = _RETRY_FIRST
+                backoff.reset()
                 await self._keep_up()
             except _BROKEN as error:
                 self._lost(error)
@@ -227,14 +223,13 @@ class ClusterPool:
             except Exception as error:
                 log.error("The cluster connection failed", exc_info=error)
                 self._lost(error)
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, _RETRY_LAST)
+            await asyncio.sleep(backoff.next())
 
     async def _keep_up(self) -> None:
         """Beat, read events and watch for trouble until one of them fails; raise what it raised.
 
         Not an asyncio.TaskGroup: in Python 3.11 one whose child fails while it waits leaves its task marked as
-        being cancelled, which ``_kept`` would take for a real cancellation.
+        being cancelled, which ``kept`` would take for a real cancellation.
         """
         loop = asyncio.get_running_loop()
         tasks = [
@@ -246,18 +241,14 @@ class ClusterPool:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
-                await _end(task)
+                await end(task)
         # What the first to end raised, reading every task's outcome so that none is reported as never retrieved.
         errors = [error for task in (*done, *tasks) if not task.cancelled() and (error := task.exception())]
         if errors:
             raise errors[0]
 
     async def _connect(self) -> None:
-        try:
-            await _kept(self._redis.xgroup_create(self._keys.batches, GROUP, id="0", mkstream=True))
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        await kept(create_group(self._redis, self._keys.batches))
         self._trouble.clear()
         self._last_id = b"0-0"  # what is left on the events stream is for batches given up: read and drop it
         if self._connected_once:
@@ -265,22 +256,16 @@ class ClusterPool:
         await self._scan()
         await self._announce()
         self._up = True
-        if self._connected_once and self._said_down:
-            log.info(
-                "The cluster's broker at %s is back after %.0f s: handing out batches again",
-                self._url,
-                time.monotonic() - self._down_since,
-            )
-        elif not self._connected_once:
+        self._outage.answered(quiet=not self._connected_once)  # the first connection is no return
+        if not self._connected_once:
             log.info(
                 "Connected to the cluster's broker at %s: session %s, model %s, revision %s",
-                self._url,
+                redacted(self._config.broker),
                 self.session,
                 self._model,
                 self.revision or f"{self._configured_revision} (pinned by the first worker)",
             )
         self._connected_once = True
-        self._said_down = False
         self._notify()
         await self._send_stops()
 
@@ -291,25 +276,11 @@ class ClusterPool:
     def _lost(self, error: BaseException) -> None:
         """Note that the broker went away: no batch goes out until it is back, and the jobs in flight go back in line
         (Redis may have lost their batches; nothing they did caused it)."""
-        if not self._said_down:
-            log.warning(
-                "The cluster's broker at %s is unreachable (%s): jobs keep their place in the queue until it is back",
-                self._url,
-                self._reason(error),
-            )
-            self._said_down = True
-        else:
-            log.debug("The cluster's broker is still unreachable: %s", self._reason(error))
-        if self._up:
-            self._up = False
-            self._down_since = time.monotonic()
+        self._outage.failed(error)
+        self._up = False
         self._trouble.set()
         self._fail_flights(WorkerLost("the cluster's broker is unreachable", blameless=True))
         self._notify()
-
-    def _reason(self, error: BaseException) -> str:
-        text = str(error) or type(error).__name__
-        return text.replace(self._password, "***") if self._password else text
 
     # Announcements
 
@@ -327,13 +298,13 @@ class ClusterPool:
             pipe.set(self._keys.bot, info.dump(), ex=math.ceil(3 * heartbeat))
             # The events stream outlives a bot that stopped only by this long.
             pipe.expire(self._keys.events(self.session), math.ceil(max(60.0, 10 * self._config.lease)))
-            await _kept(pipe.execute())
+            await kept(pipe.execute())
 
     async def _scan(self) -> None:
         keys: list[bytes | str] = []
         cursor = 0
         while True:
-            cursor, found = await _kept(
+            cursor, found = await kept(
                 self._redis.scan(  # pyright: ignore[reportUnknownMemberType] (untyped **kwargs)
                     cursor, match=self._keys.workers, count=100
                 )
@@ -342,7 +313,7 @@ class ClusterPool:
             if not cursor:
                 break
         seen: dict[str, WorkerInfo] = {}
-        values = await _kept(self._redis.mget(keys)) if keys else []
+        values = await kept(self._redis.mget(keys)) if keys else []
         for key, value in zip(keys, values, strict=True):
             if value is None:
                 continue  # it expired between the two commands
@@ -469,7 +440,7 @@ class ClusterPool:
                     pipe.set(self._keys.stop(self.session, batch_id), 1, ex=_STOP_SECONDS)
                     if entry_id is not None:
                         pipe.xdel(self._keys.batches, entry_id)
-                await _kept(pipe.execute())
+                await kept(pipe.execute())
         except _BROKEN:
             self._abandoned.extend(abandoned)  # sent once the broker is back
             raise
@@ -491,14 +462,14 @@ class ClusterPool:
         """Read this session's events stream and hand each event to the batch it names; delete what was read."""
         stream = self._keys.events(self.session)
         while True:
-            reply = await _kept(self._redis.xread({stream: self._last_id}, count=_READ_COUNT, block=_READ_BLOCK_MS))
+            reply = await kept(self._redis.xread({stream: self._last_id}, count=_READ_COUNT, block=_READ_BLOCK_MS))
             ids: list[bytes] = []
-            for entry_id, fields in _entries(reply):
+            for entry_id, fields in entries(reply):
                 ids.append(entry_id)
                 self._dispatch(fields)
             if ids:
                 self._last_id = ids[-1]
-                await _kept(self._redis.xdel(stream, *ids))
+                await kept(self._redis.xdel(stream, *ids))
 
     def _dispatch(self, fields: Mapping[bytes, bytes]) -> None:
         try:
@@ -547,38 +518,3 @@ class ClusterPool:
             flight.future.set_exception(RenderStopped())
         else:
             flight.future.set_exception(RenderFailed(message.message))
-
-
-async def _kept(command: Awaitable[T]) -> T:
-    """Await a Redis command without losing a cancellation: redis-py's asyncio client (8.1) can swallow one that lands
-    while it tidies up a connection, and the cancelled task would then run on."""
-    try:
-        result = await command
-    except Exception:
-        if _cancelling():
-            raise asyncio.CancelledError from None
-        raise
-    if _cancelling():
-        raise asyncio.CancelledError
-    return result
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-async def _end(task: asyncio.Task[None]) -> None:
-    """Cancel a task and wait for it to end, asking again if a cancellation got lost on the way (see ``_kept``)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
-
-
-def _entries(reply: XReadResponse) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Return the (id, fields) entries of an XREAD reply: in RESP2, a [stream, entries] pair per stream."""
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
-    if isinstance(reply, list):
-        for _stream, items in reply:
-            entries.extend(items)
-    return entries

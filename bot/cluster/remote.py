@@ -1,25 +1,20 @@
-"""The remote worker (``sygil-bot worker``): render the bot's batches from Redis on this host's GPUs.
+"""The remote worker (``sygil-bot worker``): serve the bot's batches from Redis on this host's GPUs.
 
 The model runs here the way the bot would run it: one ``WorkerProcess`` per device, or any other executor with the
-scheduler's ``Worker`` seam (a benchmark can plug in a cheap one). ``WorkerHost`` speaks the protocol of ``wire``:
+scheduler's ``Worker`` seam (a benchmark can plug in a cheap one). ``WorkerHost`` owns the worker's life on the
+cluster, in the protocol of ``wire``:
 
 - announce: every heartbeat, one ``WorkerInfo`` per device under ``{prefix}:worker:{name}``, with a TTL;
 - pin: pull only while the bot's ``BotInfo`` names a revision; when it names another one than the local engine
   serves, stop and raise ``PinRefused``;
 - pull: each device is a consumer of the group ``workers`` that holds at most ``depth`` entries (one rendering, the
   next being prepared); a consumer with room first claims an entry a silent worker held past its lease
-  (XAUTOCLAIM), else reads a new one (XREADGROUP);
-- render: ``Started``, ``Progress`` (at most four a second) and then ``Rendered`` or ``Failed`` go, in order, to
-  ``{prefix}:events:{session}``; then the entry is acknowledged and deleted. While a batch is in hand its lease is
-  renewed and its stop key checked every heartbeat; a renewal first checks that the entry is still this
-  consumer's, so a worker that was unheard past its lease never takes a batch back from the one that took it over
-  (it finishes its copy; the bot keeps the first result). A batch of an earlier bot session is dropped unrendered;
-- give back: a batch this worker will not finish (its local process died, or the worker is stopping and the grace
-  ran out) is made claimable at once (XCLAIM … IDLE lease) rather than after its lease, and nothing is published
-  for it: ``Failed(STOPPED)`` would tell the bot that nobody wants it.
+  (XAUTOCLAIM), else reads a new one (XREADGROUP), and hands it to ``held.Batches`` (render, publish, renew, give
+  back);
+- stop: take no more entries, finish those in hand within the grace, give back the rest, delete the heartbeats.
 
-Redis may go away at any time: the model stays loaded, each loop retries with backoff (one warning, not one per
-try), and work resumes when Redis is back, even empty. The broker URL is only ever logged ``redacted``.
+Redis may go away at any time: the model stays loaded, each loop retries through ``broker.Retry`` (one warning, not
+one per try), and work resumes when Redis is back, even empty. The broker URL is only ever logged ``redacted``.
 """
 
 from __future__ import annotations
@@ -37,26 +32,30 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
-from redis.exceptions import ConnectionError as BrokerConnectionError
-from redis.exceptions import TimeoutError as BrokerTimeoutError
-from redis.typing import EncodableT, FieldT, StreamIdT
 
-from bot.cluster.broker import redacted
-from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, pack, unpack
+from bot.cluster.broker import (
+    UNREACHABLE,
+    Outage,
+    Retry,
+    create_group,
+    entries,
+    no_group,
+    pause,
+    redacted,
+    refused,
+    unreachable_errors,
+)
+from bot.cluster.held import Batches, Held
+from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo
 from bot.config import ClusterConfig
 from bot.engine.process import WorkerProcess
-from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started
-from bot.errors import BotError, ConfigError, OutOfMemory
-from bot.scheduler import Call, RenderStopped, Worker, WorkerLost
+from bot.errors import BotError, ConfigError
+from bot.scheduler import Worker
 
 log = logging.getLogger(__name__)
 
 _READ_BLOCK_MS = 1000  # a consumer with room waits this long for a new entry before it looks for stale ones again
-_PROGRESS_INTERVAL = 0.25  # seconds between two progress events of one batch: Redis is not a progress bar
-_EVENTS_MAXLEN = 10_000
-_BACKOFF = (0.5, 1.0, 2.0, 4.0, 5.0)  # seconds between tries while Redis is away
 _LAST_WRITES_SECONDS = 3.0  # for giving back batches and deleting heartbeats when stopping, Redis or not
-_BROKER_ERRORS = (BrokerConnectionError, BrokerTimeoutError)
 
 
 class PinRefused(BotError):
@@ -103,38 +102,13 @@ def default_name(cluster: ClusterConfig) -> str:
     return cluster.name or f"{socket.gethostname()}-{os.getpid()}"
 
 
-class _Backoff:
-    def __init__(self) -> None:
-        self._tries = 0
-
-    def next(self) -> float:
-        delay = _BACKOFF[min(self._tries, len(_BACKOFF) - 1)]
-        self._tries += 1
-        return delay
-
-    def reset(self) -> None:
-        self._tries = 0
-
-
-@dataclass(eq=False, slots=True)
-class _Held:
-    """A stream entry a consumer holds, from the read until it is acknowledged, given back or dropped."""
-
-    entry: str
-    session: str
-    batch: RenderBatch | None  # None: a malformed entry, acknowledged without rendering
-    call: Call | None = None  # once handed to the local executor
-    renewing: bool = True  # False once the entry is no longer this consumer's (taken over, or Redis lost it)
-    task: asyncio.Task[None] | None = None
-
-
 @dataclass(eq=False, slots=True)
 class _Consumer:
     """One local executor as a consumer of the group: its name in Redis and the entries it holds."""
 
     name: str
     executor: Executor
-    held: dict[str, _Held] = field(default_factory=lambda: dict[str, _Held]())
+    held: dict[str, Held] = field(default_factory=lambda: dict[str, Held]())
     room: asyncio.Event = field(default_factory=asyncio.Event)  # set while it holds fewer entries than its depth
     up: bool = True  # False from losing its local process until that is ready again
     cursor: str = "0-0"  # where the next look for stale entries starts in the group's pending list
@@ -148,41 +122,6 @@ class _Consumer:
             self.room.set()
         else:
             self.room.clear()
-
-
-class _Events:
-    """One batch's events, published in order by their own task."""
-
-    def __init__(self, publish: Callable[[Message], Awaitable[bool]]) -> None:
-        self._publish = publish
-        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
-        self._last_progress = -math.inf
-        self._task = asyncio.create_task(self._run())
-
-    def send(self, message: Message) -> None:
-        self._queue.put_nowait(message)
-
-    def progress(self, batch_id: int, step: int, total: int) -> None:
-        now = time.monotonic()
-        if step < total and now - self._last_progress < _PROGRESS_INTERVAL:
-            return
-        self._last_progress = now
-        self.send(Progress(batch_id, step, total))
-
-    async def finish(self, outcome: Message) -> bool:
-        """Publish the outcome after the events before it; return whether it reached Redis."""
-        self.send(outcome)
-        self._queue.put_nowait(None)
-        return await self._task
-
-    def close(self) -> None:
-        self._task.cancel()
-
-    async def _run(self) -> bool:
-        published = False
-        while (message := await self._queue.get()) is not None:
-            published = await self._publish(message)
-        return published
 
 
 class WorkerHost:
@@ -212,6 +151,15 @@ class WorkerHost:
         self._host = socket.gethostname()
         self._lease_ms = max(1, round(cluster.lease * 1000))
         self._ttl = max(1, math.ceil(3 * cluster.heartbeat))
+        self._outage = Outage(
+            log,
+            cluster.broker,
+            begins="Lost the broker at %(url)s (%(reason)s); the model stays loaded, retrying until it is back",
+            lasts="The broker is still away: %(reason)s",
+            ends="The broker at %(url)s is back",
+        )
+        self._broker = Retry(self._lost, self._back)  # for commands tried once
+        self._batches = Batches(redis, self._keys, lease=cluster.lease, retry=self._broker)
         devices = [executor.served().device for executor in executors]
         unique = len(set(devices)) == len(devices)
         self.consumers = [
@@ -226,7 +174,6 @@ class WorkerHost:
         self._pinned = asyncio.Event()  # the bot is pinned to the revision served here
         self._waiting_for: str | None = None  # what the log last said the worker waits for
         self._error: Exception | None = None
-        self._broker_ok = True
         self._heard = False  # the broker answered a heartbeat at least once
         self._claimed: set[str] = set()  # heartbeat keys this host wrote: the ones it deletes when it stops
         self._started_at = time.time()
@@ -238,7 +185,7 @@ class WorkerHost:
     @property
     def broker_ok(self) -> bool:
         """Whether the broker answered the latest heartbeat."""
-        return self._heard and self._broker_ok
+        return self._heard and not self._outage.down
 
     def stop(self) -> None:
         """Take no more batches; ``run`` finishes those in hand within the grace, gives back the rest, and returns.
@@ -300,41 +247,24 @@ class WorkerHost:
     async def _announce(self) -> None:
         """Every heartbeat: say who this worker is and how busy, and read what the bot wants."""
         await self._claim_names()
-        backoff = _Backoff()
+        retry = Retry(self._lost, self._back, wake=self._closed)
         while not self._closed.is_set():
-            try:
-                pipe = self._redis.pipeline(transaction=False)
-                for consumer in self.consumers:
-                    pipe.set(self._keys.worker(consumer.name), self._info(consumer).dump(), ex=self._ttl)
-                pipe.get(self._keys.bot)
-                replies = await pipe.execute()
-            except _BROKER_ERRORS as error:
-                self._lost(error)
-                await _sleep(self._closed, backoff.next())
+            replies = await retry.attempt(self._heartbeat(self.consumers))
+            if replies is UNREACHABLE:
                 continue
-            self._back()
-            backoff.reset()
             self._follow(replies[-1])
-            await _sleep(self._closed, self._cluster.heartbeat)
+            await pause(self._cluster.heartbeat, self._closed)
 
     async def _claim_names(self) -> None:
         """Write the first heartbeats where no other worker's lives, waiting out that of one that just stopped."""
         waiting = {consumer.name for consumer in self.consumers}
         give_up: float | None = None
-        backoff = _Backoff()
+        retry = Retry(self._lost, self._back, wake=self._closed)
         while waiting and not self._closed.is_set():
             named = [consumer for consumer in self.consumers if consumer.name in waiting]
-            try:
-                pipe = self._redis.pipeline(transaction=False)
-                for consumer in named:
-                    pipe.set(self._keys.worker(consumer.name), self._info(consumer).dump(), ex=self._ttl, nx=True)
-                replies = await pipe.execute()
-            except _BROKER_ERRORS as error:
-                self._lost(error)
-                await _sleep(self._closed, backoff.next())
+            replies = await retry.attempt(self._heartbeat(named, first=True))
+            if replies is UNREACHABLE:
                 continue
-            self._back()
-            backoff.reset()
             claimed = {consumer.name for consumer, reply in zip(named, replies, strict=True) if reply}
             self._claimed |= claimed
             waiting -= claimed
@@ -349,11 +279,20 @@ class WorkerHost:
                     f"Another worker named {name} is running (its heartbeat is in Redis): give each worker its own "
                     "cluster.name, or leave it empty for host name and process id"
                 )
-            await _sleep(self._closed, self._cluster.heartbeat)
+            await pause(self._cluster.heartbeat, self._closed)
+
+    async def _heartbeat(self, consumers: Sequence[_Consumer], *, first: bool = False) -> list[Any]:
+        """Write the heartbeats, the first ones only where none lives; after them, read the bot's announcement."""
+        pipe = self._redis.pipeline(transaction=False)
+        for consumer in consumers:
+            pipe.set(self._keys.worker(consumer.name), self._info(consumer).dump(), ex=self._ttl, nx=first)
+        if not first:
+            pipe.get(self._keys.bot)
+        return await pipe.execute()
 
     def _follow(self, raw: object) -> None:
         """Take in the bot's announcement: pull while it is pinned to the revision served here, refuse another."""
-        bot = _bot_info(raw)
+        bot = BotInfo.read(raw)
         if bot is None or bot.revision is None:
             self._pinned.clear()
             self._waiting("no bot" if bot is None else "no pin")
@@ -383,21 +322,14 @@ class WorkerHost:
 
     async def _pull(self, consumer: _Consumer) -> None:
         """Take entries for one consumer while it has room, its executor is up and the bot is pinned."""
-        backoff = _Backoff()
+        retry = Retry(self._lost, self._back, wake=self._stopping)
         while await self._may_pull(consumer):
-            try:
-                entry = await self._take(consumer)
-            except _BROKER_ERRORS as error:
-                self._lost(error)
-                await _sleep(self._stopping, backoff.next())
-                continue
-            self._back()
-            backoff.reset()
-            if entry is None:
+            entry = await retry.attempt(self._take(consumer))
+            if entry is UNREACHABLE or entry is None:
                 continue
             if self._stopping.is_set():
                 # Brought by a read that began before the stop: not started, so given back with the rest.
-                consumer.held[entry[0]] = _Held(entry[0], "", None, renewing=True)
+                consumer.held[entry[0]] = Held(entry[0], "", None, renewing=True)
                 continue
             self._hold(consumer, *entry)
 
@@ -420,14 +352,9 @@ class WorkerHost:
         try:
             return await self._claim_stale(consumer) or await self._read(consumer)
         except ResponseError as error:
-            if not _no_group(error):
+            if not no_group(error):
                 raise
-        # Nobody made the group yet, or Redis restarted empty.
-        try:
-            await self._redis.xgroup_create(self._keys.batches, GROUP, id="0", mkstream=True)
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        await create_group(self._redis, self._keys.batches)
         return None
 
     async def _claim_stale(self, consumer: _Consumer) -> tuple[str, Mapping[bytes, bytes]] | None:
@@ -450,232 +377,35 @@ class WorkerHost:
         reply: Any = await self._redis.xreadgroup(
             GROUP, consumer.name, {self._keys.batches: ">"}, count=1, block=_READ_BLOCK_MS
         )
-        for _stream, entries in reply or ():
-            for entry, fields in entries:
-                return _text(entry), fields
+        for entry, fields in entries(reply):
+            return _text(entry), fields
         return None
 
     async def _tend(self, consumer: _Consumer) -> None:
         """Every heartbeat: renew the lease of each entry in hand, and stop those the bot no longer wants."""
         while not self._closed.is_set():
-            await _sleep(self._closed, self._cluster.heartbeat)
+            await pause(self._cluster.heartbeat, self._closed)
             held = [held for held in consumer.held.values() if held.batch is not None]
-            if not held or self._closed.is_set():
-                continue
-            try:
-                await self._renew(consumer, held)
-            except _BROKER_ERRORS as error:
-                self._lost(error)
-            else:
-                self._back()
-
-    async def _renew(self, consumer: _Consumer, held: list[_Held]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for item in held:
-            assert item.batch is not None
-            pipe.xpending_range(self._keys.batches, GROUP, item.entry, item.entry, 1, consumername=consumer.name)
-            pipe.exists(self._keys.stop(item.session, item.batch.batch_id))
-        replies = await pipe.execute(raise_on_error=False)
-        mine: list[str] = []
-        for index, item in enumerate(held):
-            assert item.batch is not None
-            pending, stop = replies[2 * index], replies[2 * index + 1]
-            for reply in (pending, stop):
-                if isinstance(reply, Exception) and not (isinstance(reply, ResponseError) and _no_group(reply)):
-                    raise reply
-            if item.renewing and (isinstance(pending, Exception) or not pending):
-                item.renewing = False
-                log.warning(
-                    "Batch %d is no longer this worker's: it was unheard past its lease and another worker took the "
-                    "batch, or Redis lost it. Finishing it anyway; the bot keeps the first result",
-                    item.batch.batch_id,
-                )
-            if item.renewing:
-                mine.append(item.entry)
-            if stop is True or (isinstance(stop, int) and stop > 0):
-                if item.call is not None and not item.call.stopping:
-                    log.info("Stopping batch %d: the bot no longer wants it", item.batch.batch_id)
-                    item.call.stop()
-        if mine:
-            ids: list[StreamIdT] = list(mine)
-            await self._redis.xclaim(self._keys.batches, GROUP, consumer.name, 0, ids, justid=True)
+            if held and not self._closed.is_set():
+                await self._broker.once(self._batches.renew(consumer.name, held))
 
     # One batch
 
     def _hold(self, consumer: _Consumer, entry: str, fields: Mapping[bytes, bytes]) -> None:
-        batch: RenderBatch | None = None
-        plain: dict[str, str] = {}
-        try:
-            message, plain = unpack(fields)
-        except ValueError as error:
-            log.error("Dropping batch entry %s: %s", entry, error)
-        else:
-            if isinstance(message, RenderBatch):
-                batch = message
-            else:
-                log.error("Dropping batch entry %s: a %s message, not a batch", entry, type(message).__name__)
-        held = _Held(entry, plain.get("session", ""), batch)
+        held = Held.read(entry, fields)
         consumer.held[entry] = held
         consumer.update()
         held.task = asyncio.create_task(self._serve(consumer, held), name=f"cluster-batch-{entry}")
 
-    async def _serve(self, consumer: _Consumer, held: _Held) -> None:
+    async def _serve(self, consumer: _Consumer, held: Held) -> None:
+        def lost_worker() -> None:
+            consumer.up = False
+
         try:
-            await self._handle(consumer, held)
+            await self._batches.serve(consumer.name, consumer.executor.worker, held, lost_worker=lost_worker)
         finally:
             consumer.held.pop(held.entry, None)
             consumer.update()
-
-    async def _handle(self, consumer: _Consumer, held: _Held) -> None:
-        """Render one entry's batch and publish its outcome; or drop it, or give it back."""
-        batch = held.batch
-        if batch is None:
-            await self._acknowledge(held.entry)
-            return
-        current, stopped = await self._check(held.session, batch.batch_id)
-        if not current:
-            log.info(
-                "Dropping batch %d: it belongs to an earlier run of the bot (session %s)", batch.batch_id, held.session
-            )
-            await self._acknowledge(held.entry)
-            return
-        session, worker = held.session, consumer.name
-        events = _Events(lambda message: self._publish(session, worker, message))
-        try:
-            if stopped:
-                outcome: Message | None = Failed(batch.batch_id, FailureKind.STOPPED, "stopped before it started")
-            else:
-                outcome = await self._render(consumer, held, batch, events)
-            if outcome is None:
-                return
-            if await events.finish(outcome):
-                await self._acknowledge(held.entry)
-                _log_outcome(outcome, worker)
-            else:
-                log.warning(
-                    "Dropped the outcome of batch %d: Redis was away for a whole lease (%g s), so the batch is "
-                    "rendered again elsewhere",
-                    batch.batch_id,
-                    self._cluster.lease,
-                )
-        finally:
-            events.close()
-
-    async def _check(self, session: str, batch_id: int) -> tuple[bool, bool]:
-        """Return whether a batch is of the bot's current session, and whether it was stopped before it started."""
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.get(self._keys.bot)
-            pipe.exists(self._keys.stop(session, batch_id))
-            raw, stop = await pipe.execute()
-        except _BROKER_ERRORS as error:
-            self._lost(error)
-            return True, False  # render it: a stop is still seen while it renders
-        self._back()
-        bot = _bot_info(raw)
-        return bot is None or bot.session == session, bool(stop)
-
-    async def _render(self, consumer: _Consumer, held: _Held, batch: RenderBatch, events: _Events) -> Message | None:
-        """Render a batch on the local executor; return its outcome, or None when it was given back."""
-        began: list[float] = []
-
-        def on_started() -> None:
-            began.append(time.perf_counter())
-            events.send(Started(batch.batch_id))
-
-        def on_progress(step: int, total: int) -> None:
-            events.progress(batch.batch_id, step, total)
-
-        call = Call(batch.specs, on_started, on_progress)
-        held.call = call
-        try:
-            images = await consumer.executor.worker.render(call)
-        except WorkerLost as error:
-            # Rendering it again here would wait for the local restart; any worker with room can start it now.
-            # The bot sees the new worker's Started; a batch that kills every worker is the bot's to give up on.
-            consumer.up = False
-            log.warning("Lost batch %d with the local worker (%s); giving it back", batch.batch_id, error)
-            if held.renewing:
-                held.renewing = False
-                await self._give_back(consumer, [held.entry])
-            return None
-        except OutOfMemory as error:
-            return Failed(batch.batch_id, FailureKind.OUT_OF_MEMORY, str(error))
-        except RenderStopped:
-            return Failed(batch.batch_id, FailureKind.STOPPED, "stopped")
-        except BotError as error:
-            return Failed(batch.batch_id, FailureKind.ERROR, str(error))
-        except Exception:
-            log.exception("Rendering batch %d failed on %s", batch.batch_id, consumer.name)
-            return Failed(batch.batch_id, FailureKind.ERROR, f"Rendering failed on worker {consumer.name}.")
-        facts = call.facts
-        seconds, peak = facts.get("seconds"), facts.get("peak_memory")
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool):
-            seconds = time.perf_counter() - (began[0] if began else time.perf_counter())
-        return Rendered(
-            batch.batch_id,
-            tuple(images),
-            float(seconds),
-            peak if isinstance(peak, int) and not isinstance(peak, bool) else None,
-            facts.get("compiled") is True,
-        )
-
-    async def _publish(self, session: str, worker: str, message: Message) -> bool:
-        """Add an event to the session's stream; an outcome is retried for a lease, the rest tried once."""
-        key = self._keys.events(session)
-        # Copied into the key and value types redis-py's annotations ask for.
-        fields: dict[FieldT, EncodableT] = {key: value for key, value in pack(message, worker=worker).items()}
-
-        async def add() -> None:
-            await self._redis.xadd(key, fields, maxlen=_EVENTS_MAXLEN, approximate=True)
-
-        if isinstance(message, Started | Progress):
-            try:
-                await add()
-            except _BROKER_ERRORS as error:
-                self._lost(error)
-                return False
-            self._back()
-            return True
-        return await self._persist(add)
-
-    async def _acknowledge(self, entry: str) -> None:
-        async def done() -> None:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xack(self._keys.batches, GROUP, entry)
-            pipe.xdel(self._keys.batches, entry)
-            await pipe.execute()
-
-        await self._persist(done)
-
-    async def _persist(self, write: Callable[[], Awaitable[None]]) -> bool:
-        """Make a write that must reach Redis, retrying while it is away for up to a lease; return whether it did."""
-        deadline = time.monotonic() + self._cluster.lease
-        backoff = _Backoff()
-        while True:
-            try:
-                await write()
-            except _BROKER_ERRORS as error:
-                self._lost(error)
-                delay = backoff.next()
-                if time.monotonic() + delay > deadline:
-                    return False
-                await asyncio.sleep(delay)
-                continue
-            self._back()
-            return True
-
-    async def _give_back(self, consumer: _Consumer, entries: list[str]) -> None:
-        """Make entries claimable by any worker now, instead of when their lease runs out."""
-        ids: list[StreamIdT] = list(entries)
-        try:
-            await self._redis.xclaim(self._keys.batches, GROUP, consumer.name, 0, ids, idle=self._lease_ms, justid=True)
-        except (*_BROKER_ERRORS, ResponseError) as error:
-            log.info(
-                "Could not give back %d batches (%s); another worker takes them when their lease runs out",
-                len(entries),
-                error,
-            )
 
     # Stopping
 
@@ -703,13 +433,13 @@ class WorkerHost:
         await _cancel([held.task for _, held in unfinished if held.task is not None])
         self._closed.set()
         await _cancel(tending)
-        with contextlib.suppress(*_BROKER_ERRORS, ResponseError, TimeoutError):
+        with contextlib.suppress(*unreachable_errors(), ResponseError, TimeoutError):
             async with asyncio.timeout(_LAST_WRITES_SECONDS):
                 for consumer in self.consumers:
-                    entries = [held.entry for owner, held in unfinished if owner is consumer and held.renewing]
-                    if entries:
-                        await self._give_back(consumer, entries)
-                        log.info("Gave back %d batch(es) for another worker to take at once", len(entries))
+                    given = [held.entry for owner, held in unfinished if owner is consumer and held.renewing]
+                    if given:
+                        await self._batches.give_back(consumer.name, given)
+                        log.info("Gave back %d batch(es) for another worker to take at once", len(given))
                 if self._claimed:
                     await self._redis.delete(*(self._keys.worker(name) for name in sorted(self._claimed)))
 
@@ -733,28 +463,13 @@ class WorkerHost:
 
     def _lost(self, error: Exception) -> None:
         if isinstance(error, AuthenticationError | AuthorizationError):
-            self._fail(
-                ConfigError(
-                    f"The broker at {redacted(self._cluster.broker)} refused this worker: {error}. Check the user and "
-                    "password in cluster.broker (or SYGIL_BROKER)"
-                )
-            )
-            return
-        if self._broker_ok:
-            self._broker_ok = False
-            log.warning(
-                "Lost the broker at %s (%s); the model stays loaded, retrying until it is back",
-                redacted(self._cluster.broker),
-                error,
-            )
+            self._fail(refused(self._cluster.broker, error))
         else:
-            log.debug("The broker is still away: %s", error)
+            self._outage.failed(error)
 
     def _back(self) -> None:
         self._heard = True
-        if not self._broker_ok:
-            self._broker_ok = True
-            log.info("The broker at %s is back", redacted(self._cluster.broker))
+        self._outage.answered()
 
     def _info(self, consumer: _Consumer) -> WorkerInfo:
         served = consumer.executor.served()
@@ -774,41 +489,8 @@ class WorkerHost:
         )
 
 
-def _log_outcome(outcome: Message, worker: str) -> None:
-    if isinstance(outcome, Rendered):
-        log.info(
-            "Rendered batch %d on %s: %d images in %.2f s",
-            outcome.batch_id,
-            worker,
-            len(outcome.images),
-            outcome.seconds,
-        )
-    elif isinstance(outcome, Failed):
-        log.info("Batch %d did not render on %s (%s): %s", outcome.batch_id, worker, outcome.kind, outcome.message)
-
-
-def _bot_info(raw: object) -> BotInfo | None:
-    if not isinstance(raw, str | bytes):
-        return None
-    try:
-        return BotInfo.load(raw)
-    except (ValueError, KeyError, TypeError) as error:
-        log.warning("The bot's announcement in Redis is malformed (%r); treating it as absent", error)
-        return None
-
-
-def _no_group(error: ResponseError) -> bool:
-    return str(error).startswith("NOGROUP")
-
-
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def _sleep(event: asyncio.Event, seconds: float) -> None:
-    """Sleep, waking early when ``event`` is set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[None]] | set[asyncio.Task[None]]) -> None:

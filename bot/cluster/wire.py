@@ -23,12 +23,15 @@ base64); and a few plain fields (``session``, ``worker``).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from bot.engine.protocol import Message, decode, encode
+
+log = logging.getLogger(__name__)
 
 GROUP = "workers"  # the consumer group of the batches stream
 _BLOB = "$blob"
@@ -80,6 +83,17 @@ class BotInfo:
     def load(cls, text: str | bytes) -> BotInfo:
         data = json.loads(text)
         return cls(str(data["session"]), str(data["model"]), data["revision"], float(data["lease"]))
+
+    @classmethod
+    def read(cls, raw: object) -> BotInfo | None:
+        """Return the announcement as read from Redis: None when there is none, or when it is malformed (logged)."""
+        if not isinstance(raw, str | bytes):
+            return None
+        try:
+            return cls.load(raw)
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("The bot's announcement in Redis is malformed (%r); treating it as absent", error)
+            return None
 
 
 @dataclass(frozen=True, slots=True)
