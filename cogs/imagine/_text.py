@@ -1,206 +1,20 @@
-"""The buttons on a result and the text around it; every button is a DynamicItem whose state is its custom_id."""
+"""The text of a result, of a job's status and of its details, and the names of its image files."""
 
 from __future__ import annotations
 
-import logging
-import re
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Self
+from collections.abc import Sequence
 
 import discord
 
-from bot.client import answer_error
 from bot.engine.types import Mode, RenderedImage
-from bot.errors import BotError
 from bot.limits import describe_wait
-from bot.storage import ImageRecord, Job, JobKind, VoteTally
+from bot.storage import ImageRecord, Job, JobKind
 
-if TYPE_CHECKING:
-    from bot.client import SygilBot
-    from cogs.imagine import Imagine
-
-log = logging.getLogger(__name__)
-
-_ID = r"(?P<job_id>[1-9][0-9]{0,17}):(?P<index>[0-9])"
 _ECHO_LIMIT = 600
-_VOTES = {"up": (1, "👍"), "down": (-1, "👎")}
-_REMIXES = {JobKind.REROLL: ("Reroll", "🔁"), JobKind.VARIATION: ("Variation", "🎨")}
-
-
-def _row(index: int) -> int | None:
-    # A forged custom_id may carry any digit; only real buttons (at most 4 images) are laid out by row.
-    return index if index < 5 else None
 
 
 def filename(job_id: int, index: int) -> str:
     return f"sygil_{job_id}_{index}.png"
-
-
-async def _guarded(interaction: discord.Interaction[SygilBot], action: Callable[[], Awaitable[None]]) -> None:
-    # Errors raised in a DynamicItem never reach the tree's handler: answer them here.
-    try:
-        await action()
-    except BotError as exc:
-        await answer_error(interaction, str(exc))
-    except Exception:
-        log.exception("Button %s failed", interaction.data and interaction.data.get("custom_id"))
-        await answer_error(interaction, "Something went wrong; it has been logged.")
-
-
-def _cog(interaction: discord.Interaction[SygilBot]) -> Imagine:
-    cog = interaction.client.get_cog("Imagine")
-    if cog is None:
-        raise BotError("Image generation is switched off right now.")
-    return cog  # type: ignore[return-value]
-
-
-class RemixButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:(?P<action>reroll|variation):{_ID}"
-):
-    """Make a new image from one image: a reroll (new seed) or a variation (img2img with a new seed)."""
-
-    def __init__(self, job_id: int, index: int, kind: JobKind, *, count: int = 1) -> None:
-        if kind not in _REMIXES:
-            raise ValueError(f"a remix button is a reroll or a variation, not {kind}")
-        label, emoji = _REMIXES[kind]
-        super().__init__(
-            discord.ui.Button(
-                label=f"{label} {index + 1}" if count > 1 else label,
-                emoji=emoji,
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"imagine:{kind.value}:{job_id}:{index}",
-                row=_row(index),
-            )
-        )
-        self.job_id = job_id
-        self.index = index
-        self.kind = kind
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
-    ) -> Self:
-        return cls(int(match["job_id"]), int(match["index"]), JobKind(match["action"]))
-
-    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        await _guarded(interaction, lambda: _cog(interaction).remix(interaction, self.job_id, self.index, self.kind))
-
-
-class CancelButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"imagine:cancel:(?P<job_id>[1-9][0-9]{0,17})"
-):
-    """Withdraw a job that waits or renders: for its requester and moderators only."""
-
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Cancel", emoji="✖️", style=discord.ButtonStyle.secondary, custom_id=f"imagine:cancel:{job_id}"
-            )
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
-    ) -> Self:
-        return cls(int(match["job_id"]))
-
-    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        await _guarded(interaction, lambda: _cog(interaction).cancel(interaction, self.job_id))
-
-
-class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:vote:{_ID}:(?P<vote>up|down)"):
-    """Vote an image up or down; the same vote again withdraws it."""
-
-    def __init__(self, job_id: int, index: int, vote: str, *, tally: VoteTally | None = None) -> None:
-        count = 0 if tally is None else (tally.up if vote == "up" else tally.down)
-        super().__init__(
-            discord.ui.Button(
-                label=str(count) if count else None,
-                emoji=_VOTES[vote][1],
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"imagine:vote:{job_id}:{index}:{vote}",
-                row=_row(index),
-            )
-        )
-        self.job_id = job_id
-        self.index = index
-        self.vote = vote
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
-    ) -> Self:
-        return cls(int(match["job_id"]), int(match["index"]), match["vote"])
-
-    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        await _guarded(interaction, lambda: _cog(interaction).vote(interaction, self.job_id, self.index, self.vote))
-
-
-_JOB_ACTIONS = {"info": ("Info", "ℹ️"), "delete": ("Delete", "🗑️")}
-
-
-class JobButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"imagine:(?P<action>info|delete):(?P<job_id>[1-9][0-9]{0,17})",
-):
-    """Act on a whole result: Info (privately, what made its images) or Delete (its requester or a moderator)."""
-
-    def __init__(self, job_id: int, action: str, *, row: int | None = None) -> None:
-        label, emoji = _JOB_ACTIONS[action]
-        super().__init__(
-            discord.ui.Button(
-                label=label,
-                emoji=emoji,
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"imagine:{action}:{job_id}",
-                row=row,
-            )
-        )
-        self.job_id = job_id
-        self.action = action
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
-    ) -> Self:
-        return cls(int(match["job_id"]), match["action"])
-
-    async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        cog = _cog(interaction)
-        action = cog.info if self.action == "info" else cog.delete
-        await _guarded(interaction, lambda: action(interaction, self.job_id))
-
-
-DYNAMIC_ITEMS = (RemixButton, VoteButton, CancelButton, JobButton)
-
-
-def vote_value(vote: str) -> int:
-    return _VOTES[vote][0]
-
-
-def result_view(job_id: int, count: int, tallies: Sequence[VoteTally] | None = None) -> discord.ui.View:
-    """Return the buttons for a result: one row per image."""
-    # timeout=None and only dynamic items: a finite timeout would unregister the dynamic classes (discord.py 2.7.1).
-    view = discord.ui.View(timeout=None)
-    for index in range(count):
-        tally = tallies[index] if tallies else None
-        view.add_item(RemixButton(job_id, index, JobKind.REROLL, count=count))
-        view.add_item(RemixButton(job_id, index, JobKind.VARIATION, count=count))
-        view.add_item(VoteButton(job_id, index, "up", tally=tally))
-        view.add_item(VoteButton(job_id, index, "down", tally=tally))
-    # Below the images' rows (at most four): what is done to the whole message.
-    row = min(count, 4)
-    view.add_item(JobButton(job_id, "info", row=row))
-    view.add_item(JobButton(job_id, "delete", row=row))
-    return view
-
-
-def cancel_view(job_id: int) -> discord.ui.View:
-    """Return the Cancel button shown while a job waits or renders."""
-    view = discord.ui.View(timeout=None)  # only dynamic items, no timeout: see result_view
-    view.add_item(CancelButton(job_id))
-    return view
 
 
 def _echo(text: str) -> str:
