@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 import discord
 import discord.gateway
@@ -12,7 +13,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.admission import Requester
+from bot.admission import Admission, Requester
 from bot.cluster.pool import ClusterPool
 from bot.config import Config, DiscordConfig
 from bot.engine.process import WorkerProcess
@@ -94,6 +95,25 @@ def requester(interaction: discord.Interaction[SygilBot]) -> Requester:
     )
 
 
+class Delivery(Protocol):
+    """What the bot and the buttons ask of the delivery of results (``Deliveries`` in cogs/imagine/delivery.py)."""
+
+    async def accept(
+        self,
+        interaction: discord.Interaction[SygilBot],
+        admission: Admission,
+        *,
+        attachment: discord.Attachment | None = None,
+        private: bool = False,
+    ) -> None:
+        """Store an admitted job, answer its interaction, and deliver its images when they are ready."""
+        ...
+
+    async def settle(self) -> None:
+        """Wait for the deliveries whose images are ready (the bot is stopping and wants them posted first)."""
+        ...
+
+
 class SygilBot(commands.Bot):
     """The bot: holds the config and the core services, loads the cogs, syncs the commands."""
 
@@ -114,6 +134,7 @@ class SygilBot(commands.Bot):
         self.config = config
         self.service = service
         self.db = service.db
+        self.deliveries: Delivery | None = None  # set by the Imagine extension while it is loaded
 
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:
@@ -157,9 +178,8 @@ class SygilBot(commands.Bot):
         try:
             async with asyncio.timeout(max(grace - _CLOSE_MARGIN, grace / 2)):
                 await scheduler.wait_idle()
-                imagine = self.get_cog("Imagine")
-                if imagine is not None:
-                    await imagine.settle()  # type: ignore[attr-defined]
+                if self.deliveries is not None:
+                    await self.deliveries.settle()
         except TimeoutError:
             log.warning("The batch on the GPU did not finish in time; it stays queued for the next start")
             scheduler.stop_rendering()

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.admission import MAX_SEED, Admission, Admissions, because
+from bot.admission import MAX_SEED, Admission, Admissions, Requester, because
 from bot.config import Config, GenerationConfig, PromptsConfig
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, Refused
@@ -22,7 +22,8 @@ from bot.limits import standard_images as cost_of
 from bot.moderation import Moderation
 from bot.prompts import Tokenizer
 from bot.scheduler import Scheduler, Ticket
-from bot.storage import AuditEntry, ChargedJob, Database, Provenance
+from bot.stats import Figures, figures
+from bot.storage import AuditEntry, ChargedJob, Database, ImageRecord, Provenance, VoteTally
 from bot.storage.files import private_folder, write_private
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,49 @@ class ImageService(Admissions):
         if not running:
             self.usage.refund_job(job_id)
         return job
+
+    # What the cogs read and the votes they record: no cog uses the database itself
+
+    async def job(self, *, job_id: int) -> Job | None:
+        """Return a job, or None when there is none with that id."""
+        return await self.db.get_job(job_id=job_id)
+
+    async def rendered(self, *, job_id: int) -> bool:
+        """Return whether a job's images are recorded (a job queued again after a restart may already show them)."""
+        return await self.db.get_image(job_id=job_id, index=0) is not None
+
+    async def details(
+        self, *, job_id: int, guild_id: int | None
+    ) -> tuple[Job, list[ImageRecord], list[tuple[str, str]]]:
+        """Return a result's job, images and tags, if it exists in this server (a custom_id is untrusted input)."""
+        job = await self.db.get_job(job_id=job_id)
+        images = await self.db.job_images(job_id=job_id) if job is not None else []
+        if job is None or job.guild_id != guild_id or not images:
+            raise JobNotFound("Those images are no longer in the database.")
+        return job, images, await self.db.job_tags(job_id=job_id)
+
+    async def vote(self, requester: Requester, *, job_id: int, index: int, vote: int) -> list[VoteTally]:
+        """Record a vote of +1 or -1 on an image; the same vote again withdraws it.
+
+        Returns the votes on each of the job's images; the voted one's ``mine`` is the voter's vote (0: withdrawn).
+        """
+        self.check_access(requester, what="take votes")
+        job = await self.db.get_job(job_id=job_id)
+        if (
+            job is None
+            or job.guild_id != requester.guild_id
+            or index >= job.count
+            or await self.db.get_image(job_id=job_id, index=index) is None
+        ):
+            raise JobNotFound("That image is no longer in the database, so it cannot be voted on.")
+        tally = await self.db.record_vote(job_id=job_id, index=index, user_id=requester.user_id, vote=vote)
+        tallies = await self.db.vote_tallies(job_id=job_id, count=job.count)
+        tallies[index] = tally
+        return tallies
+
+    async def stats(self, *, guild_id: int, user_id: int | None, min_votes: int) -> Figures:
+        """Return the /stats figures of a server, or (with ``user_id``) of the images one member made there."""
+        return await figures(self.db, guild_id=guild_id, user_id=user_id, min_votes=min_votes)
 
 
 def _keep(folder: Path, job_id: int, images: Sequence[RenderedImage]) -> list[str | None]:

@@ -12,7 +12,7 @@ from discord.ext import commands
 from bot.client import requester
 from bot.engine.revision import short
 from bot.limits import DESCRIPTIONS, describe_images, describe_wait
-from bot.stats import Approval, Figures, Rated, figures
+from bot.stats import Approval, Figures, Rated
 
 if TYPE_CHECKING:
     from bot.client import SygilBot
@@ -102,8 +102,7 @@ class Stats(commands.Cog):
         # Private, like /queue and /limits: no channel fills up with figures. The queries take a moment on a big
         # server, so acknowledge first.
         await interaction.response.defer(ephemeral=True, thinking=True)
-        found = await figures(
-            self.bot.db,
+        found = await self.service.stats(
             guild_id=interaction.guild_id,
             user_id=interaction.user.id if scope == "me" else None,
             min_votes=self.bot.config.stats.min_votes,

@@ -57,6 +57,16 @@ class Votes(Store):
             mine = int(row["vote"]) if row else 0
         return VoteTally(up=up, down=down, mine=mine)
 
+    async def vote_tallies(self, *, job_id: int, count: int) -> list[VoteTally]:
+        """Return the votes on each of a job's ``count`` images, in one query (``mine`` is 0)."""
+        rows = await self._rows(
+            "SELECT idx, COALESCE(SUM(vote = 1), 0), COALESCE(SUM(vote = -1), 0) FROM votes WHERE job_id = ? "
+            "GROUP BY idx",
+            (job_id,),
+        )
+        counts = {int(row[0]): (int(row[1]), int(row[2])) for row in rows}
+        return [VoteTally(*counts.get(index, (0, 0)), mine=0) for index in range(count)]
+
     async def _tally(self, *, job_id: int, index: int) -> tuple[int, int]:
         async with self._db.execute(
             "SELECT COALESCE(SUM(vote = 1), 0), COALESCE(SUM(vote = -1), 0) FROM votes WHERE job_id = ? AND idx = ?",

@@ -2,14 +2,14 @@
 
 The group is registered for members with Manage Server, and the bot checks again on every use (Discord's
 setting can be changed by the server's admins): Manage Server, or a role listed in ``moderation.roles``. The
-check is attached to every leaf command, because in discord.py 2.7.1 a group's own check does not run for the
-commands of its nested groups (``/mod limits set``).
+check is the cog's ``interaction_check``: discord.py 2.7.1 runs it for every app command bound to the cog,
+those of nested groups (``/mod limits set``) included, whereas a group's own check skips its nested groups'.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -31,14 +31,6 @@ _Channel = discord.TextChannel | discord.Thread | discord.VoiceChannel
 
 class NotModerator(app_commands.CheckFailure):
     """The member may not use /mod."""
-
-
-def _moderator_check(interaction: discord.Interaction[SygilBot]) -> bool:
-    if not interaction.client.is_moderator(interaction):
-        raise NotModerator(
-            "Only moderators can use /mod: you need the Manage Server permission or a moderator role. Nothing changed."
-        )
-    return True
 
 
 async def _answer(interaction: discord.Interaction[SygilBot], text: str) -> None:
@@ -80,9 +72,14 @@ class Moderation(commands.Cog):
         self.bot = bot
         self.moderation = bot.service.moderation
 
-    async def cog_load(self) -> None:
-        for command in leaf_commands(self):
-            command.add_check(_moderator_check)
+    async def interaction_check(self, interaction: discord.Interaction[SygilBot], /) -> bool:
+        # Command._check_can_run calls this for each command whose binding is this cog, nested ones included.
+        if not self.bot.is_moderator(interaction):
+            raise NotModerator(
+                "Only moderators can use /mod: you need the Manage Server permission or a moderator role. "
+                "Nothing changed."
+            )
+        return True
 
     # Limits
 
@@ -270,11 +267,6 @@ class Moderation(commands.Cog):
         """Show the latest changes moderators made: when, who, what, old → new, why"""
         entries = await self.moderation.audit_log(_guild(interaction), count)
         await _answer(interaction, _format.audit(entries))
-
-
-def leaf_commands(cog: commands.Cog) -> list[app_commands.Command[Any, ..., Any]]:
-    """Return every /mod subcommand, nested ones included."""
-    return [command for command in cog.walk_app_commands() if isinstance(command, app_commands.Command)]
 
 
 async def setup(bot: SygilBot) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from bot.engine.types import Mode
 from bot.jobs import JobKind, JobStatus
-from cogs.imagine._views import CancelButton, RemixButton, VoteButton
+from cogs.imagine.buttons import CancelButton, RemixButton, VoteButton
 from tests.cogs.conftest import Harness, all_delivered, final_message, job_id_of, job_when, pngs, remix_result
 
 

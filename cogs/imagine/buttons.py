@@ -1,4 +1,8 @@
-"""The buttons on a result and the text around it; every button is a DynamicItem whose state is its custom_id."""
+"""The buttons on a result and what each does: every button is a DynamicItem whose state is its custom_id.
+
+A click goes through the service (``bot.service``); a reroll or a variation is a new job, which the delivery
+(``bot.deliveries``) accepts and posts. Errors are answered here: those of a DynamicItem never reach the tree.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +13,27 @@ from typing import TYPE_CHECKING, Any, Self
 
 import discord
 
-from bot.client import answer_error
-from bot.engine.types import Mode, RenderedImage
+from bot.client import answer_error, requester
 from bot.errors import BotError
-from bot.jobs import Job, JobKind
-from bot.limits import describe_wait
-from bot.storage import ImageRecord, VoteTally
+from bot.jobs import JobKind
+from bot.storage import VoteTally
+from cogs.imagine._text import filename, info_text
 
 if TYPE_CHECKING:
     from bot.client import SygilBot
-    from cogs.imagine import Imagine
+    from bot.service import ImageService
 
 log = logging.getLogger(__name__)
 
 _ID = r"(?P<job_id>[1-9][0-9]{0,17}):(?P<index>[0-9])"
-_ECHO_LIMIT = 600
 _VOTES = {"up": (1, "👍"), "down": (-1, "👎")}
 _REMIXES = {JobKind.REROLL: ("Reroll", "🔁"), JobKind.VARIATION: ("Variation", "🎨")}
+_NO_PINGS = discord.AllowedMentions.none()
 
 
 def _row(index: int) -> int | None:
     # A forged custom_id may carry any digit; only real buttons (at most 4 images) are laid out by row.
     return index if index < 5 else None
-
-
-def filename(job_id: int, index: int) -> str:
-    return f"sygil_{job_id}_{index}.png"
 
 
 async def _guarded(interaction: discord.Interaction[SygilBot], action: Callable[[], Awaitable[None]]) -> None:
@@ -46,13 +45,6 @@ async def _guarded(interaction: discord.Interaction[SygilBot], action: Callable[
     except Exception:
         log.exception("Button %s failed", interaction.data and interaction.data.get("custom_id"))
         await answer_error(interaction, "Something went wrong; it has been logged.")
-
-
-def _cog(interaction: discord.Interaction[SygilBot]) -> Imagine:
-    cog = interaction.client.get_cog("Imagine")
-    if cog is None:
-        raise BotError("Image generation is switched off right now.")
-    return cog  # type: ignore[return-value]
 
 
 class RemixButton(
@@ -84,7 +76,9 @@ class RemixButton(
         return cls(int(match["job_id"]), int(match["index"]), JobKind(match["action"]))
 
     async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        await _guarded(interaction, lambda: _cog(interaction).remix(interaction, self.job_id, self.index, self.kind))
+        await _guarded(
+            interaction, lambda: remix(interaction.client.service, interaction, self.job_id, self.index, self.kind)
+        )
 
 
 class CancelButton(
@@ -107,7 +101,7 @@ class CancelButton(
         return cls(int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        await _guarded(interaction, lambda: _cog(interaction).cancel(interaction, self.job_id))
+        await _guarded(interaction, lambda: cancel(interaction.client.service, interaction, self.job_id))
 
 
 class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:vote:{_ID}:(?P<vote>up|down)"):
@@ -135,7 +129,9 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"ima
         return cls(int(match["job_id"]), int(match["index"]), match["vote"])
 
     async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        await _guarded(interaction, lambda: _cog(interaction).vote(interaction, self.job_id, self.index, self.vote))
+        await _guarded(
+            interaction, lambda: vote(interaction.client.service, interaction, self.job_id, self.index, self.vote)
+        )
 
 
 _JOB_ACTIONS = {"info": ("Info", "ℹ️"), "delete": ("Delete", "🗑️")}
@@ -168,16 +164,11 @@ class JobButton(
         return cls(int(match["job_id"]), match["action"])
 
     async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
-        cog = _cog(interaction)
-        action = cog.info if self.action == "info" else cog.delete
-        await _guarded(interaction, lambda: action(interaction, self.job_id))
+        action = info if self.action == "info" else delete
+        await _guarded(interaction, lambda: action(interaction.client.service, interaction, self.job_id))
 
 
 DYNAMIC_ITEMS = (RemixButton, VoteButton, CancelButton, JobButton)
-
-
-def vote_value(vote: str) -> int:
-    return _VOTES[vote][0]
 
 
 def result_view(job_id: int, count: int, tallies: Sequence[VoteTally] | None = None) -> discord.ui.View:
@@ -204,106 +195,77 @@ def cancel_view(job_id: int) -> discord.ui.View:
     return view
 
 
-def _echo(text: str) -> str:
-    text = discord.utils.escape_markdown(text)
-    return text if len(text) <= _ECHO_LIMIT else text[: _ECHO_LIMIT - 1] + "…"
+# What each button does
 
 
-def result_text(job: Job, images: Sequence[RenderedImage], notes: Sequence[str] = ()) -> str:
-    """Describe a finished job: the prompt echoed (it never pings: messages go out with no allowed mentions)."""
-    settings = job.settings
-    lines = [f"**{_echo(job.prompt)}**"]
-    if job.negative_prompt:
-        lines.append(f"Negative: {_echo(job.negative_prompt)}")
-    if job.kind is JobKind.REROLL and job.parent_index is not None:
-        lines.append(f"Reroll of image {job.parent_index + 1} from job {job.parent_job_id}")
-    elif job.kind is JobKind.VARIATION and job.parent_index is not None:
-        lines.append(f"Variation of image {job.parent_index + 1} from job {job.parent_job_id}")
-    seeds = ", ".join(str(image.seed) for image in images)
-    details = [
-        f"<@{job.user_id}>",
-        f"seed{'s' if len(images) > 1 else ''} {seeds}",
-        f"{settings.steps} steps",
-        f"guidance {settings.guidance:g}",
-        f"{settings.width}×{settings.height}",
-        job.scheduler,
-    ]
-    if settings.mode is Mode.IMG2IMG:
-        details.append(f"strength {settings.strength:g}")
-    details.append(f"job {job.id}")
-    lines.append("-# " + " · ".join(details))
-    withheld = [str(index + 1) for index, image in enumerate(images) if image.nsfw]
-    if withheld:
-        lines.append(f"⚠️ The safety checker withheld image {', '.join(withheld)}.")
-    lines.extend(f"ℹ️ {note}" for note in notes)
-    return "\n".join(lines)[:2000]
+async def remix(
+    service: ImageService, interaction: discord.Interaction[SygilBot], job_id: int, index: int, kind: JobKind
+) -> None:
+    """Queue a reroll or a variation of one image; its result is posted as a reply to the image's message."""
+    deliveries = interaction.client.deliveries
+    if deliveries is None:
+        raise BotError("Image generation is switched off right now.")
+    asker = requester(interaction)
+    service.check_access(asker)
+    parent = await service.source(job_id=job_id, index=index, guild_id=interaction.guild_id)
+    attachment = _attachment(interaction.message, filename(job_id, index)) if kind is JobKind.VARIATION else None
+    admission = service.admit_remix(asker, kind=kind, parent=parent, index=index)
+    await deliveries.accept(interaction, admission, attachment=attachment, private=True)
 
 
-def _place(position: int) -> str:
-    """Say a place in line; far back only roughly, so a long queue's messages are not edited at every move."""
-    if position <= 20:
-        return f"position {position}"
-    step = 10 if position <= 100 else 50
-    return f"about position {max(step, round(position / step) * step)}"
-
-
-def status_interval(position: int | None) -> float:
-    """Return the seconds until a job's status message is refreshed: often near the front, rarely far back."""
-    if position is None or position <= 10:
-        return 2.0
-    return 10.0 if position <= 100 else 30.0
-
-
-def status_text(
-    position: int | None,
-    step: int,
-    total_steps: int,
-    notes: Sequence[str] = (),
-    *,
-    eta: float | None = None,
-    paused: str | None = None,
-) -> str:
-    """Describe where a job is: waiting (place in line, estimate, pause) or rendering (with its step)."""
-    if position is None or position == 0:
-        text = f"🎨 Rendering… step {step}/{total_steps}" if total_steps else "🎨 Rendering…"
+async def vote(
+    service: ImageService, interaction: discord.Interaction[SygilBot], job_id: int, index: int, choice: str
+) -> None:
+    """Record a vote (``up`` or ``down``) on an image, show the new counts on the buttons, tell the voter."""
+    tallies = await service.vote(requester(interaction), job_id=job_id, index=index, vote=_VOTES[choice][0])
+    await interaction.response.edit_message(view=result_view(job_id, len(tallies), tallies))
+    mine = tallies[index].mine
+    if mine:
+        note = f"Your {'👍' if mine > 0 else '👎'} on image {index + 1} is recorded."
     else:
-        text = "⏳ Queued: you are next in line." if position == 1 else f"⏳ Queued: {_place(position)} in line."
-        if paused is not None:
-            text += f"\n⏸️ {paused} Your job keeps its place."
-        elif eta is not None:
-            text += f" Ready in about {describe_wait(eta)}."
-    return "\n".join([text, *(f"ℹ️ {note}" for note in notes)])[:2000]
+        note = f"Your vote on image {index + 1} is withdrawn."
+    await interaction.followup.send(note, ephemeral=True)
 
 
-def info_text(job: Job, images: Sequence[ImageRecord], tags: Sequence[tuple[str, str]]) -> str:
-    """Describe privately everything that made a result: prompt, tags, settings, model revision, batch, timings."""
-    settings = job.settings
-    lines = [f"**Prompt:** {_echo(job.prompt)}"]
-    lines.append(f"**Negative prompt:** {_echo(job.negative_prompt) if job.negative_prompt else '(none)'}")
-    lines.append(f"**Tags:** {', '.join(f'{namespace}:{tag}' for namespace, tag in tags) if tags else '(none)'}")
-    size = f"{settings.width}×{settings.height}"
-    line = f"**Settings:** {settings.steps} steps, guidance {settings.guidance:g}, {size}, {job.scheduler}"
-    if settings.mode is Mode.IMG2IMG:
-        line += f", img2img strength {settings.strength:g}"
-    lines.append(line)
-    made = next((image.provenance for image in images if image.provenance is not None), None)
-    revision = made.model_revision if made and made.model_revision else "not recorded"
-    lines.append(f"**Model:** {_echo(job.model)} · revision `{revision}`")
-    if made is not None:
-        engine = f"{made.dtype or 'unknown dtype'}, {'compiled' if made.compiled else 'eager'}"
-        lines.append(f"**Engine:** {engine}")
-    if job.parent_job_id is not None and job.parent_index is not None:
-        lines.append(f"**Parent:** image {job.parent_index + 1} of job {job.parent_job_id} ({job.kind.value})")
-    for image in images:
-        how = image.provenance
-        text = f"Image {image.index + 1}: seed `{image.seed}`"
-        if how is not None:
-            text += (
-                f" · batch {how.batch_id} of {how.batch_size} · waited {how.waited_s:.1f} s · "
-                f"rendered {how.rendered_s:.1f} s"
-            )
-        if image.nsfw:
-            text += " · withheld by the safety checker"
-        lines.append(text)
-    lines.append(f"-# job {job.id}")
-    return "\n".join(lines)[:2000]
+async def cancel(service: ImageService, interaction: discord.Interaction[SygilBot], job_id: int) -> None:
+    """Withdraw a job from its Cancel button: its requester's or a moderator's click."""
+    asker = requester(interaction)
+    banned, _ = service.moderation.ban_reason(asker.guild_id, asker.user_id)
+    if banned:
+        service.check_access(asker)  # raises the ban's message
+    await service.cancel(
+        job_id=job_id,
+        guild_id=interaction.guild_id,
+        actor_id=interaction.user.id,
+        moderator=interaction.client.is_moderator(interaction),
+    )
+    await interaction.response.send_message(f"Job {job_id} is cancelled.", ephemeral=True)
+
+
+async def info(service: ImageService, interaction: discord.Interaction[SygilBot], job_id: int) -> None:
+    """Show privately everything that made a result's images."""
+    job, images, tags = await service.details(job_id=job_id, guild_id=interaction.guild_id)
+    await interaction.response.send_message(info_text(job, images, tags), ephemeral=True, allowed_mentions=_NO_PINGS)
+
+
+async def delete(service: ImageService, interaction: discord.Interaction[SygilBot], job_id: int) -> None:
+    """Delete a result's message for its requester or a moderator."""
+    job = await service.delete(
+        job_id=job_id,
+        guild_id=interaction.guild_id,
+        actor_id=interaction.user.id,
+        moderator=interaction.client.is_moderator(interaction),
+    )
+    await interaction.response.send_message(f"The images of job {job.id} are deleted.", ephemeral=True)
+    if interaction.message is not None:
+        try:
+            await interaction.message.delete()
+        except discord.HTTPException as exc:
+            log.warning("Could not delete the message of job %d: %s", job.id, exc)
+
+
+def _attachment(message: discord.Message | None, name: str) -> discord.Attachment:
+    for attachment in message.attachments if message else ():
+        if attachment.filename == name:
+            return attachment
+    raise BotError("That image is no longer attached to the message, so I cannot make a variation of it.")
