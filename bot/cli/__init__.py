@@ -11,6 +11,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeAlias
 
 EXIT_REFUSED = 1
@@ -19,6 +20,11 @@ EXIT_WRONG_REVISION = 3  # `sygil-bot worker`: the bot is pinned to another mode
 
 # What ``add_subparsers`` returns: each command module adds its parser to it.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def add_config(parser: argparse.ArgumentParser, default: str) -> None:
+    """Add ``--config``, the TOML settings a long-running command (or its health check) reads."""
+    parser.add_argument("--config", type=Path, default=Path(default), help=f"TOML settings (default: {default})")
 
 
 def usage(message: str) -> int:

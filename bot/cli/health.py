@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from bot.cli import EXIT_REFUSED, Commands
+from bot.cli import EXIT_REFUSED, Commands, add_config
 from bot.config import Config
 from bot.errors import ConfigError
 
@@ -15,7 +14,7 @@ def add_parser(commands: Commands) -> None:
     health = commands.add_parser(
         "health", help="exit 0 while `sygil-bot run` of this config serves, else 1 (for a container HEALTHCHECK)"
     )
-    health.add_argument("--config", type=Path, default=Path("config.toml"), help="TOML settings (default: config.toml)")
+    add_config(health, "config.toml")
     health.add_argument("--worker", action="store_true", help="check `sygil-bot worker` of this config instead")
     health.set_defaults(handler=_health)
 

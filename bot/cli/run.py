@@ -11,10 +11,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot.cli import Commands, on_signal
+from bot.cli import Commands, add_config, on_signal
 from bot.cli.devices import start_workers
 from bot.config import Config
 from bot.errors import BotError, ConfigError
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 def add_parser(commands: Commands) -> None:
     """Add ``run`` to the command line."""
     run = commands.add_parser("run", help="connect to Discord and serve /imagine")
-    run.add_argument("--config", type=Path, default=Path("config.toml"), help="TOML settings (default: config.toml)")
+    add_config(run, "config.toml")
     run.add_argument("--verbose", action="store_true", help="log debug messages")
     run.set_defaults(handler=_run)
 

@@ -9,9 +9,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
 
-from bot.cli import EXIT_WRONG_REVISION, Commands, on_signal
+from bot.cli import EXIT_WRONG_REVISION, Commands, add_config, on_signal
 from bot.cli.devices import start_workers
 from bot.config import Config
 from bot.errors import ConfigError
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 def add_parser(commands: Commands) -> None:
     """Add ``worker`` to the command line."""
     worker = commands.add_parser("worker", help="render for a bot on another host, through its Redis (cluster mode)")
-    worker.add_argument("--config", type=Path, default=Path("worker.toml"), help="TOML settings (default: worker.toml)")
+    add_config(worker, "worker.toml")
     worker.add_argument("--verbose", action="store_true", help="log debug messages")
     worker.set_defaults(handler=_worker)
 
