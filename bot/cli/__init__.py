@@ -1,4 +1,4 @@
-"""The ``sygil-bot`` commands, one module each; here what they share: exit statuses, usage errors, signals.
+"""The ``sygil-bot`` commands, one module each; here what they share: exit statuses, usage errors, --config, signals.
 
 ``bot/__main__.py`` builds the parser from each module's ``add_parser`` and turns errors into exit statuses.
 """
