@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.__main__ import _start_cluster, main
+from bot.__main__ import main
+from bot.cli.run import start_cluster
 from bot.cluster.broker import BrokerURL, check, connect, parse, redacted
 from bot.cluster.pool import ClusterPool
 from bot.config import ClusterConfig, Config, ModelConfig
@@ -89,7 +90,7 @@ async def test_a_base64_password_works_on_both_sides_and_never_reaches_the_log(
             assert await broker.set("k", "v") and await broker.get("k") == b"v"
         config = Config(token="t", model=ModelConfig(revision="a" * 40), cluster=ClusterConfig(broker=url))
         async with contextlib.AsyncExitStack() as stack:  # the bot's side
-            (pool,) = await _start_cluster(config, stack)
+            (pool,) = await start_cluster(config, stack)
             assert isinstance(pool, ClusterPool)
             await until(lambda: pool.up, within=10, what="the bot connected to the broker")
         shown = f"redis://:***@127.0.0.1:{server.port}/0"

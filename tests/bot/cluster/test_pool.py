@@ -15,7 +15,7 @@ import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from bot.__main__ import _start_cluster
+from bot.cli.run import start_cluster
 from bot.cluster.pool import ClusterPool
 from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, pack, unpack
 from bot.config import ClusterConfig, Config, ModelConfig
@@ -414,7 +414,7 @@ async def test_the_broker_password_never_reaches_the_log(
     url = redis_server.url.replace("redis://", "redis://:hunter2@")
     config = Config(token="t", model=ModelConfig(revision=EXACT), cluster=cluster(url))
     async with contextlib.AsyncExitStack() as stack:
-        (pool,) = await _start_cluster(config, stack)
+        (pool,) = await start_cluster(config, stack)
         assert isinstance(pool, ClusterPool)
         async with Scheduler(workers=[pool]) as scheduler, FakeWorker(url, "gpu-b") as worker:
             ticket = submit(scheduler, 1, "a")

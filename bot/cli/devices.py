@@ -1,0 +1,86 @@
+"""Which devices render, in which dtype, and the worker processes the commands start on them.
+
+Shared by ``sygil-bot run`` and ``sygil-bot worker`` (one process per device) and ``sygil-bot imagine`` (one
+device, in this process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from bot.config import Config, ModelConfig
+from bot.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bot.engine.process import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+
+async def start_workers(config: Config, stack: contextlib.AsyncExitStack) -> list[WorkerProcess]:
+    """Start one worker process per configured device, each loading the model; raise if any cannot."""
+    from bot.engine.process import WorkerProcess
+    from bot.engine.protocol import WorkerSettings
+
+    devices = _resolve_devices(config.model)
+    cpu_workers = sum(device == "cpu" for device, _ in devices)
+    # CPU workers share the cores rather than each spawning a thread per core.
+    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+    workers = [
+        WorkerProcess(
+            WorkerSettings(
+                model_id=config.model.id,
+                revision=config.model.revision,
+                device=device,
+                dtype=dtype,
+                scheduler=config.model.scheduler,
+                safety_checker=config.model.safety_checker,
+                # Compiled kernels are kept beside the database, on the volume that outlives a container.
+                options=config.engine_options(compile_cache=config.storage.path.parent / "compile-cache"),
+                threads=threads if device == "cpu" else None,
+                verbose=log.isEnabledFor(logging.DEBUG),
+            ),
+            name=f"{index}:{device}" if len(devices) > 1 else device,
+            announce=not config.cluster.enabled,  # `sygil-bot worker` announces each device as a cluster worker
+        )
+        for index, (device, dtype) in enumerate(devices)
+    ]
+    for worker in workers:
+        stack.push_async_callback(worker.close)
+    log.info("Loading %s on %s", config.model.id, ", ".join(f"{device} ({dtype})" for device, dtype in devices))
+    results = await asyncio.gather(*(worker.start() for worker in workers), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return workers
+
+
+def _resolve_devices(model: ModelConfig) -> list[tuple[str, str]]:
+    """Return (device, dtype) for each worker: "auto" means every CUDA GPU, else the CPU."""
+    import torch
+
+    if model.devices == ("auto",) and torch.cuda.is_available():
+        devices = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    else:
+        devices = list(model.devices)
+    return [resolve_device(model, device) for device in devices]
+
+
+def resolve_device(model: ModelConfig, device: str) -> tuple[str, str]:
+    """Return (device, dtype) for one configured device: "auto" picks CUDA where there is one."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f'model.devices names {device}, but this machine has no CUDA GPU (set model.devices = ["cpu"])'
+        )
+    dtype = model.dtype
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, dtype
