@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from bench.prompts import BLOCKLIST, make_prompts
 from bot.admission import Admission, Requester
 from bot.config import Config, PromptsConfig, QueueConfig
+from bot.engine.executor import Progress
 from bot.engine.types import ImageSpec, RenderedImage
 from bot.errors import BotError
 from bot.limits import Limits, Scope
 from bot.moderation import Target, server_target
 from bot.prompts import load_tokenizer
 from bot.prompts.vocabulary import Vocabulary
-from bot.scheduler import Progress, Scheduler
+from bot.scheduler import Scheduler
 from bot.service import ImageService, open_service
 from bot.storage import Database
 

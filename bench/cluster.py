@@ -40,8 +40,9 @@ from bot.cluster.broker import connect
 from bot.cluster.pool import ClusterPool
 from bot.cluster.remote import Executor, Served, WorkerHost
 from bot.config import ClusterConfig
+from bot.engine.executor import ThreadWorker, Worker
 from bot.engine.types import ImageSpec
-from bot.scheduler import Scheduler, ThreadWorker, Worker
+from bot.scheduler import Scheduler
 
 REVISION = "sha256:" + "b" * 64  # what every bench worker serves, and the bot's pin
 _Workers = AbstractAsyncContextManager[list[Worker]]

@@ -68,9 +68,10 @@ from PIL import Image
 
 from bot.client import SygilBot
 from bot.config import Config, DiscordConfig, GenerationConfig, QueueConfig
+from bot.engine.executor import Progress
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.prompts import load_tokenizer
-from bot.scheduler import Progress, Scheduler, Ticket
+from bot.scheduler import Scheduler, Ticket
 from bot.service import open_service
 from bot.storage import Database
 from tests.fakediscord import FakeDiscord, FakeInteraction, run_bot

@@ -4,143 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Self
 
+from bot.engine.executor import Call, Render, RenderStopped, ThreadWorker, Worker, WorkerGroup, WorkerLost
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.errors import BotError, JobCancelled, OutOfMemory, QueueFull, RenderFailed
 from bot.limits import describe_wait
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
-
 _RATE_WEIGHT = 0.3  # weight of the newest batch in the moving average of rendering speed
 MAX_ATTEMPTS = 3  # workers a job may see die under it before it fails
 
 
-class Render(Protocol):
-    """A batch of plain specs in, PNGs out, on the calling thread: what ``ThreadWorker`` runs.
-
-    ``progress`` may raise to stop the batch early (the scheduler does when nobody wants its images any more).
-    """
-
-    def __call__(self, specs: Sequence[ImageSpec], progress: Progress | None = None, /) -> list[RenderedImage]: ...
-
-
-class RenderStopped(Exception):
-    """A batch was stopped before it finished, because the scheduler asked (``Call.stop``)."""
-
-
 class _TakenBack(Exception):
     """A batch a worker held to render next was stopped to put its jobs back in line (their server paused)."""
-
-
-class WorkerLost(Exception):
-    """The worker died holding the batch; its jobs go back to the front of the queue.
-
-    A job on the GPU when its worker died may have caused it, so that counts as one of its ``MAX_ATTEMPTS``, unless
-    the loss is ``blameless``: nothing the jobs did can have caused it (the link to remote workers went down).
-    """
-
-    def __init__(self, *args: object, blameless: bool = False) -> None:
-        super().__init__(*args)
-        self.blameless = blameless
-
-
-class Worker(Protocol):
-    """The executor seam: whoever renders batches for the scheduler (a thread here, a GPU process, a remote host).
-
-    ``render`` returns the call's images in order, or raises ``OutOfMemory`` (the scheduler splits the batch),
-    ``RenderStopped`` (after ``Call.stop``), ``WorkerLost`` (the jobs are queued again), or a ``BotError`` whose
-    message is for the users whose jobs were in the batch.
-    """
-
-    name: str
-    depth: int  # batches it may hold at once: 2 lets it prepare the next batch while the GPU renders this one
-
-    async def ready(self) -> None:
-        """Return once the worker can take a batch (at once, or after a restart)."""
-        ...
-
-    async def render(self, call: Call) -> list[RenderedImage]: ...
-
-
-@runtime_checkable
-class WorkerGroup(Protocol):
-    """A worker that stands for several GPUs (remote workers behind a broker): how many serve, and how they are."""
-
-    @property
-    def parallel(self) -> int:
-        """Batches rendered at the same time now: the GPUs serving; at least 1 for estimates."""
-        ...
-
-    def describe(self) -> str | None:
-        """Return a line for /queue about the GPUs behind it, or None when there is nothing to say."""
-        ...
-
-
-@dataclass(eq=False, slots=True)
-class Call:
-    """One batch handed to a worker: the worker reports its start and progress; the scheduler may stop it."""
-
-    specs: tuple[ImageSpec, ...]
-    on_started: Callable[[], None]
-    on_progress: Progress
-    stopping: bool = False
-    # What the worker says about how it rendered: "revision", "dtype", "compiled", and where known "seconds" (its own
-    # time from start to last PNG), "peak_memory" (bytes) and "worker" (the name of the remote worker that rendered
-    # it, where the worker stands for several); plain values.
-    facts: dict[str, object] = field(default_factory=lambda: dict[str, object]())
-    _on_stop: list[Callable[[], None]] = field(default_factory=lambda: list[Callable[[], None]]())
-
-    def stop(self) -> None:
-        """Ask the worker to stop this batch at its next step."""
-        if not self.stopping:
-            self.stopping = True
-            for callback in self._on_stop:
-                callback()
-
-    def when_stopped(self, callback: Callable[[], None]) -> None:
-        self._on_stop.append(callback)
-
-
-class ThreadWorker:
-    """Render on one thread of this process: for the CLI, the tests and the benchmarks' baselines."""
-
-    depth = 1
-
-    def __init__(self, render: Render, *, name: str = "thread", facts: Mapping[str, object] | None = None) -> None:
-        self.name = name
-        self._render = render
-        self._facts = dict(facts or {})
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
-
-    async def ready(self) -> None:
-        return
-
-    async def render(self, call: Call) -> list[RenderedImage]:
-        loop = asyncio.get_running_loop()
-
-        def progress(step: int, total: int) -> None:
-            # On the render thread: stop if asked, else hand the numbers to the loop.
-            if call.stopping:
-                raise RenderStopped
-            loop.call_soon_threadsafe(call.on_progress, step, total)
-
-        call.on_started()
-        call.facts.update(self._facts)
-        return await loop.run_in_executor(self._executor, self._render, call.specs, progress)
-
-    async def close(self) -> None:
-        """Wait for the batch in hand: a pipeline must never be driven by two threads at once."""
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True, slots=True)

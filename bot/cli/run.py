@@ -19,7 +19,7 @@ from bot.config import Config
 from bot.errors import BotError, ConfigError
 
 if TYPE_CHECKING:
-    from bot.scheduler import Worker
+    from bot.engine.executor import Worker
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,8 @@ from redis.typing import EncodableT, FieldT, StreamIdT
 
 from bot.cluster.broker import UNREACHABLE, Retry, no_group, unreachable_errors
 from bot.cluster.wire import GROUP, BotInfo, Keys, pack, unpack
+from bot.engine.executor import Call, Worker, WorkerLost, failed, rendered
 from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started
-from bot.errors import BotError, OutOfMemory
-from bot.scheduler import Call, RenderStopped, Worker, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -206,26 +205,14 @@ class Batches:
                 held.renewing = False
                 await self.give_back(consumer, [held.entry])
             return None
-        except OutOfMemory as error:
-            return Failed(batch.batch_id, FailureKind.OUT_OF_MEMORY, str(error))
-        except RenderStopped:
-            return Failed(batch.batch_id, FailureKind.STOPPED, "stopped")
-        except BotError as error:
-            return Failed(batch.batch_id, FailureKind.ERROR, str(error))
-        except Exception:
-            log.exception("Rendering batch %d failed on %s", batch.batch_id, consumer)
-            return Failed(batch.batch_id, FailureKind.ERROR, f"Rendering failed on worker {consumer}.")
-        facts = call.facts
-        seconds, peak = facts.get("seconds"), facts.get("peak_memory")
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool):
-            seconds = time.perf_counter() - (began[0] if began else time.perf_counter())
-        return Rendered(
-            batch.batch_id,
-            tuple(images),
-            float(seconds),
-            peak if isinstance(peak, int) and not isinstance(peak, bool) else None,
-            facts.get("compiled") is True,
-        )
+        except Exception as error:
+            failure = failed(batch.batch_id, error)
+            if failure is None:
+                log.exception("Rendering batch %d failed on %s", batch.batch_id, consumer)
+                failure = Failed(batch.batch_id, FailureKind.ERROR, f"Rendering failed on worker {consumer}.")
+            return failure
+        now = time.perf_counter()
+        return rendered(batch.batch_id, images, call.facts, seconds=now - (began[0] if began else now))
 
     async def _publish(self, session: str, worker: str, message: Message) -> bool:
         """Add an event to the session's stream; an outcome is retried for a lease, the rest tried once."""

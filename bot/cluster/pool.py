@@ -26,10 +26,9 @@ from redis.typing import EncodableT, FieldT
 from bot.cluster.broker import Backoff, Outage, connect, create_group, end, entries, kept, redacted, unreachable_errors
 from bot.cluster.wire import BotInfo, Keys, WorkerInfo, exact_revision, pack, unpack
 from bot.config import ClusterConfig
-from bot.engine.protocol import Failed, FailureKind, Progress, RenderBatch, Rendered, Started
+from bot.engine.executor import BatchEvent, Call, RenderStopped, WorkerLost, answer
+from bot.engine.protocol import RenderBatch, Rendered, Started
 from bot.engine.types import RenderedImage
-from bot.errors import OutOfMemory, RenderFailed
-from bot.scheduler import Call, RenderStopped, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +476,7 @@ class ClusterPool:
         except ValueError as error:
             log.warning("Dropped an unreadable event from the cluster: %s", error)
             return
-        if not isinstance(message, Started | Progress | Rendered | Failed):
+        if not isinstance(message, BatchEvent):
             log.warning("Dropped a %s message from the cluster: only batch events belong there", type(message).__name__)
             return
         worker = plain.get("worker", "")
@@ -490,31 +489,19 @@ class ClusterPool:
                 worker or "?",
             )
             return
-        call = flight.call
+        facts: dict[str, object] = {}
         if isinstance(message, Started):
             flight.started = True
-            call.facts["worker"] = worker or self.name
-            call.on_started()
-        elif isinstance(message, Progress):
-            call.on_progress(message.step, message.total)
+            flight.call.facts["worker"] = worker or self.name
         elif isinstance(message, Rendered):
             if worker in self._refused:
                 log.warning("Dropped batch %d from worker %s: it serves another revision", message.batch_id, worker)
                 flight.future.set_exception(WorkerLost(f"worker {worker} serves another revision", blameless=True))
                 return
             info = self._workers.get(worker)
-            call.facts.update(
-                worker=worker or self.name,
-                revision=info.revision if info is not None else self.revision,
-                dtype=info.dtype if info is not None else None,
-                compiled=message.compiled,
-                seconds=message.seconds,
-                peak_memory=message.peak_memory,
-            )
-            flight.future.set_result(list(message.images))
-        elif message.kind is FailureKind.OUT_OF_MEMORY:
-            flight.future.set_exception(OutOfMemory(message.message))
-        elif message.kind is FailureKind.STOPPED:
-            flight.future.set_exception(RenderStopped())
-        else:
-            flight.future.set_exception(RenderFailed(message.message))
+            facts = {
+                "worker": worker or self.name,
+                "revision": info.revision if info is not None else self.revision,
+                "dtype": info.dtype if info is not None else None,
+            }
+        answer(flight.call, flight.future, message, facts)

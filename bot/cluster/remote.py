@@ -48,9 +48,9 @@ from bot.cluster.broker import (
 from bot.cluster.held import Batches, Held
 from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo
 from bot.config import ClusterConfig
+from bot.engine.executor import Worker
 from bot.engine.process import WorkerProcess
 from bot.errors import BotError, ConfigError
-from bot.scheduler import Worker
 
 log = logging.getLogger(__name__)
 

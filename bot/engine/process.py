@@ -19,16 +19,14 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
 
+from bot.engine.executor import Call, RenderStopped, WorkerLost, answer
 from bot.engine.protocol import (
-    FailureKind,
     FromWorker,
     Hello,
     LoadFailed,
-    Progress,
     RenderBatch,
     Rendered,
     Shutdown,
-    Started,
     StopBatch,
     ToWorker,
     WorkerSettings,
@@ -36,8 +34,7 @@ from bot.engine.protocol import (
     encode,
 )
 from bot.engine.types import RenderedImage
-from bot.errors import HubUnreachable, ModelError, OutOfMemory, RenderFailed
-from bot.scheduler import Call, RenderStopped, WorkerLost
+from bot.errors import HubUnreachable, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -235,32 +232,10 @@ class WorkerProcess:
         if entry is None:
             return  # a call the scheduler gave up on (it was cancelled or the bot is closing)
         call, future = entry
-        if isinstance(message, Started):
-            call.on_started()
-        elif isinstance(message, Progress):
-            call.on_progress(message.step, message.total)
-        elif future.done():
-            return
-        elif isinstance(message, Rendered):
-            engine: Mapping[str, Any] = self.hello.engine if self.hello is not None else {}
-            revision: object = engine.get("revision")
-            dtype: object = engine.get("dtype")
-            call.facts.update(
-                revision=revision,
-                dtype=dtype,
-                compiled=message.compiled,
-                seconds=message.seconds,
-                peak_memory=message.peak_memory,
-            )
-            if message.peak_memory is not None:
-                self.peak_memory = max(self.peak_memory or 0, message.peak_memory)
-            future.set_result(list(message.images))
-        elif message.kind is FailureKind.OUT_OF_MEMORY:
-            future.set_exception(OutOfMemory(message.message))
-        elif message.kind is FailureKind.STOPPED:
-            future.set_exception(RenderStopped())
-        else:
-            future.set_exception(RenderFailed(message.message))
+        engine: Mapping[str, Any] = self.hello.engine if self.hello is not None else {}
+        facts = {"revision": engine.get("revision"), "dtype": engine.get("dtype")}
+        if answer(call, future, message, facts) and isinstance(message, Rendered) and message.peak_memory is not None:
+            self.peak_memory = max(self.peak_memory or 0, message.peak_memory)
 
     def _on_exit(self, incarnation: int, exitcode: int | None) -> None:
         if incarnation != self._incarnation:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bot.engine.executor import RenderStopped, failed
 from bot.engine.pipeline import Decoded, Engine, Prepared
 from bot.engine.protocol import (
     Failed,
@@ -51,10 +52,6 @@ _HOLD_DIR = "SYGIL_TEST_HOLD_DIR"
 _HOLD_WORD = re.compile(r"\bhold-([a-z0-9]+)\b")
 _HOLD_POLL = 0.01
 EXIT_CUDA_FAULT = 70
-
-
-class _Stopped(Exception):
-    """Raised from the step callback when the bot asked to stop the batch."""
 
 
 def main(conn: Connection, settings: WorkerSettings) -> None:
@@ -203,7 +200,7 @@ class _Worker:
 
         def progress(step: int, total: int) -> None:
             if self._wants_stop(batch_id):
-                raise _Stopped
+                raise RenderStopped
             self._send(Progress(batch_id, step, total))
             if step == 1 and self._hold_dir is not None:
                 self._hold(batch)
@@ -235,15 +232,15 @@ class _Worker:
         self._stopped.discard(batch_id)
         with self._state_lock:
             self._unstarted.discard(batch_id)
-        if isinstance(error, _Stopped):
-            self._send(Failed(batch_id, FailureKind.STOPPED, "stopped"))
-        elif isinstance(error, OutOfMemory | torch.OutOfMemoryError):
+        if isinstance(error, OutOfMemory | torch.OutOfMemoryError):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("Out of memory rendering %d images: %s", len(batch.specs), error)
             message = f"The GPU ran out of memory rendering {len(batch.specs)} images at {_size(batch)}."
             self._send(Failed(batch_id, FailureKind.OUT_OF_MEMORY, message))
-        elif isinstance(error, BotError | ValueError):
+        elif (failure := failed(batch_id, error)) is not None:  # stopped, or an error whose message is for users
+            self._send(failure)
+        elif isinstance(error, ValueError):
             self._send(Failed(batch_id, FailureKind.ERROR, str(error)))
         # Anything else is a bug or a device fault. A CUDA fault leaves the context unusable: exit, and the bot
         # restarts this worker and gives the batch to a fresh one. Any other bug fails only this batch.
@@ -276,7 +273,7 @@ class _Worker:
                 held.write(f"{os.getpid()} {parent.pid if parent else os.getppid()} {batch.batch_id}\n")
             while not release.exists():
                 if self._wants_stop(batch.batch_id):
-                    raise _Stopped
+                    raise RenderStopped
                 time.sleep(_HOLD_POLL)
 
     def _send(self, message: FromWorker) -> None:

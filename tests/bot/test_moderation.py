@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from bot.engine.executor import Progress
 from bot.engine.types import ImageSpec, RenderedImage
 from bot.limits import Limits, Scope
 from bot.moderation import Moderation, ModerationError, Target, server_target
-from bot.scheduler import Progress, Scheduler
+from bot.scheduler import Scheduler
 from bot.storage import Database
 
 GUILD = 10

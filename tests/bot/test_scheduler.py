@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import pytest
 
+from bot.engine.executor import Call, Progress, ThreadWorker, WorkerLost
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.errors import JobCancelled, OutOfMemory, QueueFull, RenderFailed
-from bot.scheduler import MAX_ATTEMPTS, Batch, Call, Progress, Scheduler, ThreadWorker, WorkerLost
+from bot.scheduler import MAX_ATTEMPTS, Batch, Scheduler
 
 GUILD = 10
 SMALL = Settings(steps=4, width=64, height=64)

@@ -13,13 +13,14 @@ import pytest
 
 from bot.admission import Admission, InvalidRequest, Requester
 from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig
+from bot.engine.executor import Progress, ThreadWorker
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, PromptRejected, QueueFull, Refused
 from bot.jobs import JobKind, JobStatus
 from bot.limits import Limits, Scope
 from bot.moderation import Target, server_target
 from bot.prompts import Tokenizer
-from bot.scheduler import Progress, Scheduler, ThreadWorker
+from bot.scheduler import Scheduler
 from bot.service import ImageService, Queued, open_service
 from bot.storage import Database
 

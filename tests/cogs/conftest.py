@@ -17,9 +17,10 @@ from PIL import Image
 from bot.client import SygilBot
 from bot.config import Config, DiscordConfig, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
 from bot.engine import Engine
+from bot.engine.executor import Progress, ThreadWorker
 from bot.engine.types import ImageSpec, RenderedImage
 from bot.jobs import Job, JobStatus
-from bot.scheduler import Progress, Scheduler, ThreadWorker
+from bot.scheduler import Scheduler
 from bot.service import open_service
 from bot.storage import Database
 from tests.fakediscord import FakeDiscord, FakeInteraction, Message, point_discord_at, run_bot

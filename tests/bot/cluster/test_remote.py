@@ -29,11 +29,11 @@ from bot.cluster.remote import Executor, PinRefused, Served, WorkerHost, process
 from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, pack, unpack
 from bot.config import ClusterConfig
 from bot.engine import EngineOptions, ImageSpec, RenderedImage, Settings
+from bot.engine.executor import ThreadWorker
 from bot.engine.process import WorkerProcess
 from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started, WorkerSettings
 from bot.engine.revision import folder_revision
 from bot.errors import ConfigError
-from bot.scheduler import ThreadWorker
 from tests.holds import Holds
 from tests.redis_server import RedisServer
 
