@@ -48,7 +48,8 @@ import torch
 from bot.engine import Engine, EngineOptions, ImageSpec, Settings, make_tiny_model
 from bot.engine.process import WorkerProcess
 from bot.engine.protocol import WorkerSettings
-from bot.scheduler import Batch, Scheduler
+from bot.scheduler import Scheduler
+from bot.scheduler.batches import Batch
 
 # pyright: reportPrivateImportUsage=false
 

@@ -71,7 +71,8 @@ from bot.config import Config, DiscordConfig, GenerationConfig, QueueConfig
 from bot.engine.executor import Progress
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.prompts import load_tokenizer
-from bot.scheduler import Scheduler, Ticket
+from bot.scheduler import Scheduler
+from bot.scheduler.line import Ticket
 from bot.service import open_service
 from bot.storage import Database
 from tests.fakediscord import FakeDiscord, FakeInteraction, run_bot

@@ -21,7 +21,8 @@ from bot.limits import WINDOW, Charge, Limits, Usage
 from bot.limits import standard_images as cost_of
 from bot.moderation import Moderation
 from bot.prompts import Tokenizer
-from bot.scheduler import Scheduler, Ticket
+from bot.scheduler import Scheduler
+from bot.scheduler.line import Ticket
 from bot.stats import Figures, figures
 from bot.storage import AuditEntry, ChargedJob, Database, ImageRecord, Provenance, VoteTally
 from bot.storage.files import private_folder, write_private

@@ -9,7 +9,8 @@ import pytest
 from bot.engine.executor import Call, Progress, ThreadWorker, WorkerLost
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.errors import JobCancelled, OutOfMemory, QueueFull, RenderFailed
-from bot.scheduler import MAX_ATTEMPTS, Batch, Scheduler
+from bot.scheduler import MAX_ATTEMPTS, Scheduler
+from bot.scheduler.batches import Batch
 
 GUILD = 10
 SMALL = Settings(steps=4, width=64, height=64)

@@ -22,7 +22,9 @@ from bot.config import ClusterConfig, Config, ModelConfig
 from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.errors import JobCancelled, OutOfMemory
-from bot.scheduler import Batch, Scheduler, Ticket
+from bot.scheduler import Scheduler
+from bot.scheduler.batches import Batch
+from bot.scheduler.line import Ticket
 from tests.redis_server import RedisServer
 
 MODEL = "Sygil/Sygil-Diffusion"

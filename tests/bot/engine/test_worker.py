@@ -29,7 +29,9 @@ from bot.engine.protocol import (
     encode,
 )
 from bot.errors import ModelError, OutOfMemory
-from bot.scheduler import Batch, Scheduler, Ticket
+from bot.scheduler import Scheduler
+from bot.scheduler.batches import Batch
+from bot.scheduler.line import Ticket
 from tests.holds import Holds
 from tests.waiting import until
 

@@ -1,80 +1,33 @@
-"""The queue in front of the GPU: fair order across users, compatible jobs batched into one call, one worker."""
+"""The queue in front of the GPU: admission, fair order across users, batches handed to whichever worker is free.
+
+``Scheduler`` is what the rest of the bot sees: places in the queue taken and given back, jobs submitted, cancelled,
+paused, drained, and where each stands. Beside it: ``line`` (the waiting line, its fair order and which jobs make a
+batch), ``batches`` (running a batch on a worker, out-of-memory splitting, timing), ``estimates`` (measured speed).
+The workers themselves are ``bot.engine.executor``'s.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from bot.engine.executor import Call, Render, RenderStopped, ThreadWorker, Worker, WorkerGroup, WorkerLost
-from bot.engine.types import ImageSpec, RenderedImage, Settings
-from bot.errors import BotError, JobCancelled, OutOfMemory, QueueFull, RenderFailed
+from bot.engine.executor import Render, ThreadWorker, Worker, WorkerGroup
+from bot.engine.types import ImageSpec
+from bot.errors import JobCancelled, QueueFull, RenderFailed
 from bot.limits import describe_wait
+from bot.scheduler.batches import Batch, Runner
+from bot.scheduler.estimates import Speed
+from bot.scheduler.line import Line, Ticket
 
 log = logging.getLogger(__name__)
 
-_RATE_WEIGHT = 0.3  # weight of the newest batch in the moving average of rendering speed
 MAX_ATTEMPTS = 3  # workers a job may see die under it before it fails
-
-
-class _TakenBack(Exception):
-    """A batch a worker held to render next was stopped to put its jobs back in line (their server paused)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """What one GPU call rendered, for the log and the benchmarks."""
-
-    job_ids: tuple[int, ...]
-    images: int
-    seconds: float
-    worker: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Rendering:
-    """How one image of a job was rendered: its batch (a GPU call), the worker, when, and what the worker said."""
-
-    batch_id: int
-    batch_size: int
-    worker: str
-    started_at: float  # wall-clock time the batch started
-    seconds: float
-    revision: str | None = None
-    dtype: str | None = None
-    compiled: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class Ticket:
-    """A queued job: await ``result`` for its images; ``started`` is set when the GPU takes it."""
-
-    job_id: int
-    user_id: int
-    guild_id: int | None
-    specs: tuple[ImageSpec, ...]
-    result: asyncio.Future[list[RenderedImage]]
-    started: asyncio.Event = field(default_factory=asyncio.Event)
-    step: int = 0
-    total_steps: int = 0
-    attempts: int = 0  # workers that died while holding it
-    renders: list[Rendering] = field(default_factory=lambda: list[Rendering]())  # per image, once rendered
-
-    @property
-    def settings(self) -> Settings:
-        return self.specs[0].settings
-
-    @property
-    def work(self) -> int:
-        """Pixel-steps this job costs the GPU, the unit its time estimates fall back on."""
-        settings = self.settings
-        return len(self.specs) * settings.width * settings.height * settings.steps
 
 
 @dataclass(eq=False, slots=True)
@@ -90,25 +43,6 @@ class Place:
 class _Place:
     place: int
     work_ahead: float | None  # seconds of waiting work up to and including this job; None when unknown or paused
-
-
-@dataclass(eq=False, slots=True)
-class _Running:
-    """A call in flight on a worker, with the tickets whose images it renders."""
-
-    worker: Worker
-    tickets: list[Ticket]
-    call: Call
-    estimate: float | None
-    started: float | None = None  # perf_counter when the worker began it
-    taken_back: bool = False  # stopped before it started, to go back in line
-
-    def remaining(self, now: float) -> float:
-        if self.estimate is None:
-            return 0.0
-        if self.started is None:
-            return self.estimate
-        return max(0.0, self.estimate - (now - self.started))
 
 
 class Scheduler:
@@ -132,24 +66,19 @@ class Scheduler:
         self._workers: tuple[Worker, ...] = tuple(workers) or tuple(self._own)
         self._max_batch = max_batch
         self._max_queue = max_queue
-        self._on_batch = on_batch
-        # Users in turn order; each has a FIFO of tickets. The user served last moves to the back.
-        self._waiting: collections.OrderedDict[int, collections.deque[Ticket]] = collections.OrderedDict()
+        self._line = Line()
         self._places: dict[int, list[Place]] = {}  # by user, so a user's count never walks the whole queue
         self._place_count = 0
-        self._running: list[_Running] = []  # calls in flight, in the order they were handed out
+        self._speed = Speed()
+        self._runner = Runner(self._speed, changed=self._touch, requeue=self._requeue, on_batch=on_batch)
+        self._running = self._runner.running  # calls in flight, in the order they were handed out
         self._busy = 0  # slots between taking a batch and delivering it (an out-of-memory split spans calls)
-        self._finished_at: dict[str, float] = {}  # by worker: when its last call ended, to time busy workers
         self._paused: set[int] = set()
         self._draining = False
-        self._seconds_per_image: dict[Settings, float] = {}
-        self._seconds_per_work: float | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._slots: list[asyncio.Task[None]] = []
-        # Batch ids stay unique across restarts: they count on from the time the scheduler started, in microseconds.
-        self._batch_ids = itertools.count(time.time_ns() // 1000)
         self._version = 0
         self._index_version = -1
         self._line_index: dict[int, _Place] = {}
@@ -174,7 +103,7 @@ class Scheduler:
     async def close(self) -> None:
         """Stop handing out batches and wait for the thread worker's batch; waiting jobs are cancelled (the
         database keeps them). Worker processes are closed by whoever started them."""
-        unfinished = [*self._in_flight(), *self._iter_waiting()]
+        unfinished = [*self._in_flight(), *self._line]
         for task in self._slots:
             task.cancel()
         for task in self._slots:
@@ -186,7 +115,7 @@ class Scheduler:
         for ticket in unfinished:
             if not ticket.result.done():
                 ticket.result.cancel()
-        self._waiting.clear()
+        self._line.clear()
         self._touch()
         for worker in self._own:
             await worker.close()
@@ -209,7 +138,7 @@ class Scheduler:
                 raise QueueFull("You cannot queue images in this server (your limit is 0 jobs at once).")
             etas = [
                 eta
-                for ticket in [*self._in_flight(), *self._waiting.get(user_id, ())]
+                for ticket in [*self._in_flight(), *self._line.of(user_id)]
                 if ticket.user_id == user_id and ticket.guild_id == guild_id and (eta := self.eta(ticket.job_id))
             ]
             when = f" One should be done in about {describe_wait(min(etas))}." if etas else ""
@@ -257,7 +186,7 @@ class Scheduler:
         ticket = Ticket(
             job_id=job_id, user_id=user_id, guild_id=guild_id, specs=tuple(specs), result=loop.create_future()
         )
-        self._waiting.setdefault(user_id, collections.deque()).append(ticket)
+        self._line.append(ticket)
         self._touch()
         self._wakeup.set()
         return ticket
@@ -265,7 +194,7 @@ class Scheduler:
     def jobs_of(self, *, user_id: int, guild_id: int | None) -> int:
         """Return a user's jobs in a server that wait, render, or are being stored."""
         return (
-            sum(ticket.guild_id == guild_id for ticket in self._waiting.get(user_id, ()))
+            sum(ticket.guild_id == guild_id for ticket in self._line.of(user_id))
             + sum(ticket.user_id == user_id and ticket.guild_id == guild_id for ticket in self._in_flight())
             + sum(place.guild_id == guild_id for place in self._places.get(user_id, ()))
         )
@@ -276,16 +205,12 @@ class Scheduler:
         Returns False if it was waiting, True if it was rendering (its images will be dropped, and the batch stops
         if no job in it still wants its images), and None if the scheduler does not hold it.
         """
-        for user_id, tickets in self._waiting.items():
-            for ticket in tickets:
-                if ticket.job_id == job_id:
-                    tickets.remove(ticket)
-                    if not tickets:
-                        del self._waiting[user_id]
-                    if not ticket.result.done():
-                        ticket.result.set_exception(JobCancelled(reason))
-                    self._touch()
-                    return False
+        ticket = self._line.remove(job_id)
+        if ticket is not None:
+            if not ticket.result.done():
+                ticket.result.set_exception(JobCancelled(reason))
+            self._touch()
+            return False
         found = False
         for running in self._running:
             for ticket in running.tickets:
@@ -309,8 +234,7 @@ class Scheduler:
         self._paused.add(guild_id)
         for running in self._running:
             if running.started is None and any(ticket.guild_id == guild_id for ticket in running.tickets):
-                running.taken_back = True
-                running.call.stop()
+                running.take_back()
         self._touch()
 
     def resume(self, guild_id: int) -> None:
@@ -342,7 +266,7 @@ class Scheduler:
     @property
     def pending(self) -> int:
         """Jobs waiting, counting those next on a worker but not those rendering."""
-        return sum(len(tickets) for tickets in self._waiting.values()) + len(self._next())
+        return len(self._line) + len(self._next())
 
     @property
     def running(self) -> list[Ticket]:
@@ -365,7 +289,7 @@ class Scheduler:
 
     def waiting(self, guild_id: int | None = None) -> list[Ticket]:
         """Return the waiting jobs in the order they will be served, of one server or of all."""
-        return [ticket for ticket in self._line() if guild_id is None or ticket.guild_id == guild_id]
+        return [ticket for ticket in self._in_line() if guild_id is None or ticket.guild_id == guild_id]
 
     def position(self, job_id: int) -> int | None:
         """Return 0 while the job renders, its 1-based place in line while it waits, None when unknown."""
@@ -382,10 +306,10 @@ class Scheduler:
         """
         if self._index_version != self._version:
             index: dict[int, _Place] = {}
-            work: float | None = 0.0 if self._seconds_per_work is not None else None
+            work: float | None = 0.0 if self._speed.measured else None
             for place, ticket in enumerate(self._next(), 1):
                 index[ticket.job_id] = _Place(place, None)
-            for place, ticket in enumerate(self._fair_order(), len(index) + 1):
+            for place, ticket in enumerate(self._line.fair_order(), len(index) + 1):
                 if self.is_paused(ticket.guild_id) or work is None:
                     index[ticket.job_id] = _Place(place, None)
                     continue
@@ -404,7 +328,7 @@ class Scheduler:
         Each settings' seconds per image is a moving average over the batches rendered, so it includes what
         batching gains; the work ahead is shared by the workers.
         """
-        if self._seconds_per_work is None:
+        if not self._speed.measured:
             return None
         now = time.perf_counter()
         ahead = 0.0
@@ -427,7 +351,7 @@ class Scheduler:
 
     def _estimate(self, ticket: Ticket) -> float:
         """Return the seconds a job should take its worker, measured for its settings where possible."""
-        estimate = self._estimate_images(ticket.settings, len(ticket.specs))
+        estimate = self._speed.estimate(ticket.settings, len(ticket.specs))
         assert estimate is not None  # asked only once something was measured
         return estimate
 
@@ -439,51 +363,18 @@ class Scheduler:
         """Jobs a worker holds but has not started: the head of the line."""
         return [ticket for ticket in self._in_flight() if not ticket.started.is_set()]
 
-    def _line(self) -> Iterator[Ticket]:
+    def _in_line(self) -> Iterator[Ticket]:
+        """Yield every waiting job in the order it will be served, those a worker holds first."""
         yield from self._next()
-        yield from self._fair_order()
-
-    def _iter_waiting(self) -> Iterator[Ticket]:
-        for tickets in self._waiting.values():
-            yield from tickets
-
-    def _fair_order(self) -> Iterator[Ticket]:
-        """Yield waiting tickets in the order they will be served: one per user per round, in turn order."""
-        queues = [list(tickets) for tickets in self._waiting.values()]
-        for depth in range(max((len(q) for q in queues), default=0)):
-            for queue in queues:
-                if depth < len(queue):
-                    yield queue[depth]
+        yield from self._line.fair_order()
 
     def _ready(self) -> Iterator[Ticket] | None:
         """Return the waiting tickets that may start, in fair order, or None when none may."""
-        if self._draining or not self._waiting:
+        if self._draining or not self._line:
             return None
-        order = (ticket for ticket in self._fair_order() if not self.is_paused(ticket.guild_id))
+        order = (ticket for ticket in self._line.fair_order() if not self.is_paused(ticket.guild_id))
         first = next(order, None)
         return itertools.chain((first,), order) if first is not None else None
-
-    def _take_batch(self, order: Iterator[Ticket]) -> list[Ticket]:
-        """Take the next ticket in fair order and every later compatible ticket that fits beside it."""
-        first = next(order)
-        batch = [first]
-        images = len(first.specs)
-        for ticket in order:
-            if images >= self._max_batch:
-                break
-            if images + len(ticket.specs) <= self._max_batch and ticket.settings == first.settings:
-                batch.append(ticket)
-                images += len(ticket.specs)
-        for ticket in batch:
-            tickets = self._waiting[ticket.user_id]
-            tickets.remove(ticket)
-            if not tickets:
-                del self._waiting[ticket.user_id]
-        # The first user has had their turn: to the back of the line.
-        if first.user_id in self._waiting:
-            self._waiting.move_to_end(first.user_id)
-        self._touch()
-        return batch
 
     # Workers
 
@@ -494,179 +385,18 @@ class Scheduler:
             while (order := self._ready()) is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = self._take_batch(order)
+            batch = self._line.take_batch(order, self._max_batch)
+            self._touch()
             self._busy += 1
             self._idle.clear()
             try:
-                await self._run(worker, batch)
+                await self._runner.run(worker, batch)
             finally:
                 self._busy -= 1
                 if not self._busy:
                     self._idle.set()
 
-    async def _run(self, worker: Worker, batch: list[Ticket]) -> None:
-        """Render a batch and answer each of its jobs: images, a failure, or back in line if the worker died."""
-        pairs = [(ticket, spec) for ticket in batch for spec in ticket.specs]
-        try:
-            results = await self._render_split(worker, pairs)
-        except WorkerLost as error:
-            log.log(
-                logging.INFO if error.blameless else logging.WARNING,
-                "Worker %s was lost holding %d jobs (%s); they go back to the front of the queue",
-                worker.name,
-                len(batch),
-                error,
-            )
-            self._requeue(batch, blameless=error.blameless)
-            return
-        except _TakenBack:
-            log.info("Took back a batch of %d images a worker held to render next: its server paused", len(pairs))
-            self._requeue(batch, blameless=True)
-            return
-        except RenderStopped:
-            # Cancelled jobs already have their answer. A stop for shutdown leaves the others unfinished in the
-            # database, to run after the restart: their waiters see a cancellation, not a failure.
-            log.info("Stopped a batch of %d images early", len(pairs))
-            for ticket in batch:
-                if not ticket.result.done():
-                    ticket.result.cancel()
-            return
-        except BotError as error:
-            log.warning("A batch of %d images failed: %s", len(pairs), error)
-            for ticket in batch:
-                if not ticket.result.done():
-                    ticket.result.set_exception(error)
-            return
-        except Exception as error:
-            log.exception("Rendering a batch of %d images failed", len(pairs))
-            for ticket in batch:
-                if not ticket.result.done():
-                    ticket.result.set_exception(error)
-            return
-        offset = 0
-        for ticket in batch:
-            mine = results[offset : offset + len(ticket.specs)]
-            offset += len(ticket.specs)
-            if ticket.result.done():
-                continue
-            failure = next((result for result in mine if isinstance(result, BaseException)), None)
-            if failure is not None:
-                ticket.result.set_exception(failure)
-            else:
-                done = [result for result in mine if isinstance(result, tuple)]
-                ticket.renders = [rendering for _, rendering in done]
-                ticket.result.set_result([image for image, _ in done])
-
-    async def _render_split(
-        self, worker: Worker, pairs: list[tuple[Ticket, ImageSpec]]
-    ) -> list[tuple[RenderedImage, Rendering] | BaseException | None]:
-        """Render the pairs' specs; when the GPU runs out of memory, render the two halves one after the other.
-
-        An image that does not fit even alone gets its own failure; None stands for images nobody wants any more.
-        """
-        if all(ticket.result.done() for ticket, _ in pairs):
-            return [None] * len(pairs)
-        try:
-            return list(await self._render_once(worker, pairs))
-        except OutOfMemory as error:
-            if len(pairs) == 1:
-                size = f"{pairs[0][1].settings.width}x{pairs[0][1].settings.height}"
-                return [
-                    OutOfMemory(
-                        f"{error} This image does not fit in the GPU's free memory even alone: "
-                        f"try a smaller size than {size}."
-                    )
-                ]
-            middle = _middle(pairs)
-            log.warning(
-                "Out of memory with %d images on %s; rendering %d and %d",
-                len(pairs),
-                worker.name,
-                middle,
-                len(pairs) - middle,
-            )
-            first = await self._render_split(worker, pairs[:middle])
-            return first + await self._render_split(worker, pairs[middle:])
-
-    async def _render_once(
-        self, worker: Worker, pairs: list[tuple[Ticket, ImageSpec]]
-    ) -> list[tuple[RenderedImage, Rendering]]:
-        tickets = list(dict.fromkeys(ticket for ticket, _ in pairs))
-        specs = tuple(spec for _, spec in pairs)
-        settings = specs[0].settings
-        estimate = self._estimate_images(settings, len(specs))
-
-        def on_started() -> None:
-            running.started = time.perf_counter()
-            self._touch()
-            for ticket in tickets:
-                ticket.started.set()
-
-        def on_progress(step: int, total: int) -> None:
-            for ticket in tickets:
-                ticket.step = step
-                ticket.total_steps = total
-
-        running = _Running(worker, tickets, Call(specs, on_started, on_progress), estimate)
-        for ticket in tickets:
-            ticket.step = 0
-            ticket.total_steps = settings.steps
-        self._running.append(running)
-        self._touch()
-        try:
-            images = await worker.render(running.call)
-        except RenderStopped:
-            if running.taken_back:
-                raise _TakenBack from None
-            raise
-        finally:
-            self._running.remove(running)
-            self._touch()
-        if len(images) != len(specs):
-            raise RuntimeError(f"worker {worker.name} returned {len(images)} images for {len(specs)} specs")
-        now = time.perf_counter()
-        facts = running.call.facts
-        revision, dtype, who = facts.get("revision"), facts.get("dtype"), facts.get("worker")
-        name = who if isinstance(who, str) and who else worker.name
-        # A busy worker prepares and encodes around the GPU work, so what one call costs is the time since the
-        # worker last finished, when that is later than this call's start.
-        began = max(running.started or now, self._finished_at.get(name, 0.0))
-        self._finished_at[name] = now
-        self._measure(settings, len(specs), now - began)
-        log.info("Rendered %d images for %d jobs on %s in %.2f s", len(specs), len(tickets), name, now - began)
-        if self._on_batch is not None:
-            self._on_batch(Batch(tuple(ticket.job_id for ticket in tickets), len(specs), now - began, name))
-        rendering = Rendering(
-            batch_id=next(self._batch_ids),
-            batch_size=len(specs),
-            worker=name,
-            started_at=time.time() - (now - (running.started or now)),
-            seconds=now - began,
-            revision=revision if isinstance(revision, str) else None,
-            dtype=dtype if isinstance(dtype, str) else None,
-            compiled=facts.get("compiled") is True,
-        )
-        return [(image, rendering) for image in images]
-
-    def _estimate_images(self, settings: Settings, images: int) -> float | None:
-        per_image = self._seconds_per_image.get(settings)
-        if per_image is not None:
-            return per_image * images
-        if self._seconds_per_work is None:
-            return None
-        return self._seconds_per_work * images * settings.width * settings.height * settings.steps
-
-    def _measure(self, settings: Settings, images: int, seconds: float) -> None:
-        """Fold one call's time into the moving averages the estimates come from."""
-        per_image = seconds / images
-        old = self._seconds_per_image.get(settings)
-        self._seconds_per_image[settings] = per_image if old is None else _average(old, per_image)
-        per_work = per_image / (settings.width * settings.height * settings.steps)
-        old = self._seconds_per_work
-        self._seconds_per_work = per_work if old is None else _average(old, per_work)
-        self._touch()
-
-    def _requeue(self, batch: list[Ticket], *, blameless: bool = False) -> None:
+    def _requeue(self, batch: list[Ticket], blameless: bool) -> None:
         """Put a dead worker's jobs back at the front of the line, in their order; a job that keeps killing
         workers fails instead of taking the next one down. A ``blameless`` loss counts no attempt."""
         for ticket in reversed(batch):
@@ -685,18 +415,6 @@ class Scheduler:
                         continue
                 ticket.started.clear()
                 ticket.step = 0
-            self._waiting.setdefault(ticket.user_id, collections.deque()).appendleft(ticket)
-            self._waiting.move_to_end(ticket.user_id, last=False)
+            self._line.put_back(ticket)
         self._touch()
         self._wakeup.set()
-
-
-def _average(old: float, new: float) -> float:
-    return (1 - _RATE_WEIGHT) * old + _RATE_WEIGHT * new
-
-
-def _middle(pairs: list[tuple[Ticket, ImageSpec]]) -> int:
-    """Return where to split a batch in two: at the job boundary nearest the middle, else the middle."""
-    half = len(pairs) / 2
-    boundaries = [index for index in range(1, len(pairs)) if pairs[index][0] is not pairs[index - 1][0]]
-    return min(boundaries, key=lambda index: abs(index - half)) if boundaries else len(pairs) // 2
