@@ -83,9 +83,7 @@ class Moderation:
         self._rules: dict[int, GuildRules] = rules or {}
         self._blocklists: dict[int | None, Blocklist] = {}
         self._changing = asyncio.Lock()
-        for guild_id, guild in self._rules.items():
-            if guild.paused:
-                scheduler.pause(guild_id)
+        scheduler.follow_pauses(self.is_paused)  # the pauses live here; the scheduler asks
 
     @classmethod
     async def load(
@@ -120,6 +118,11 @@ class Moderation:
         if any(channel in guild.denied for channel in channels):
             return False
         return not guild.allowed or any(channel in guild.allowed for channel in channels)
+
+    def is_paused(self, guild_id: int) -> bool:
+        """Return whether a server's moderators paused its queue."""
+        guild = self._rules.get(guild_id)
+        return guild is not None and guild.paused
 
     def pause_reason(self, guild_id: int | None) -> tuple[bool, str | None]:
         if guild_id is None or guild_id not in self._rules:
@@ -290,7 +293,7 @@ class Moderation:
         )
         guild = self._edit(guild_id)
         guild.paused, guild.pause_reason = True, reason
-        self.scheduler.pause(guild_id)
+        self.scheduler.pause_changed(guild_id)
 
     @_one_at_a_time
     async def resume(self, guild_id: int, moderator_id: int) -> None:
@@ -302,7 +305,7 @@ class Moderation:
         )
         guild = self._edit(guild_id)
         guild.paused, guild.pause_reason = False, None
-        self.scheduler.resume(guild_id)
+        self.scheduler.pause_changed(guild_id)
 
     async def audit_log(self, guild_id: int, count: int = 10) -> list[AuditEntry]:
         return await self.db.audit_log(guild_id=guild_id, count=count)

@@ -73,7 +73,9 @@ class Scheduler:
         self._runner = Runner(self._speed, changed=self._touch, requeue=self._requeue, on_batch=on_batch)
         self._running = self._runner.running  # calls in flight, in the order they were handed out
         self._busy = 0  # slots between taking a batch and delivering it (an out-of-memory split spans calls)
-        self._paused: set[int] = set()
+        # Paused servers: kept here until moderation keeps them (``follow_pauses``), then asked of it.
+        self._pauses: set[int] | None = set()
+        self._paused: Callable[[int], bool] = self._pauses.__contains__
         self._draining = False
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -228,22 +230,50 @@ class Scheduler:
     def pause(self, guild_id: int) -> None:
         """Start no new batch of this server's jobs; they keep their places, and the batch on the GPU finishes.
 
-        A batch a worker holds to render next is taken back if it holds a job of this server: it has not started,
-        so its jobs go back to the head of the line (the other servers' jobs in it go out again at once).
+        For a scheduler that keeps its own pauses (the CLI, the benchmarks); the bot's are moderation's.
         """
-        self._paused.add(guild_id)
-        for running in self._running:
-            if running.started is None and any(ticket.guild_id == guild_id for ticket in running.tickets):
-                running.take_back()
-        self._touch()
+        self._own_pauses().add(guild_id)
+        self.pause_changed(guild_id)
 
     def resume(self, guild_id: int) -> None:
-        self._paused.discard(guild_id)
+        self._own_pauses().discard(guild_id)
+        self.pause_changed(guild_id)
+
+    def follow_pauses(self, paused: Callable[[int], bool]) -> None:
+        """Ask ``paused`` from now on whether a server is paused: whoever keeps the pauses (moderation) calls
+        ``pause_changed`` after each change. Batches held for servers paused already are taken back."""
+        self._pauses = None
+        self._paused = paused
+        self._take_back(self.is_paused)
         self._touch()
         self._wakeup.set()
 
+    def pause_changed(self, guild_id: int) -> None:
+        """Apply a server's pause or resume.
+
+        A batch a worker holds to render next is taken back if it holds a job of a paused server: it has not started,
+        so its jobs go back to the head of the line (the other servers' jobs in it go out again at once).
+        """
+        if self.is_paused(guild_id):
+            self._take_back(lambda other: other == guild_id)
+            self._touch()
+        else:
+            self._touch()
+            self._wakeup.set()
+
     def is_paused(self, guild_id: int | None) -> bool:
-        return guild_id is not None and guild_id in self._paused
+        return guild_id is not None and self._paused(guild_id)
+
+    def _own_pauses(self) -> set[int]:
+        if self._pauses is None:
+            raise RuntimeError("this scheduler follows moderation's pauses: pause and resume the server there")
+        return self._pauses
+
+    def _take_back(self, of: Callable[[int | None], bool]) -> None:
+        """Take back the batches workers hold to render next that hold a job of a server ``of`` names."""
+        for running in self._running:
+            if running.started is None and any(of(ticket.guild_id) for ticket in running.tickets):
+                running.take_back()
 
     def drain(self) -> None:
         """Start no new batch at all (the bot is stopping); waiting jobs stay queued in the database."""
