@@ -358,18 +358,7 @@ class ClusterPool:
             self._refused.pop(info.name, None)
             accepted.add(info.name)
             if info.name not in self._workers:
-                log.info(
-                    "Worker %s joined: device %s (%s) on %s, model %s, revision %s, %s, %d batch%s at once",
-                    info.name,
-                    info.device_name,
-                    info.device,
-                    info.host,
-                    info.model,
-                    info.revision,
-                    info.dtype,
-                    info.depth,
-                    "" if info.depth == 1 else "es",
-                )
+                log.info("Worker %s joined: %s", info.name, info.describe())
             self._workers[info.name] = info
         for name in [name for name in self._workers if name not in accepted]:
             if name in seen or now < self._grace_until:

@@ -111,6 +111,14 @@ class WorkerInfo:
     busy: int  # batches it holds now
     started_at: float
 
+    def describe(self) -> str:
+        """What the worker serves, for the log: device, host, model, revision, dtype and depth."""
+        batches = "batch" if self.depth == 1 else "batches"
+        return (
+            f"device {self.device_name} ({self.device}) on {self.host}, model {self.model}, revision {self.revision}, "
+            f"{self.dtype}, {self.depth} {batches} at once"
+        )
+
     def dump(self) -> str:
         return json.dumps(asdict(self))
 

@@ -11,6 +11,7 @@ from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.errors import JobCancelled, OutOfMemory, QueueFull, RenderFailed
 from bot.scheduler import MAX_ATTEMPTS, Scheduler
 from bot.scheduler.batches import Batch
+from tests.waiting import until
 
 GUILD = 10
 SMALL = Settings(steps=4, width=64, height=64)
@@ -349,9 +350,9 @@ async def test_two_workers_share_the_queue_and_never_render_a_job_twice() -> Non
             scheduler.submit(job_id=job, user_id=job, guild_id=GUILD, specs=specs(f"p{job}", seed=job))
             for job in range(12)
         ]
-        await asyncio.sleep(0.05)
         # Each worker holds one batch of two; the rest wait in line.
-        assert len(scheduler.running) == 4 and scheduler.pending == 8
+        await until(lambda: len(scheduler.running) == 4, within=10, what="both workers hold a batch")
+        assert scheduler.pending == 8
         for render in renders:
             render.gate.set()
         results = await asyncio.gather(*(ticket.result for ticket in tickets))
@@ -361,7 +362,8 @@ async def test_two_workers_share_the_queue_and_never_render_a_job_twice() -> Non
     rendered = sorted(spec.seed for render in renders for batch in render.batches for spec in batch)
     assert rendered == list(range(12)), "every job rendered exactly once"
     assert {batch.worker for batch in batches} == {"gpu0", "gpu1"}
-    assert all(len(render.batches) >= 2 for render in renders)
+    # Both took part (which takes the line's later batches is up to the threads, so no count is asserted).
+    assert all(render.batches for render in renders)
 
 
 async def test_estimates_are_kept_per_settings_and_shared_by_the_workers() -> None:
