@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bot.admission import MAX_SEED, Admission, Admissions, Requester, because
 from bot.config import Config, GenerationConfig, PromptsConfig
+from bot.engine.images import open_init_image
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, Refused
 from bot.jobs import Job, JobStatus, Reply
@@ -162,6 +163,8 @@ class ImageService(Admissions):
         if (request.settings.mode is Mode.IMG2IMG) != (init_image is not None):
             raise ValueError("img2img requests need their init image, and only they take one")
         try:
+            if init_image is not None:  # from a download: refused here, in one clear line, before it is stored
+                await asyncio.to_thread(open_init_image, init_image)
             job = await self.db.create_job(
                 kind=request.kind,
                 user_id=request.user_id,

@@ -24,7 +24,7 @@ from typing import Any, Self
 from redis.typing import EncodableT, FieldT
 
 from bot.cluster.broker import Backoff, Outage, connect, create_group, end, entries, kept, redacted, unreachable_errors
-from bot.cluster.wire import BotInfo, Keys, WorkerInfo, exact_revision, pack, unpack
+from bot.cluster.wire import BotInfo, Keys, WorkerInfo, exact_revision, pack, shown, unpack
 from bot.config import ClusterConfig
 from bot.engine.executor import BatchEvent, Call, RenderStopped, WorkerLost, answer
 from bot.engine.protocol import RenderBatch, Rendered, Started
@@ -468,7 +468,7 @@ class ClusterPool:
         if not isinstance(message, BatchEvent):
             log.warning("Dropped a %s message from the cluster: only batch events belong there", type(message).__name__)
             return
-        worker = plain.get("worker", "")
+        worker = shown(plain.get("worker", ""))  # named as its heartbeat names it (WorkerInfo.load)
         flight = self._flights.get(message.batch_id)
         if flight is None or flight.future.done():
             log.debug(

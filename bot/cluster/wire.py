@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 GROUP = "workers"  # the consumer group of the batches stream
 _BLOB = "$blob"
+SHOWN_LENGTH = 64  # characters of a worker's text (name, host, device) kept for logs and /queue
+_SAFE = frozenset(" .:,+-()/")
 _EXACT_REVISION = re.compile(r"[0-9a-f]{40}|sha256:[0-9a-f]{64}")
 
 
@@ -124,15 +126,16 @@ class WorkerInfo:
 
     @classmethod
     def load(cls, text: str | bytes) -> WorkerInfo:
+        """Read a heartbeat; its text is made safe to log and show (``shown``), as a worker may be hostile."""
         data = json.loads(text)
         return cls(
-            name=str(data["name"]),
-            host=str(data["host"]),
-            device=str(data["device"]),
-            device_name=str(data["device_name"]),
-            model=str(data["model"]),
+            name=shown(str(data["name"])),
+            host=shown(str(data["host"])),
+            device=shown(str(data["device"])),
+            device_name=shown(str(data["device_name"])),
+            model=shown(str(data["model"])),
             revision=data["revision"],
-            dtype=str(data["dtype"]),
+            dtype=shown(str(data["dtype"])),
             depth=int(data["depth"]),
             busy=int(data["busy"]),
             started_at=float(data["started_at"]),
@@ -182,6 +185,15 @@ def unpack(fields: Mapping[bytes, bytes] | Mapping[str, bytes]) -> tuple[Message
     message = decode(restore(data))
     plain = {key: value.decode() for key, value in raw.items() if key != "data" and not _is_blob(key)}
     return message, plain
+
+
+def shown(text: str) -> str:
+    """Return a worker's text made safe for logs and Discord: at most 64 characters, letters, digits and ``.:,+-()/``
+    with single spaces; any other character (markdown, mentions, newlines) becomes ``-``, and so does a link's
+    ``//`` (Discord would make ``https://…`` a link)."""
+    safe = "".join(char if char.isalnum() or char in _SAFE else "-" for char in " ".join(text.split()))
+    safe = safe.replace("://", ":--")
+    return safe if len(safe) <= SHOWN_LENGTH else safe[: SHOWN_LENGTH - 1] + "…"
 
 
 def exact_revision(revision: str) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import io
 import logging
 import os
 import time
@@ -26,10 +25,11 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import CLIPTokenizer
 
-from bot.engine.loading import DTYPES, SCHEDULERS, Modules, configure, first_line, load_pipeline, quiet_libraries
+from bot.engine.images import BadImage, open_init_image
+from bot.engine.loading import DTYPES, SCHEDULERS, Modules, configure, load_pipeline, quiet_libraries
 from bot.engine.png import encode_png
 from bot.engine.revision import folder_revision, snapshot_revision
 from bot.engine.types import EngineOptions, ImageSpec, Mode, RenderedImage, Settings
@@ -45,10 +45,9 @@ def _init_image(spec: ImageSpec, index: int) -> Image.Image:
     """Decode an img2img init image, as RGB at the requested size."""
     assert spec.init_image is not None  # ImageSpec guarantees it for img2img
     try:
-        image = Image.open(io.BytesIO(spec.init_image))
-        image.load()
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"specs[{index}].init_image is not a readable image: {first_line(error)}") from error
+        image = open_init_image(spec.init_image)
+    except BadImage as error:
+        raise ValueError(f"specs[{index}].init_image is not a readable image: {error}") from error
     size = (spec.settings.width, spec.settings.height)
     return image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import os
 import stat
 import threading
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from bot.admission import Admission, InvalidRequest, Requester
 from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig
@@ -162,7 +164,9 @@ async def test_variation_is_img2img_from_the_image(service: ImageService) -> Non
     assert request.settings.mode is Mode.IMG2IMG and request.settings.strength == GENERATION.variation_strength
     with pytest.raises(ValueError, match="init image"):
         await service.enqueue(admission)
-    queued = await service.enqueue(admission, init_image=b"png")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    queued = await service.enqueue(admission, init_image=buffer.getvalue())
     (image,) = await finish(service, queued)
     assert image.png.endswith(b"img2img")
 
