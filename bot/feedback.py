@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import json
+import logging
 import os
-import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,12 +22,17 @@ from bot.storage import FEEDBACK_SCHEMA, Database
 if TYPE_CHECKING:
     import pyarrow
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_INSTALL = 'pip install -e ".[export]" in the sygil-bot checkout'
 # Records handled at a time (image files copied, lines written) and images per Parquet row group: what is held in
 # memory at once, whatever the number of images.
 CHUNK = 500
 ROW_GROUP = 5_000
+# A CSV cell starting with one of these is a formula to a spreadsheet (``=HYPERLINK(...)`` in a prompt): such text is
+# written with a leading ``'``, which spreadsheets read as "this is text".
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 # One record per image; the order of the CSV columns.
 FIELDS: tuple[str, ...] = (
     "job_id",
@@ -77,6 +84,7 @@ class Exported:
     copied: int = 0  # PNGs put in the images folder
     not_kept: int = 0  # records with no PNG to copy: storage.keep_images was off, or the file is gone
     withheld: int = 0  # PNGs not copied because their requester deleted them
+    refused: int = 0  # recorded files not copied: outside the images folder, or not a regular file
 
 
 def record(row: dict[str, Any]) -> dict[str, Any]:
@@ -173,13 +181,27 @@ class _Jsonl:
         pass
 
 
+def _text_cell(value: object) -> object:
+    """Return a CSV cell's value, text that a spreadsheet would take for a formula prefixed with ``'``.
+
+    Only text is changed (prompts, tags, and the names a worker or the database gave): numbers the export writes
+    (seeds, votes, times) stay numbers.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 class _Csv:
     def __init__(self, out: IO[str]) -> None:
         self._writer = csv.DictWriter(out, fieldnames=FIELDS)
         self._writer.writeheader()
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        self._writer.writerows({**item, "tags": "|".join(item["tags"])} for item in records)
+        self._writer.writerows(
+            {name: _text_cell(value) for name, value in {**item, "tags": "|".join(item["tags"])}.items()}
+            for item in records
+        )
 
     def close(self) -> None:
         pass
@@ -226,12 +248,16 @@ def _sink(format: str, out: IO[Any]) -> _Sink:
 
 
 class _Images:
-    """Put each exported image's kept PNG in ``folder`` as ``<job_id>-<index>.png``, and name it in its record."""
+    """Put each exported image's kept PNG in ``folder`` as ``<job_id>-<index>.png``, and name it in its record.
+
+    Only regular files that lie in the images folder beside the database are taken: the database names the files,
+    and whoever can write it (or the folder) must not make the export copy ``/etc/shadow`` or follow a link there.
+    """
 
     def __init__(self, folder: Path, *, storage: Path) -> None:
         self.folder = folder
-        self.storage = storage  # the database's folder: storage.keep_images writes under its images/
-        self.copied = self.not_kept = self.withheld = 0
+        self.images = storage / "images"  # where storage.keep_images writes
+        self.copied = self.not_kept = self.withheld = self.refused = 0
 
     def take(self, records: list[dict[str, Any]]) -> None:
         for item in records:
@@ -242,32 +268,76 @@ class _Images:
             # Its requester deleted it: the record (and its vote) stays for the statistics, the pixels do not go on.
             self.withheld += 1
             return None
-        source = self._find(item["file"])
-        if source is None:
+        file: str | None = item["file"]
+        if not file:
             self.not_kept += 1
             return None
-        name = f"{item['job_id']}-{item['index']}.png"
-        target = self.folder / name
-        target.unlink(missing_ok=True)  # from an earlier export into the same folder
+        image = f"{item['job_id']}-{item['index']}"
+        source = self._find(file)
+        if source is None:
+            self.refused += 1
+            log.warning("image %s not copied: its file %r lies outside %s", image, file, self.images)
+            return None
         try:
-            os.link(source, target)  # no copy when both are on one file system
-        except OSError:
-            shutil.copyfile(source, target)
+            # Not a link (O_NOFOLLOW), and never blocking on a FIFO planted in its place (O_NONBLOCK).
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            self.not_kept += 1
+            return None
+        except OSError as error:
+            self.refused += 1  # names are logged with repr: a newline in one cannot forge a log line
+            why = "is a symbolic link" if error.errno == errno.ELOOP else f"cannot be read ({error.strerror})"
+            log.warning("image %s not copied: %r %s", image, str(source), why)
+            return None
+        with os.fdopen(fd, "rb") as opened:
+            if not stat.S_ISREG(os.fstat(opened.fileno()).st_mode):
+                self.refused += 1
+                log.warning("image %s not copied: %r is not a regular file", image, str(source))
+                return None
+            name = f"{image}.png"
+            self._put(source, opened, self.folder / name)
         self.copied += 1
         return name
 
-    def _find(self, file: str | None) -> Path | None:
-        """Return the kept PNG: where its row says, else by name in the images folder beside the database.
+    def _find(self, file: str) -> Path | None:
+        """Return where the kept PNG must be, in the images folder; None when the row names a file outside it.
 
         The row holds the path the bot wrote, relative to the bot's working folder when storage.path is relative;
-        the storage folder may also have moved since (another mount of a container's volume).
+        the storage folder may also have moved since (another mount of a container's volume), so a file named
+        elsewhere is looked for by name in the images folder.
         """
-        if not file:
+        recorded = Path(file)
+        if recorded.name in ("", ".", ".."):
             return None
-        for path in (Path(file), self.storage / "images" / Path(file).name):
-            if path.is_file():
-                return path
-        return None
+        images = self.images.resolve()
+        if recorded.parent.resolve().is_relative_to(images):  # the last part is checked when opened (no links)
+            return recorded
+        by_name = self.images / recorded.name
+        return by_name if os.path.lexists(by_name) else None
+
+    def _put(self, source: Path, opened: IO[bytes], target: Path) -> None:
+        """Link ``source`` (the file open as ``opened``) to ``target``, else copy it there through a new .part file."""
+        target.unlink(missing_ok=True)  # from an earlier export into the same folder
+        checked = os.fstat(opened.fileno())
+        try:
+            os.link(source, target)  # no copy when both are on one file system
+        except OSError:
+            pass
+        else:
+            linked = target.stat(follow_symlinks=False)
+            if (linked.st_dev, linked.st_ino) == (checked.st_dev, checked.st_ino):
+                return
+            target.unlink()  # the source was swapped after it was checked: copy what was opened instead
+        partial = target.with_name(target.name + ".part")
+        partial.unlink(missing_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while block := opened.read(1 << 20):
+                    out.write(block)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 async def export(
@@ -324,7 +394,9 @@ async def export(
     sink.close()
     if keep is None:
         return Exported(images=count)
-    return Exported(images=count, copied=keep.copied, not_kept=keep.not_kept, withheld=keep.withheld)
+    return Exported(
+        images=count, copied=keep.copied, not_kept=keep.not_kept, withheld=keep.withheld, refused=keep.refused
+    )
 
 
 class ProgressBar:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,8 +93,11 @@ def _export_feedback(args: argparse.Namespace) -> int:
         else:
             # Written beside and renamed when done: a failed or interrupted export leaves no half file behind.
             partial = args.out.with_name(args.out.name + ".part")
+            partial.unlink(missing_ok=True)  # left by a killed export; a link planted there goes, not its target
             try:
-                opened = partial.open("wb") if fmt == "parquet" else partial.open("w", encoding="utf-8", newline="")
+                # A new file of this user only (O_EXCL: never one that appeared meanwhile, nor a link's target).
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                opened = os.fdopen(fd, "wb") if fmt == "parquet" else os.fdopen(fd, "w", encoding="utf-8", newline="")
                 with opened as out:
                     exported = asyncio.run(run(out))
                 partial.replace(args.out)
@@ -109,5 +113,7 @@ def _export_feedback(args: argparse.Namespace) -> int:
             summary += f", {exported.not_kept} not kept (storage.keep_images was off, or the file is gone)"
         if exported.withheld:
             summary += f", {exported.withheld} left out: deleted by their requester"
+        if exported.refused:
+            summary += f", {exported.refused} refused: not a regular file in the images folder (see the warnings)"
     print(summary, file=sys.stderr)
     return 0
