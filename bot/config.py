@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bot.cluster.broker import parse as parse_broker
+from bot.cluster.wire import valid_name
 from bot.engine.types import ATTENTIONS, EngineOptions
 from bot.errors import ConfigError
 
@@ -117,7 +118,10 @@ class ClusterConfig:
     prefix: str = "sygil"  # every Redis key starts with this: one Redis can serve several bots
     lease: float = 30.0  # seconds a batch stays with a worker that stopped renewing it before another takes it
     heartbeat: float = 2.0  # seconds between announcements; one missing three of them is gone
-    name: str = ""  # this worker's name in logs and /queue; empty: host name and process id (each device adds its own)
+    name: str = ""  # this worker's name (its Redis user's); empty: the broker URL's user, else host name and process id
+    max_image_mib: float = 8.0  # the bot refuses a rendered PNG larger than this from a worker
+    seconds_per_step: float = 2.0  # a batch's deadline: this many seconds per step and megapixel, plus the lease
+    strikes: int = 3  # bad results or missed deadlines in a row after which the bot refuses a worker
 
     @property
     def enabled(self) -> bool:
@@ -286,6 +290,15 @@ def _cluster(cluster: ClusterConfig, environ: Mapping[str, str], source: str) ->
         raise ConfigError(f"{source}: cluster.lease and cluster.heartbeat: must be more than 0 seconds")
     if cluster.lease < 3 * cluster.heartbeat:
         raise ConfigError(f"{source}: cluster.lease: must be at least three heartbeats ({3 * cluster.heartbeat:g} s)")
+    if cluster.max_image_mib <= 0 or cluster.seconds_per_step <= 0:
+        raise ConfigError(f"{source}: cluster.max_image_mib and cluster.seconds_per_step: must be more than 0")
+    if cluster.strikes < 1:
+        raise ConfigError(f"{source}: cluster.strikes: must be at least 1, got {cluster.strikes}")
+    if cluster.name and not valid_name(cluster.name):
+        raise ConfigError(
+            f"{source}: cluster.name: 1 to 48 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(it names the worker's Redis keys and user)"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cluster.prefix):
         raise ConfigError(f"{source}: cluster.prefix: letters, digits, '_', '.' and '-' only")
     return replace(cluster, broker=broker)
