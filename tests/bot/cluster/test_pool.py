@@ -255,7 +255,10 @@ async def test_batches_go_out_only_while_a_worker_has_room(
             await eventually(lambda: broker.xlen(KEYS.events("gpu-b", session)) == 0)  # read events are deleted
         await eventually(lambda: not pool.workers, within=3)
     log = caplog.text
-    assert "Worker gpu-b/cuda:0 joined: device NVIDIA H200 (cuda:0) on host-b, model Sygil/Sygil-Diffusion, revision " in log
+    assert (
+        "Worker gpu-b/cuda:0 joined: device NVIDIA H200 (cuda:0) on host-b, model Sygil/Sygil-Diffusion, revision "
+        in log
+    )
     assert "Worker gpu-b/cuda:0 left: its heartbeat stopped (device NVIDIA H200 on host-b)" in log
 
 
