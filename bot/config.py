@@ -79,6 +79,7 @@ class QueueConfig:
     max_per_user: int = 3
     images_per_hour: int = 60
     shutdown_grace: float = 30.0
+    server_share: float = 0.5  # of max_queue, the most jobs one server (DMs count as one) holds at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,10 @@ class EngineConfig:
 class ModerationConfig:
     # Role ids (numbers) or role names (text) whose members may use /mod besides those with Manage Server.
     roles: tuple[int | str, ...] = ()
+    # The most a moderator may grant (/mod limits set), and the most a stored override gives, whatever it says;
+    # never below the config's own default (queue.images_per_hour, queue.max_per_user).
+    max_images_per_hour: int = 600
+    max_queued: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +476,16 @@ def _check(config: Config, source: str) -> None:
         fail("queue.images_per_hour", f"must not be negative (0 lets nobody generate), got {queue.images_per_hour}")
     if not 0 < queue.shutdown_grace <= 3600:
         fail("queue.shutdown_grace", f"must be between 0 and 3600 seconds, got {queue.shutdown_grace}")
+    if not 0 < queue.server_share <= 1:
+        fail(
+            "queue.server_share", f"must be more than 0 and at most 1 (a share of max_queue), got {queue.server_share}"
+        )
+    for key, cap in (
+        ("moderation.max_images_per_hour", config.moderation.max_images_per_hour),
+        ("moderation.max_queued", config.moderation.max_queued),
+    ):
+        if cap < 1:
+            fail(key, f"must be at least 1, got {cap}")
     engine = config.engine
     if engine.attention not in ATTENTIONS:
         fail("engine.attention", f"must be one of {', '.join(ATTENTIONS)}, got {engine.attention!r}")

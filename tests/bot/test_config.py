@@ -28,6 +28,8 @@ def test_example_config_loads_with_defaults() -> None:
     assert config.generation.size("512x768") == (512, 768)
     assert (config.queue.max_per_user, config.queue.images_per_hour, config.queue.shutdown_grace) == (3, 60, 30.0)
     assert config.moderation.roles == ()
+    assert config.queue.server_share == 0.5
+    assert (config.moderation.max_images_per_hour, config.moderation.max_queued) == (600, 32)
     assert config.stats.min_votes == 3
     assert config.engine_options() == EngineOptions(warmup_batches=(1, 2, 4, 8), warmup_sizes=((512, 512),))
 
@@ -133,6 +135,11 @@ def test_settings_are_read(tmp_path: Path) -> None:
         ("[queue]\nimages_per_hour = -1", "queue.images_per_hour: must not be negative"),
         ("[queue]\nshutdown_grace = 0", "queue.shutdown_grace: must be between 0 and 3600"),
         ("[moderation]\nroles = 'mods'", "moderation.roles: must be a list of role ids or names"),
+        ("[queue]\nserver_share = 0", "queue.server_share: must be more than 0 and at most 1 (a share of max_queue)"),
+        ("[queue]\nserver_share = 1.5", "queue.server_share: must be more than 0 and at most 1"),
+        ("[queue]\nserver_share = 'half'", "queue.server_share: must be a number"),
+        ("[moderation]\nmax_images_per_hour = 0", "moderation.max_images_per_hour: must be at least 1, got 0"),
+        ("[moderation]\nmax_queued = 'many'", "moderation.max_queued: must be a whole number"),
         ("[moderation]\nroles = [true]", "moderation.roles: each role must be a role id"),
         ("[engine]\nattention = 'flash'", "engine.attention: must be one of sdpa, xformers, slicing"),
         ("[stats]\nmin_votes = 0", "stats.min_votes: must be at least 1"),

@@ -49,7 +49,10 @@ class Harness:
     database: Path
     render: GatedRender
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(blocklist=("forbidden",)))
-    queue: QueueConfig = field(default_factory=lambda: QueueConfig(max_queue=8, max_batch=8, max_per_user=3))
+    # The fake has one guild: the whole queue is its share.
+    queue: QueueConfig = field(
+        default_factory=lambda: QueueConfig(max_queue=8, max_batch=8, max_per_user=3, server_share=1.0)
+    )
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
 
     @contextlib.asynccontextmanager
@@ -74,7 +77,12 @@ class Harness:
         async with (
             await Database.open(self.database) as db,
             contextlib.AsyncExitStack() as stack,  # closes the worker after the scheduler stops handing it batches
-            Scheduler(workers=[worker], max_batch=self.queue.max_batch, max_queue=self.queue.max_queue) as scheduler,
+            Scheduler(
+                workers=[worker],
+                max_batch=self.queue.max_batch,
+                max_queue=self.queue.max_queue,
+                server_share=self.queue.server_share,
+            ) as scheduler,
         ):
             stack.push_async_callback(worker.close)
             service = await open_service(
