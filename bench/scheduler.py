@@ -102,9 +102,7 @@ class SleepRender:
         seconds = self.batch_cost + self.image_cost * len(specs)
         if seconds > 0:
             time.sleep(seconds)
-        return [
-            RenderedImage(png=png_of(spec.settings.width, spec.settings.height), seed=spec.seed) for spec in specs
-        ]
+        return [RenderedImage(png=png_of(spec.settings.width, spec.settings.height), seed=spec.seed) for spec in specs]
 
 
 class GatedRender(SleepRender):

@@ -213,3 +213,24 @@ def test_devices_start_one_worker_each_and_the_older_spelling_still_works(tmp_pa
 def test_bad_devices_are_named(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.load(write(tmp_path, f"[model]\n{text}\n"), environ=ENV)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('name = "gpu/a"', "cluster.name: 1 to 48 letters"),
+        ('name = "a:b"', "cluster.name: 1 to 48 letters"),
+        ("strikes = 0", "cluster.strikes: must be at least 1"),
+        ("max_image_mib = 0", "cluster.max_image_mib and cluster.seconds_per_step: must be more than 0"),
+        ("seconds_per_step = -1", "cluster.max_image_mib and cluster.seconds_per_step: must be more than 0"),
+    ],
+)
+def test_cluster_trust_settings_are_checked(tmp_path: Path, section: str, message: str) -> None:
+    path = write(tmp_path, f'[cluster]\nbroker = "redis://127.0.0.1:6379/0"\n{section}\n')
+    with pytest.raises(ConfigError, match=message):
+        Config.load(path, environ={"DISCORD_TOKEN": "t"})
+
+
+def test_the_cluster_trust_settings_default_to_what_the_example_says() -> None:
+    cluster = Config.load(Path("config.example.toml"), environ={"DISCORD_TOKEN": "t"}).cluster
+    assert (cluster.max_image_mib, cluster.seconds_per_step, cluster.strikes) == (8.0, 2.0, 3)
