@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from PIL import Image
 
 from bot.client import SygilBot
-from bot.config import Config, DiscordConfig, GenerationConfig, QueueConfig
+from bot.config import Config, GenerationConfig, QueueConfig
 from bot.engine.executor import Progress
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.prompts import load_tokenizer
@@ -334,12 +334,7 @@ async def acknowledgement(args: argparse.Namespace) -> dict[str, Any]:
         async with FakeDiscord() as server:
             config = Config(
                 token=server.token,
-                discord=DiscordConfig(
-                    api_base_url=server.api_base_url,
-                    gateway_url=server.gateway_url,
-                    guild_ids=(server.guild_id,),
-                    guild_ready_timeout=0.1,
-                ),
+                discord=server.bot_settings(),
                 generation=GenerationConfig(),
                 queue=queue,
             )

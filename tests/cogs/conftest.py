@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bot.client import SygilBot
-from bot.config import Config, DiscordConfig, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
+from bot.config import Config, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
 from bot.engine import Engine
 from bot.engine.executor import Progress, ThreadWorker
 from bot.engine.types import ImageSpec, RenderedImage
@@ -60,12 +60,7 @@ class Harness:
         """Start a fresh bot process-alike (new client, scheduler and connection, same database file)."""
         config = Config(
             token=self.server.token,
-            discord=DiscordConfig(
-                api_base_url=self.server.api_base_url,
-                gateway_url=self.server.gateway_url,
-                guild_ids=(self.server.guild_id,),
-                guild_ready_timeout=0.1,
-            ),
+            discord=self.server.bot_settings(),
             generation=GENERATION,
             prompts=self.prompts,
             queue=self.queue,

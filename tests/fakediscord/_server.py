@@ -21,6 +21,8 @@ from typing import Any, Self, TypeVar, cast
 
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from bot.config import DiscordConfig
+
 from ._models import (
     EPHEMERAL,
     LOADING,
@@ -261,6 +263,15 @@ class FakeDiscord:
     def gateway_url(self) -> str:
         """Return the value (as ``yarl.URL``) for ``discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY``."""
         return f"ws://127.0.0.1:{self._port}/"
+
+    def bot_settings(self) -> DiscordConfig:
+        """Return the bot's ``[discord]`` settings for this server: its URLs, its one guild, no wait for more."""
+        return DiscordConfig(
+            api_base_url=self.api_base_url,
+            gateway_url=self.gateway_url,
+            guild_ids=(self.guild_id,),
+            guild_ready_timeout=0.1,
+        )
 
     # -- the guild
 

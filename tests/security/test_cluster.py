@@ -30,7 +30,7 @@ from bot.cluster.broker import connect
 from bot.cluster.pool import ClusterPool
 from bot.cluster.remote import Executor, Served, WorkerHost
 from bot.cluster.wire import GROUP, BotInfo, Keys, pack, unpack
-from bot.config import ClusterConfig, Config, DiscordConfig, GenerationConfig, QueueConfig
+from bot.config import ClusterConfig, Config, GenerationConfig, QueueConfig
 from bot.engine.executor import ThreadWorker
 from bot.engine.protocol import Failed, FailureKind, Message, RenderBatch, Rendered, Started
 from bot.engine.types import ImageSpec, RenderedImage, Settings
@@ -130,6 +130,7 @@ class Mallory:
 
     def __init__(self, url: str) -> None:
         self.redis = connect(url)
+        self.session = ""  # the bot's, once known
 
     async def beat(self, **changes: Any) -> None:
         info = {
@@ -215,12 +216,7 @@ async def discord_bot(
     """The bot in the cluster mode, talking to the fake Discord: what ``sygil-bot run`` assembles."""
     settings = Config(
         token=server.token,
-        discord=DiscordConfig(
-            api_base_url=server.api_base_url,
-            gateway_url=server.gateway_url,
-            guild_ids=(server.guild_id,),
-            guild_ready_timeout=0.1,
-        ),
+        discord=server.bot_settings(),
         generation=GenerationConfig(default_steps=3, max_steps=8, sizes=("64x64",), max_count=2),
         queue=QueueConfig(max_queue=8, max_batch=1, max_per_user=3, server_share=1.0),
         cluster=config(url),
@@ -405,14 +401,23 @@ async def test_a_worker_that_takes_batches_and_never_finishes_loses_them_and_is_
     assert "held batch 1 past its deadline" in caplog.text or "held batch 2 past its deadline" in caplog.text
 
 
-async def test_a_batch_that_stops_three_workers_fails_with_a_message(cluster: Cluster) -> None:
-    admin = cluster.server.client()
+@contextlib.asynccontextmanager
+async def mallory_holds(cluster: Cluster, prompt: str) -> AsyncIterator[tuple[Mallory, Ticket, RenderBatch, str]]:
+    """The bot with Mallory as its only worker, holding the batch of one job: yield her, the job, its batch and its
+    nonce (which she read with it)."""
     async with bot_side(cluster.bot_url) as (pool, scheduler), mallory(cluster.mallory_url) as attacker:
         await attacker.beat()
         await until(lambda: bool(pool.workers))
-        ticket = submit(scheduler, 1, "crash")
-        entry_id, batch, plain = await attacker.take()
-        await attacker.event(pool.session, Started(batch.batch_id), plain["nonce"])
+        ticket = submit(scheduler, 1, prompt)
+        _, batch, plain = await attacker.take()
+        attacker.session = pool.session
+        yield attacker, ticket, batch, plain["nonce"]
+
+
+async def test_a_batch_that_stops_three_workers_fails_with_a_message(cluster: Cluster) -> None:
+    admin = cluster.server.client()
+    async with mallory_holds(cluster, "crash") as (attacker, ticket, batch, nonce):
+        await attacker.event(attacker.session, Started(batch.batch_id), nonce)
         await until(ticket.started.is_set, what="started")
         # Each worker holding it dies, and the next takes it over after the lease (XAUTOCLAIM counts a delivery).
         for device in ("cuda:1", "cuda:2", "cuda:3"):
@@ -422,7 +427,6 @@ async def test_a_batch_that_stops_three_workers_fails_with_a_message(cluster: Cl
         with pytest.raises(RenderFailed, match="stopped GPU workers 3 times, so it was given up"):
             await result(ticket)
         assert admin.xlen(KEYS.batches) == 0, "its entry is deleted: it circles no more"
-        assert entry_id
 
 
 async def test_a_claimed_start_time_does_not_win_a_branch_pin(cluster: Cluster) -> None:
@@ -439,19 +443,15 @@ async def test_only_the_holder_with_the_nonce_may_answer(cluster: Cluster, caplo
     """The pool alone: an event for a batch counts only from the worker whose consumer holds it, with its nonce."""
     caplog.set_level(logging.INFO, logger="bot")
     admin = cluster.server.client()
-    async with bot_side(cluster.bot_url) as (pool, scheduler), mallory(cluster.mallory_url) as attacker:
-        await attacker.beat()
-        await until(lambda: bool(pool.workers))
-        ticket = submit(scheduler, 1, "a")
-        entry_id, batch, plain = await attacker.take()
+    async with mallory_holds(cluster, "a") as (attacker, ticket, batch, nonce):
+        session = attacker.session
         good = Rendered(batch.batch_id, (RenderedImage(honest_png(batch.specs[0]), 99),), 0.1)
         # Her own stream but another consumer's name; the right consumer but a wrong nonce: both dropped.
-        await attacker.send(pool.session, {**pack(good, worker="honest/cuda:0", nonce=plain["nonce"])})
-        await attacker.event(pool.session, good, nonce="f" * 32)
+        await attacker.send(session, {**pack(good, worker="honest/cuda:0", nonce=nonce)})
+        await attacker.event(session, good, nonce="f" * 32)
         await asyncio.sleep(5 * HEARTBEAT)
         assert not ticket.result.done()
-        await attacker.event(pool.session, good, nonce=plain["nonce"])
+        await attacker.event(session, good, nonce=nonce)
         images = await result(ticket)
         assert images[0].seed == 1, "the seed is the bot's, not what the worker says"
         await until(lambda: admin.xlen(KEYS.batches) == 0, what="the bot acknowledged and deleted the entry")
-        assert entry_id
