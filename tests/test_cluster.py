@@ -148,7 +148,7 @@ async def test_two_workers_serve_everyone_a_killed_ones_batch_goes_to_the_other_
         third = [await request for request in imagine("third", 2)]
         await holds.wait("third")
         redis_server.stop()
-        await logged(log, "is unreachable (")  # the bot notices at its next read of the events (every 50 ms)
+        await logged(log, "is unreachable (")  # the bot notices at its next read of the events (10 to 100 ms)
         during = [await server.slash("imagine", {"prompt": f"species:cat, {n}"}, user_id=users[n]) for n in range(2)]
         for interaction in during:
             assert (await interaction.wait_response())["type"] == 5

@@ -55,7 +55,9 @@ MAX_DEPTH = 2  # batches one device of a worker is given at once, whatever depth
 MAX_DEVICES = 8  # devices (consumers) counted per worker
 MAX_CRASHES = 3  # times a started batch may be taken over from a worker that died holding it
 _BROKEN = unreachable_errors()
-_POLL_SECONDS = 0.05  # between two reads of the events streams when the last found nothing
+# Between two reads of the workers' events streams that found nothing: with batches out, and with none. Not a
+# blocking XREAD: that would hand the bot whatever a worker wrote, however large (``guard.Reader`` caps it).
+_POLL_SECONDS = (0.005, 0.1)
 _READ_COUNT = 100
 _KNOWN_SECONDS = 600.0  # a worker's events stream is read this long after its last heartbeat
 _MAX_BEATS = 1000  # heartbeat keys read per scan
@@ -525,7 +527,7 @@ class ClusterPool:
             owners = {self._keys.events(worker, self.session): worker for worker in sorted(self._known)}
             found = await kept(self._reader.events(list(owners), count=_READ_COUNT))
             if not any(found.values()) and all(entries is not None for entries in found.values()):
-                await asyncio.sleep(_POLL_SECONDS)
+                await asyncio.sleep(_POLL_SECONDS[0] if self._flights else _POLL_SECONDS[1])
                 continue
             events: list[tuple[str, BatchEvent, dict[str, str]]] = []
             async with self._redis.pipeline(transaction=False) as pipe:
