@@ -50,7 +50,7 @@ def never(specs: Sequence[ImageSpec], progress: Progress | None = None, /) -> li
 async def moderated(service: ImageService, users: int) -> None:
     """Put a busy server's rules in place: overrides for roles and users, blocked terms, bans, channel rules."""
     moderation = service.moderation
-    await moderation.set_limits(GUILD, MODERATOR, server_target(GUILD), Limits(images_per_hour=10**6))
+    await moderation.set_limits(GUILD, MODERATOR, server_target(GUILD), Limits(images_per_hour=600))  # the config cap
     for role in ROLES:
         await moderation.set_limits(GUILD, MODERATOR, Target(Scope.ROLE, role), Limits(max_steps=40 + role % 10))
     for user in range(0, users, 3):

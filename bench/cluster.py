@@ -11,7 +11,7 @@ free), so the figures are the cluster's, not a model's.
    linear when the broker is not the bottleneck) and the cluster's share of the direct figure.
 2. Overhead per batch: ``--batches`` one-image jobs, one after another, through one worker whose render costs
    nothing, through the cluster and directly: the difference of the mean round trips is what Redis adds to a batch
-   (the XADD, a worker's XREADGROUP, the events back, the bot's XREAD).
+   (the XADD, a worker's XREADGROUP, the events back, the bot's capped read of them every 5 ms).
 
     python bench/cluster.py                                  # about a minute
     python bench/cluster.py --jobs 24 --batches 20 --workers 1,2   # a smoke run

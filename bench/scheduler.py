@@ -1,7 +1,7 @@
 """Benchmark the GPU scheduler on the CPU: its overhead, its fairness, and /imagine's answer with a long queue; JSON.
 
 The engine is a plain render function that sleeps ``--batch-cost`` seconds plus ``--image-cost`` per image and
-returns a tiny fixed PNG, so the numbers are the scheduler's and the bot's, not a model's.
+returns a plain PNG of the size asked for, so the numbers are the scheduler's and the bot's, not a model's.
 
 1. Overhead: ``--jobs`` one-image jobs from ``--users`` users, submitted at once, through a render that costs
    nothing. Overhead per job is the wall time over the jobs (best of three passes); the baseline, in the same run,
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 import math
@@ -67,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from PIL import Image
 
 from bot.client import SygilBot
-from bot.config import Config, DiscordConfig, GenerationConfig, QueueConfig
+from bot.config import Config, GenerationConfig, QueueConfig
 from bot.engine.executor import Progress
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.prompts import load_tokenizer
@@ -82,13 +83,12 @@ TARGETS = {"overhead_ms_per_job": 1.0, "jain_index": 0.95, "ack_p99_ms": 100.0}
 SETTINGS = Settings(steps=25, width=512, height=512)
 
 
-def _tiny_png() -> bytes:
+@functools.cache
+def png_of(width: int, height: int) -> bytes:
+    """A plain PNG of a size (made once): what the cluster's bot checks a worker's images against."""
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (40, 90, 160)).save(buffer, format="PNG")
+    Image.new("RGB", (width, height), (40, 90, 160)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-PNG = _tiny_png()
 
 
 class SleepRender:
@@ -102,7 +102,7 @@ class SleepRender:
         seconds = self.batch_cost + self.image_cost * len(specs)
         if seconds > 0:
             time.sleep(seconds)
-        return [RenderedImage(png=PNG, seed=spec.seed) for spec in specs]
+        return [RenderedImage(png=png_of(spec.settings.width, spec.settings.height), seed=spec.seed) for spec in specs]
 
 
 class GatedRender(SleepRender):
@@ -334,12 +334,7 @@ async def acknowledgement(args: argparse.Namespace) -> dict[str, Any]:
         async with FakeDiscord() as server:
             config = Config(
                 token=server.token,
-                discord=DiscordConfig(
-                    api_base_url=server.api_base_url,
-                    gateway_url=server.gateway_url,
-                    guild_ids=(server.guild_id,),
-                    guild_ready_timeout=0.1,
-                ),
+                discord=server.bot_settings(),
                 generation=GenerationConfig(),
                 queue=queue,
             )

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bot.cli import EXIT_REFUSED, export, health, imagine, prompt, run, tiny, usage, worker
+from bot.cli import EXIT_REFUSED, cluster, export, health, imagine, prompt, run, tiny, usage, worker
 from bot.errors import BotError, ConfigError
 
 
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sygil-bot", description="A Discord bot for Sygil Diffusion.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    for command in (run, worker, health, imagine, prompt, export, tiny):
+    for command in (run, worker, cluster, health, imagine, prompt, export, tiny):
         command.add_parser(commands)
     return parser
 

@@ -17,6 +17,7 @@ from bot.errors import BotError, JobNotFound, PromptRejected, Refused
 from bot.jobs import Job, JobKind
 from bot.limits import DESCRIPTIONS, Charge, Resolved, Usage, describe_images, describe_wait
 from bot.limits import standard_images as cost_of
+from bot.markdown import inert
 from bot.moderation import Moderation
 from bot.prompts import Rules, Tokenizer, check_prompt
 from bot.scheduler import Place, Scheduler
@@ -328,7 +329,8 @@ class Admissions:
 
 
 def because(reason: str | None) -> str:
-    return f": {reason}" if reason else ""
+    """Add a moderator's reason to a message, shown as written (it formats and mentions nothing)."""
+    return f": {inert(reason)}" if reason else ""
 
 
 def _s(count: int) -> str:

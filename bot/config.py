@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bot.cluster.broker import parse as parse_broker
+from bot.cluster.wire import valid_name
 from bot.engine.types import ATTENTIONS, EngineOptions
 from bot.errors import ConfigError
 
@@ -78,6 +79,7 @@ class QueueConfig:
     max_per_user: int = 3
     images_per_hour: int = 60
     shutdown_grace: float = 30.0
+    server_share: float = 0.5  # of max_queue, the most jobs one server (DMs count as one) holds at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,10 @@ class EngineConfig:
 class ModerationConfig:
     # Role ids (numbers) or role names (text) whose members may use /mod besides those with Manage Server.
     roles: tuple[int | str, ...] = ()
+    # The most a moderator may grant (/mod limits set), and the most a stored override gives, whatever it says;
+    # never below the config's own default (queue.images_per_hour, queue.max_per_user).
+    max_images_per_hour: int = 600
+    max_queued: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +123,10 @@ class ClusterConfig:
     prefix: str = "sygil"  # every Redis key starts with this: one Redis can serve several bots
     lease: float = 30.0  # seconds a batch stays with a worker that stopped renewing it before another takes it
     heartbeat: float = 2.0  # seconds between announcements; one missing three of them is gone
-    name: str = ""  # this worker's name in logs and /queue; empty: host name and process id (each device adds its own)
+    name: str = ""  # this worker's name (its Redis user's); empty: the broker URL's user, else host name and process id
+    max_image_mib: float = 8.0  # the bot refuses a rendered PNG larger than this from a worker
+    seconds_per_step: float = 2.0  # a batch's deadline: this many seconds per step and megapixel, plus the lease
+    strikes: int = 3  # bad results or missed deadlines in a row after which the bot refuses a worker
 
     @property
     def enabled(self) -> bool:
@@ -286,6 +295,15 @@ def _cluster(cluster: ClusterConfig, environ: Mapping[str, str], source: str) ->
         raise ConfigError(f"{source}: cluster.lease and cluster.heartbeat: must be more than 0 seconds")
     if cluster.lease < 3 * cluster.heartbeat:
         raise ConfigError(f"{source}: cluster.lease: must be at least three heartbeats ({3 * cluster.heartbeat:g} s)")
+    if cluster.max_image_mib <= 0 or cluster.seconds_per_step <= 0:
+        raise ConfigError(f"{source}: cluster.max_image_mib and cluster.seconds_per_step: must be more than 0")
+    if cluster.strikes < 1:
+        raise ConfigError(f"{source}: cluster.strikes: must be at least 1, got {cluster.strikes}")
+    if cluster.name and not valid_name(cluster.name):
+        raise ConfigError(
+            f"{source}: cluster.name: 1 to 48 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(it names the worker's Redis keys and user)"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cluster.prefix):
         raise ConfigError(f"{source}: cluster.prefix: letters, digits, '_', '.' and '-' only")
     return replace(cluster, broker=broker)
@@ -458,6 +476,16 @@ def _check(config: Config, source: str) -> None:
         fail("queue.images_per_hour", f"must not be negative (0 lets nobody generate), got {queue.images_per_hour}")
     if not 0 < queue.shutdown_grace <= 3600:
         fail("queue.shutdown_grace", f"must be between 0 and 3600 seconds, got {queue.shutdown_grace}")
+    if not 0 < queue.server_share <= 1:
+        fail(
+            "queue.server_share", f"must be more than 0 and at most 1 (a share of max_queue), got {queue.server_share}"
+        )
+    for key, cap in (
+        ("moderation.max_images_per_hour", config.moderation.max_images_per_hour),
+        ("moderation.max_queued", config.moderation.max_queued),
+    ):
+        if cap < 1:
+            fail(key, f"must be at least 1, got {cap}")
     engine = config.engine
     if engine.attention not in ATTENTIONS:
         fail("engine.attention", f"must be one of {', '.join(ATTENTIONS)}, got {engine.attention!r}")

@@ -23,6 +23,13 @@ from bot.storage import AuditEntry, Database, GuildRules
 log = logging.getLogger(__name__)
 
 MAX_TERM = 100
+# The config key that caps each limit (the ceilings given to Moderation).
+CAPS = {
+    "images_per_hour": "moderation.max_images_per_hour",
+    "max_queued": "moderation.max_queued",
+    "max_count": "generation.max_count",
+    "max_steps": "generation.max_steps",
+}
 
 
 class ModerationError(BotError):
@@ -173,7 +180,8 @@ class Moderation:
             value = getattr(changes, name)
             if ceiling is not None and value is not None and value > ceiling:
                 raise ModerationError(
-                    f"{name} can be at most {ceiling} here (the bot's configured bound), not {value}."
+                    f"{name} can be at most {ceiling} here (the bot's config caps it: {CAPS[name]}), not {value}. "
+                    "Nothing changed."
                 )
         old = self.override(guild_id, target)
         new = old.updated(changes)

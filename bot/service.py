@@ -30,6 +30,8 @@ from bot.storage.files import private_folder, write_private
 
 log = logging.getLogger(__name__)
 
+NOT_ITS_MESSAGE = "That button does not belong to this message, so nothing was deleted."
+
 
 @dataclass(frozen=True, slots=True)
 class Queued:
@@ -70,7 +72,8 @@ def job_specs(job: Job, init_image: bytes | None = None) -> list[ImageSpec]:
 
 
 def config_limits(config: Config) -> tuple[Limits, Limits]:
-    """Return the default limits of every server and the ceilings no override may pass, from the config."""
+    """Return the default limits of every server and the ceilings no override may pass (nor give, when it was
+    stored before the config lowered them), from the config."""
     gen = config.generation
     defaults = Limits(
         images_per_hour=config.queue.images_per_hour,
@@ -78,7 +81,14 @@ def config_limits(config: Config) -> tuple[Limits, Limits]:
         max_count=gen.max_count,
         max_steps=gen.max_steps,
     )
-    return defaults, Limits(max_count=gen.max_count, max_steps=gen.max_steps)
+    # A cap below the config's own default is raised to it: the default is what the operator grants everyone.
+    ceilings = Limits(
+        images_per_hour=max(config.moderation.max_images_per_hour, config.queue.images_per_hour),
+        max_queued=max(config.moderation.max_queued, config.queue.max_per_user),
+        max_count=gen.max_count,
+        max_steps=gen.max_steps,
+    )
+    return defaults, ceilings
 
 
 def _priced(charged: Iterable[ChargedJob]) -> list[Charge]:
@@ -288,12 +298,20 @@ class ImageService(Admissions):
         """Record that a job's images were delivered, in ``message_id``."""
         await self.db.complete_job(job_id=queued.job.id, message_id=message_id)
 
-    async def delete(self, *, job_id: int, guild_id: int | None, actor_id: int, moderator: bool) -> Job:
+    async def delete(
+        self, *, job_id: int, guild_id: int | None, actor_id: int, moderator: bool, message_id: int | None
+    ) -> Job:
         """Delete a result's images for its requester or a moderator; their rows stay, marked deleted, for the
-        statistics (unless storage.forget_deleted). Returns the job."""
+        statistics (unless storage.forget_deleted). Returns the job.
+
+        ``message_id`` is the message the click came from: a job's Delete acts only on the job's own message (the
+        job named by a custom_id is untrusted), once its id is recorded.
+        """
         job = await self.db.get_job(job_id=job_id)
         if job is None or job.guild_id != guild_id or not await self.db.job_images(job_id=job_id):
             raise JobNotFound("Those images are no longer in the database.")
+        if job.message_id is not None and job.message_id != message_id:
+            raise Refused(NOT_ITS_MESSAGE)
         if actor_id != job.user_id and not moderator:
             raise Refused("Only the person who asked for these images, or a moderator, can delete them.")
         await self.db.delete_images(job_id=job_id, forget=self.forget_deleted)

@@ -9,6 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.admission import because
 from bot.client import requester
 from bot.engine.revision import short
 from bot.limits import DESCRIPTIONS, describe_images, describe_wait
@@ -41,7 +42,7 @@ class Stats(commands.Cog):
         lines.extend(scheduler.worker_notes())  # a GPU cluster's workers, or why none renders
         paused, reason = self.service.moderation.pause_reason(guild_id)
         if paused:
-            lines.append(f"⏸️ Paused by the moderators{': ' + reason if reason else ''}. Queued jobs keep their place.")
+            lines.append(f"⏸️ Paused by the moderators{because(reason)}. Queued jobs keep their place.")
         mine = [ticket for ticket in rendering + waiting if ticket.user_id == interaction.user.id]
         for ticket in mine:
             position = scheduler.position(ticket.job_id)

@@ -6,15 +6,22 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import redis
+
+from bot.cluster import acl
+from bot.cluster.broker import connect, parse
+from bot.cluster.wire import Keys
 
 # What `openssl rand -base64 32` prints (44 characters of A-Z a-z 0-9 + /, ending in =), the way compose passes it to
 # Redis and in the broker URL: raw. This one holds all three of + / =.
@@ -26,17 +33,39 @@ class RedisServer:
 
     With a ``password``, the server requires it and ``url`` carries it as written, as a broker URL does (compose
     passes the password raw, ``/`` and all: ``redis.Redis.from_url`` cannot read that, so ``client`` does not use it).
+
+    With ``acl``, the server keeps its users in ``aclfile`` (in its folder, so they outlive a restart), the default
+    user is the admin (its password ``password``, or ``BASE64_PASSWORD``), and ``url`` and ``client`` are the admin's;
+    ``bot_url`` and ``add_worker`` make the bot's and workers' users with ``bot.cluster.acl``. ``args`` go to
+    redis-server as they are (TLS ports and files).
+
+    With ``launch`` (and its ``env``), that command starts the server instead, given ``--bind`` and ``--port`` after
+    its own arguments: compose.yaml's command, run as it is.
     """
 
-    def __init__(self, folder: Path, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        password: str | None = None,
+        acl: bool = False,
+        args: Sequence[str] = (),
+        launch: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed: run scripts/test, or apt-get install -y redis-server")
         self.executable = executable
         self.folder = folder
-        self.password = password
-        self.port = _free_port()
-        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
+        self.acl = acl
+        self.password = password or (BASE64_PASSWORD if acl else None)
+        self.aclfile = folder / "users.acl"
+        self.args = tuple(args)
+        self.launch = tuple(launch)
+        self.env = dict(env) if env is not None else None
+        self.port = free_port()
+        self.url = f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Self:
@@ -51,13 +80,20 @@ class RedisServer:
     def start(self) -> None:
         """Start the server (empty: it saves nothing) and wait until it answers."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.acl and not self.launch:
+            if not self.aclfile.exists():
+                digest = hashlib.sha256((self.password or "").encode()).hexdigest()
+                self.aclfile.write_text(f"user default on #{digest} ~* &* +@all\n")
+            access = ["--aclfile", str(self.aclfile)]
+        else:
+            access = ["--requirepass", self.password] if self.password else []
+        if self.launch:
+            command = [*self.launch, "--bind", "127.0.0.1", "--port", str(self.port)]
+        else:
+            command = [self.executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly",
+                       "no", "--dir", str(self.folder), *access, *self.args]  # fmt: skip
         log = (self.folder / "redis.log").open("ab")
-        self._process = subprocess.Popen(
-            [self.executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder), *(["--requirepass", self.password] if self.password else [])],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
         client = self.client()
         try:
@@ -83,8 +119,20 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
 
+    async def bot_url(self, prefix: str = "sygil") -> str:
+        """Create (or reset) the bot's ACL user of cluster ``prefix``; return its broker URL."""
+        async with connect(self.url) as admin:
+            return await acl.add_bot(admin, Keys(prefix), parse(self.url))
 
-def _free_port() -> int:
+    async def add_worker(self, name: str, prefix: str = "sygil", *, db: int = 0) -> str:
+        """Create worker ``name``'s ACL user of cluster ``prefix``; return its broker URL (to database ``db``)."""
+        async with connect(self.url) as admin:
+            where = parse(self.url)
+            return await acl.add_worker(admin, Keys(prefix), name, replace(where, db=db))
+
+
+def free_port() -> int:
+    """Return a TCP port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

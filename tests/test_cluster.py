@@ -102,8 +102,8 @@ async def test_two_workers_serve_everyone_a_killed_ones_batch_goes_to_the_other_
             for name in logs
         }
         process = await stack.enter_async_context(bot_process(config, server, log))
-        await logged(log, "Worker alpha-cpu joined", within=120)
-        await logged(log, "Worker beta-cpu joined", within=120)
+        await logged(log, "Worker alpha/cpu joined", within=120)
+        await logged(log, "Worker beta/cpu joined", within=120)
         queue = await server.slash("queue", {})
         assert "2 up" in (await queue.wait_response())["data"]["content"]
 
@@ -141,13 +141,14 @@ async def test_two_workers_serve_everyone_a_killed_ones_batch_goes_to_the_other_
         await workers["alpha"].wait()
         holds.release("second")
         await delivered(server, second)
-        await logged(log, "Worker alpha-cpu left")
+        await logged(log, "Worker alpha/cpu left")
 
         # Redis goes away while beta renders, for longer than the lease: beta cannot publish what it rendered, and
         # the bot keeps accepting jobs and says why nothing moves. When Redis comes back empty, all are delivered.
         third = [await request for request in imagine("third", 2)]
         await holds.wait("third")
         redis_server.stop()
+        await logged(log, "is unreachable (")  # the bot notices at its next read of the events (10 to 100 ms)
         during = [await server.slash("imagine", {"prompt": f"species:cat, {n}"}, user_id=users[n]) for n in range(2)]
         for interaction in during:
             assert (await interaction.wait_response())["type"] == 5

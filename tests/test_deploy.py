@@ -16,13 +16,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import redis as redis_client
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
+from redis.backoff import NoBackoff
+from redis.exceptions import NoPermissionError
+from redis.retry import Retry
 
 from bot.__main__ import _parser, main
+from bot.cluster.broker import parse
 from bot.config import Config
 from tests.fakediscord import FakeDiscord
 from tests.redis_server import RedisServer
@@ -196,19 +201,112 @@ def test_the_image_user_can_write_the_volumes_and_the_worker_caches_the_model_in
 def test_compose_runs_redis_the_bot_and_a_worker_the_token_from_a_file_not_inline() -> None:
     text = (ROOT / "compose.yaml").read_text("utf-8")
     services = compose()["services"]
-    assert set(services) == {"redis", "bot", "worker"}
+    assert set(services) == {"redis", "users", "bot", "worker"}
     parser = _parser()
     for name, command in (("bot", "run"), ("worker", "worker")):
         args = services[name]["command"]
         assert args[:2] == ["sygil-bot", command]
         parser.parse_args(args[1:])
-    for name in ("bot", "worker"):
-        assert services[name]["environment"]["SYGIL_BROKER"].startswith("redis://:${REDIS_PASSWORD}@redis:6379/")
+    # Each with its own Redis user (bot.cluster.acl), made by the one-shot `users` service before either starts.
+    for name, user, password in (
+        ("bot", "sygil-bot", "BOT_REDIS_PASSWORD"),
+        ("worker", "local", "WORKER_REDIS_PASSWORD"),
+    ):
+        assert services[name]["environment"]["SYGIL_BROKER"].startswith(f"redis://{user}:${{{password}}}@redis:6379/")
         assert "DISCORD_TOKEN" not in services[name]["environment"]
+        assert services[name]["depends_on"] == {"users": {"condition": "service_completed_successfully"}}
     assert "${DISCORD_TOKEN" not in text  # never interpolated into the compose model
     assert services["bot"].get("env_file") or services["bot"].get("secrets")
     assert not services["worker"].get("env_file") and not services["worker"].get("secrets")  # never sees the token
-    assert "--requirepass" in services["redis"]["command"]
+    assert "REDIS_PASSWORD" not in services["bot"]["environment"]["SYGIL_BROKER"].replace("BOT_REDIS_PASSWORD", "")
+    assert "--aclfile /data/users.acl" in services["redis"]["command"][2]
+    assert services["users"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    for args in users_commands():
+        parser.parse_args(args[1:])
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Do what compose does to a value: ``${NAME}``, ``${NAME:?message}`` from ``env``, ``$$`` to ``$``."""
+    return re.sub(r"\$\$|\$\{(\w+)(?::?[?-][^}]*)?\}", lambda found: env[found[1]] if found[1] else "$", text)
+
+
+def users_commands() -> list[list[str]]:
+    """Return the `sygil-bot ...` commands the `users` service runs, one after another."""
+    shell, flag, script = compose()["services"]["users"]["command"]
+    assert (shell, flag) == ("sh", "-c")
+    commands = [shlex.split(part) for part in script.split("&&")]
+    assert all(args[0] == "sygil-bot" for args in commands)
+    return commands
+
+
+def test_compose_redis_keeps_the_users_in_its_aclfile_and_takes_the_admin_password_from_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """compose.yaml's Redis command, run with the real redis-server, and its `users` service's commands."""
+    data, bin_folder = tmp_path / "data", tmp_path / "bin"
+    data.mkdir()
+    bin_folder.mkdir()
+    entrypoint = bin_folder / "docker-entrypoint.sh"  # the redis image's: it drops root, then runs its arguments
+    entrypoint.write_text('#!/bin/sh\nexec "$@"\n')
+    entrypoint.chmod(0o755)
+    passwords = {"REDIS_PASSWORD": "admin/one+=", "BOT_REDIS_PASSWORD": "bot/pw+=", "WORKER_REDIS_PASSWORD": "wk/pw+="}
+    redis_service = compose()["services"]["redis"]
+    launch = [interpolate(part, passwords).replace("/data/", f"{data}/") for part in redis_service["command"]]
+
+    def redis(admin_password: str) -> RedisServer:
+        env = {"PATH": f"{bin_folder}:{os.environ['PATH']}", "REDIS_PASSWORD": admin_password}
+        return RedisServer(tmp_path / "redis", password=admin_password, launch=launch, env=env)
+
+    def urls(server: RedisServer) -> dict[str, str]:
+        env = passwords | {"REDIS_PASSWORD": server.password or ""}
+        keys = (("users", "SYGIL_REDIS_ADMIN"), ("bot", "SYGIL_BROKER"), ("worker", "SYGIL_BROKER"))
+        found = {name: interpolate(compose()["services"][name]["environment"][key], env) for name, key in keys}
+        return {name: url.replace("@redis:6379/", f"@127.0.0.1:{server.port}/") for name, url in found.items()}
+
+    def make_users(server: RedisServer) -> None:
+        monkeypatch.setenv("SYGIL_REDIS_ADMIN", urls(server)["users"])
+        for name in ("BOT_REDIS_PASSWORD", "WORKER_REDIS_PASSWORD"):
+            monkeypatch.setenv(name, passwords[name])
+        for args in users_commands():
+            args = [str(ROOT / "config.example.toml") if arg == "/data/config.toml" else arg for arg in args]
+            assert main(args[1:]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert "bot/pw" not in out and "wk/pw" not in out  # passwords the caller gave are not printed
+
+    def connected(url: str) -> redis_client.Redis:
+        broker = parse(url)
+        return redis_client.Redis(
+            host=broker.host,
+            port=broker.port,
+            username=broker.username,
+            password=broker.password,
+            retry=Retry(NoBackoff(), 0),  # a refused password is an answer: no tries again
+        )
+
+    with redis("admin/one+=") as server:
+        make_users(server)
+        with connected(urls(server)["bot"]) as bot, connected(urls(server)["worker"]) as worker:
+            assert bot.xadd("sygil:batches", {"data": "{}"})
+            assert worker.set("sygil:w:local:beat:cuda:0", "{}", ex=30)
+            with pytest.raises(NoPermissionError):
+                worker.xadd("sygil:batches", {"data": "{}"})
+        with (
+            pytest.raises(redis_client.AuthenticationError),
+            connected(server.url.replace(":admin/one+=@", "@")) as anyone,
+        ):
+            anyone.ping()
+    # A new admin password in .env takes at the next start; the users made before stay.
+    with redis("admin/two") as server:
+        with connected(server.url) as admin:
+            assert admin.ping()
+        with (
+            pytest.raises(redis_client.AuthenticationError),
+            connected(server.url.replace("admin/two", "admin/one+=")) as old,
+        ):
+            old.ping()
+        with connected(urls(server)["worker"]) as worker:
+            assert worker.set("sygil:w:local:beat:cuda:0", "{}", ex=30)
+        make_users(server)  # again at every `up`: no harm
 
 
 def seconds(duration: str) -> float:

@@ -62,4 +62,4 @@ async def test_a_remote_workers_log_says_once_that_its_device_is_ready(
     text = log.read_bytes().decode()  # as written: read_text would turn carriage returns into newlines
     assert_quiet(text)
     (ready,) = ready_lines(text)
-    assert "INFO    bot.cluster.remote: Cluster worker w1-cpu ready on cpu (cpu)" in ready, ready
+    assert "INFO    bot.cluster.remote: Cluster worker w1/cpu ready on cpu (cpu)" in ready, ready

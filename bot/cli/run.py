@@ -64,7 +64,12 @@ async def _serve(config: Config) -> None:
         tokenizer = await asyncio.to_thread(load_tokenizer, config.model.id, revision=config.model.revision)
         workers = await start_cluster(config, stack) if config.cluster.enabled else await start_workers(config, stack)
         scheduler = await stack.enter_async_context(
-            Scheduler(workers=workers, max_batch=queue.max_batch, max_queue=queue.max_queue)
+            Scheduler(
+                workers=workers,
+                max_batch=queue.max_batch,
+                max_queue=queue.max_queue,
+                server_share=queue.server_share,
+            )
         )
         service = await open_service(config, db=db, scheduler=scheduler, model=config.model.id, tokenizer=tokenizer)
         async with (

@@ -5,8 +5,10 @@
 - render: a batch of an earlier bot session is dropped unrendered, one stopped before it started fails at once, and
   the rest render on the consumer's local executor;
 - publish: ``Started``, ``Progress`` (at most four a second) and then ``Rendered`` or ``Failed`` go, in order, to
-  ``{prefix}:events:{session}``; then the entry is acknowledged and deleted. The outcome and the acknowledgement are
-  retried for up to a lease while Redis is away; the rest is tried once;
+  this worker's ``{prefix}:w:{worker}:events:{session}``, each with the entry's nonce. The bot takes them only while
+  this worker's consumer holds the entry, so the entry stays pending until the bot acknowledges and deletes it. The
+  outcome is retried for up to a lease while Redis is away; the rest is tried once. An entry dropped unrendered (of an
+  earlier session, or malformed) is acknowledged here;
 - renew: while a batch is in hand its lease is renewed and its stop key checked every heartbeat; a renewal first
   checks that the entry is still this consumer's, so a worker that was unheard past its lease never takes a batch
   back from the one that took it over (it finishes its copy; the bot keeps the first result);
@@ -29,7 +31,7 @@ from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT, StreamIdT
 
 from bot.cluster.broker import UNREACHABLE, Retry, no_group, unreachable_errors
-from bot.cluster.wire import GROUP, BotInfo, Keys, pack, unpack
+from bot.cluster.wire import GROUP, BotInfo, Keys, pack, unpack, worker_of
 from bot.engine.executor import Call, Worker, WorkerLost, failed, rendered
 from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started
 
@@ -46,6 +48,7 @@ class Held:
     entry: str
     session: str
     batch: RenderBatch | None  # None: a malformed entry, acknowledged without rendering
+    nonce: str = ""  # new at every dispatch; the bot takes only events that repeat it
     call: Call | None = None  # once handed to the local executor
     renewing: bool = True  # False once the entry is no longer this consumer's (taken over, or Redis lost it)
     task: asyncio.Task[None] | None = None
@@ -64,7 +67,7 @@ class Held:
                 batch = message
             else:
                 log.error("Dropping batch entry %s: a %s message, not a batch", entry, type(message).__name__)
-        return cls(entry, plain.get("session", ""), batch)
+        return cls(entry, plain.get("session", ""), batch, plain.get("nonce", ""))
 
 
 class Batches:
@@ -75,6 +78,7 @@ class Batches:
         self._keys = keys
         self._lease = lease
         self._lease_ms = max(1, round(lease * 1000))
+        self._events_ttl = math.ceil(max(60.0, 10 * lease))
         self._retry = retry  # tells the host whether the broker answers
 
     async def serve(self, consumer: str, worker: Worker, held: Held, *, lost_worker: Callable[[], None]) -> None:
@@ -91,8 +95,8 @@ class Batches:
             )
             await self._acknowledge(held.entry)
             return
-        session = held.session
-        events = _Events(lambda message: self._publish(session, consumer, message))
+        session, nonce = held.session, held.nonce
+        events = _Events(lambda message: self._publish(session, consumer, nonce, message))
         try:
             if stopped:
                 outcome: Message | None = Failed(batch.batch_id, FailureKind.STOPPED, "stopped before it started")
@@ -101,8 +105,7 @@ class Batches:
             if outcome is None:
                 return
             if await events.finish(outcome):
-                await self._acknowledge(held.entry)
-                _log_outcome(outcome, consumer)
+                _log_outcome(outcome, consumer)  # the bot acknowledges the entry when it takes the outcome
             else:
                 log.warning(
                     "Dropped the outcome of batch %d: Redis was away for a whole lease (%g s), so the batch is "
@@ -214,25 +217,29 @@ class Batches:
         now = time.perf_counter()
         return rendered(batch.batch_id, images, call.facts, seconds=now - (began[0] if began else now))
 
-    async def _publish(self, session: str, worker: str, message: Message) -> bool:
-        """Add an event to the session's stream; an outcome is retried for a lease, the rest tried once."""
-        key = self._keys.events(session)
+    async def _publish(self, session: str, consumer: str, nonce: str, message: Message) -> bool:
+        """Add an event to this worker's stream for the session; an outcome is retried for a lease, the rest tried
+        once."""
+        key = self._keys.events(worker_of(consumer), session)
         # Copied into the key and value types redis-py's annotations ask for.
-        fields: dict[FieldT, EncodableT] = {key: value for key, value in pack(message, worker=worker).items()}
+        packed = pack(message, worker=consumer, nonce=nonce)
+        fields: dict[FieldT, EncodableT] = {name: value for name, value in packed.items()}
 
         async def add() -> None:
-            await self._redis.xadd(key, fields, maxlen=_EVENTS_MAXLEN, approximate=True)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(key, fields, maxlen=_EVENTS_MAXLEN, approximate=True)
+            pipe.expire(key, self._events_ttl)  # outlives a bot that stopped only by this long
+            await pipe.execute()
 
         if isinstance(message, Started | Progress):
             return await self._retry.once(add()) is not UNREACHABLE
         return await self._retry.persist(add, self._lease)
 
     async def _acknowledge(self, entry: str) -> None:
+        """Acknowledge an entry dropped unrendered (the bot deletes the stream's old entries when it starts)."""
+
         async def done() -> None:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xack(self._keys.batches, GROUP, entry)
-            pipe.xdel(self._keys.batches, entry)
-            await pipe.execute()
+            await self._redis.xack(self._keys.batches, GROUP, entry)
 
         await self._retry.persist(done, self._lease)
 

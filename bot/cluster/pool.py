@@ -5,6 +5,11 @@ and batching, and SQLite keeps every job; the pool lets a slot take a batch only
 (``ready``), so the fair order is decided as late as with local workers. Redis carries only the batches in flight:
 when it goes away, their jobs go back to the front of the queue without counting an attempt, ``ready`` waits, and
 the pool reconnects by itself. The keys and entries are those of ``bot.cluster.wire``.
+
+No worker is trusted (``bot.cluster.guard``): an event counts only from the worker whose consumer holds the batch's
+entry (XPENDING) and only with the nonce of that dispatch; a result is checked before it is posted, and users see
+fixed messages, never a worker's text. A batch held past its deadline goes back in line, one that stopped workers
+``MAX_CRASHES`` times fails, and a worker with ``cluster.strikes`` bad results in a row is refused.
 """
 
 from __future__ import annotations
@@ -16,26 +21,52 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
 
 from redis.typing import EncodableT, FieldT
 
-from bot.cluster.broker import Backoff, Outage, connect, create_group, end, entries, kept, redacted, unreachable_errors
-from bot.cluster.wire import BotInfo, Keys, WorkerInfo, exact_revision, pack, shown, unpack
+from bot.cluster.broker import Backoff, Outage, connect, create_group, end, kept, redacted, unreachable_errors
+from bot.cluster.guard import Reader, Strikes, checked, deadline
+from bot.cluster.wire import (
+    GROUP,
+    BotInfo,
+    Keys,
+    WorkerInfo,
+    consumer,
+    exact_revision,
+    pack,
+    shown,
+    unpack,
+    worker_of,
+)
 from bot.config import ClusterConfig
 from bot.engine.executor import BatchEvent, Call, RenderStopped, WorkerLost, answer
-from bot.engine.protocol import RenderBatch, Rendered, Started
+from bot.engine.protocol import Failed, FailureKind, Progress, RenderBatch, Rendered, Started
 from bot.engine.types import RenderedImage
+from bot.errors import RenderFailed
 
 log = logging.getLogger(__name__)
 
 DEPTH = 64  # scheduler slots; how many of them may hold a batch is what the live workers can take
+MAX_DEPTH = 2  # batches one device of a worker is given at once, whatever depth its heartbeat declares
+MAX_DEVICES = 8  # devices (consumers) counted per worker
+MAX_CRASHES = 3  # times a started batch may be taken over from a worker that died holding it
 _BROKEN = unreachable_errors()
-_READ_BLOCK_MS = 1000
+# Between two reads of the workers' events streams that found nothing: with batches out, and with none. Not a
+# blocking XREAD: that would hand the bot whatever a worker wrote, however large (``guard.Reader`` caps it).
+_POLL_SECONDS = (0.005, 0.1)
 _READ_COUNT = 100
+_KNOWN_SECONDS = 600.0  # a worker's events stream is read this long after its last heartbeat
+_MAX_BEATS = 1000  # heartbeat keys read per scan
+_BROKEN_IMAGE = "A GPU worker sent back a broken image, so this job did not finish. Try again."
+_FIXED: Mapping[FailureKind, str] = {  # what users see when a worker says a batch failed: never the worker's words
+    FailureKind.OUT_OF_MEMORY: "The GPU ran out of memory.",
+    FailureKind.STOPPED: "stopped",
+    FailureKind.ERROR: "A GPU worker could not render this job. Try again, or try other settings.",
+}
 _STOP_SECONDS = 300  # how long a stop key waits for a worker to take its batch
 _WORKERS_SHOWN = 8
 
@@ -47,8 +78,14 @@ class _Flight:
     batch_id: int
     call: Call
     future: asyncio.Future[list[RenderedImage]]
+    nonce: str  # new at every dispatch: events must repeat it
+    deadline: float  # seconds a worker may hold it
     entry_id: bytes | None = None  # its entry in the batches stream, once Redis answered the XADD
     started: bool = False
+    holder: str | None = None  # the consumer whose Started was taken
+    holding: str | None = None  # the consumer holding its entry when last looked at
+    held_since: float | None = None  # time.monotonic() when that consumer was first seen holding it
+    deliveries: int = 0  # the entry's delivery count when it started
 
 
 class _Trouble(Exception):
@@ -60,7 +97,9 @@ class ClusterPool:
 
     depth = DEPTH
 
-    def __init__(self, config: ClusterConfig, *, model: str, revision: str, name: str = "cluster") -> None:
+    def __init__(
+        self, config: ClusterConfig, *, model: str, revision: str, name: str = "cluster", max_images: int = 8
+    ) -> None:
         if not config.enabled:
             raise ValueError("a cluster needs cluster.broker")
         self.name = name
@@ -83,8 +122,14 @@ class ClusterPool:
         self._ids = itertools.count(1)
         self._flights: dict[int, _Flight] = {}
         self._workers: dict[str, WorkerInfo] = {}  # alive and serving the pinned revision
-        self._refused: dict[str, str] = {}  # worker → the revision it was refused for (logged once)
-        self._malformed: set[str] = set()  # heartbeat keys already reported unreadable
+        self._refused: dict[str, str] = {}  # consumer → the revision it was refused for (logged once)
+        self._strikes = Strikes(config.strikes)
+        self._known: dict[str, float] = {}  # worker → when its heartbeat was last seen: its events stream is read
+        self._first_seen: dict[str, float] = {}  # consumer → when first seen: the first pins a branch's revision
+        self._max_bytes = round(config.max_image_mib * 2**20)
+        self._reader = Reader(self._redis, max_image_bytes=self._max_bytes, max_images=max_images)
+        self._started_ms = int(time.time() * 1000)
+        self._finished: list[bytes] = []  # entries whose outcome was taken: acknowledge and delete them
         self._holders: set[asyncio.Task[Any]] = set()  # slots holding a place, from ready() to their next ready()
         self._changed = asyncio.Event()  # set and replaced whenever room may have changed
         self._up = False
@@ -92,7 +137,6 @@ class ClusterPool:
         self._alone_since: float | None = None  # when the last accepted worker left
         self._grace_until = 0.0  # after a reconnect, workers have a heartbeat's time to announce themselves again
         self._abandoned: list[tuple[int, bytes | None]] = []  # batches given up: stop them on the broker
-        self._last_id = b"0-0"
         self._trouble = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
@@ -174,12 +218,15 @@ class ClusterPool:
         if call.stopping:
             raise RenderStopped
         batch_id = next(self._ids)
-        flight = _Flight(batch_id, call, asyncio.get_running_loop().create_future())
+        limit = deadline(call.specs, lease=self._config.lease, seconds_per_step=self._config.seconds_per_step)
+        future = asyncio.get_running_loop().create_future()
+        flight = _Flight(batch_id, call, future, nonce=secrets.token_hex(16), deadline=limit)
         self._flights[batch_id] = flight
         call.when_stopped(lambda: self._stop(flight))
         try:
             try:
-                entry: dict[FieldT, EncodableT] = {**pack(RenderBatch(batch_id, call.specs), session=self.session)}
+                fields = pack(RenderBatch(batch_id, call.specs), session=self.session, nonce=flight.nonce)
+                entry: dict[FieldT, EncodableT] = {**fields}
                 entry_id = await kept(self._redis.xadd(self._keys.batches, entry))
             except _BROKEN as error:
                 self._lost(error)  # which fails this flight too
@@ -199,7 +246,7 @@ class ClusterPool:
 
     def _has_room(self) -> bool:
         self._holders = {slot for slot in self._holders if not slot.done()}
-        return self._up and len(self._holders) < sum(info.depth for info in self._workers.values())
+        return self._up and len(self._holders) < sum(min(info.depth, MAX_DEPTH) for info in self._workers.values())
 
     def _notify(self) -> None:
         self._changed.set()
@@ -248,8 +295,9 @@ class ClusterPool:
 
     async def _connect(self) -> None:
         await kept(create_group(self._redis, self._keys.batches))
+        if not self._connected_once:  # entries older than this bot are an earlier session's: nobody wants them
+            await kept(self._redis.xtrim(self._keys.batches, minid=f"{self._started_ms}-0", approximate=False))
         self._trouble.clear()
-        self._last_id = b"0-0"  # what is left on the events stream is for batches given up: read and drop it
         if self._connected_once:
             self._grace_until = time.monotonic() + 3 * self._config.heartbeat
         await self._scan()
@@ -289,49 +337,68 @@ class ClusterPool:
             await self._scan()
             await self._announce()
             self._give_up_orphans()
+            await self._sweep()
 
     async def _announce(self) -> None:
         info = BotInfo(self.session, self._model, self.revision, self._config.lease)
         heartbeat = self._config.heartbeat
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._keys.bot, info.dump(), ex=math.ceil(3 * heartbeat))
-            # The events stream outlives a bot that stopped only by this long.
-            pipe.expire(self._keys.events(self.session), math.ceil(max(60.0, 10 * self._config.lease)))
-            await kept(pipe.execute())
+        await kept(self._redis.set(self._keys.bot, info.dump(), ex=math.ceil(3 * heartbeat)))
 
     async def _scan(self) -> None:
-        keys: list[bytes | str] = []
+        """Read every worker's heartbeats: the worker and device come from the key (which only that worker's Redis user
+        may write), never from what the heartbeat says."""
+        keys: list[str] = []
         cursor = 0
         while True:
             cursor, found = await kept(
                 self._redis.scan(  # pyright: ignore[reportUnknownMemberType] (untyped **kwargs)
-                    cursor, match=self._keys.workers, count=100
+                    cursor, match=self._keys.beats, count=100
                 )
             )
-            keys += found
-            if not cursor:
+            keys += [key.decode() if isinstance(key, bytes) else str(key) for key in found]
+            if not cursor or len(keys) >= _MAX_BEATS:
                 break
+        owners = {key: owner for key in sorted(keys)[:_MAX_BEATS] if (owner := self._keys.beat_of(key))}
+        values = await kept(self._reader.beats(list(owners)))
+        now = time.monotonic()
         seen: dict[str, WorkerInfo] = {}
-        values = await kept(self._redis.mget(keys)) if keys else []
-        for key, value in zip(keys, values, strict=True):
-            if value is None:
-                continue  # it expired between the two commands
+        devices: dict[str, int] = {}
+        for (key, (worker, device)), value in zip(owners.items(), values, strict=True):
+            self._known[worker] = now
+            if value is None or worker in self._strikes.refused:
+                continue  # it expired between the two commands, or the worker is refused
+            if isinstance(value, int):
+                self._strikes.once(
+                    worker, "beat", "Ignoring a heartbeat of worker %s: %d bytes, not a heartbeat", worker, value
+                )
+                continue
             try:
                 info = WorkerInfo.load(value)
-            except (ValueError, KeyError, TypeError) as error:
-                name = key.decode(errors="replace") if isinstance(key, bytes) else key
-                if name not in self._malformed:
-                    self._malformed.add(name)
-                    log.warning("Ignoring an unreadable worker heartbeat at %s: %r", name, error)
+            except Exception as error:  # whatever a hostile heartbeat makes json or int() raise
+                self._strikes.once(
+                    worker, "beat", "Ignoring an unreadable heartbeat at %s: %s", key, shown(repr(error))
+                )
                 continue
-            seen[info.name] = info
+            devices[worker] = devices.get(worker, 0) + 1
+            if devices[worker] > MAX_DEVICES:
+                self._strikes.once(
+                    worker, "devices", "Worker %s has over %d devices: the rest are ignored", worker, MAX_DEVICES
+                )
+                continue
+            name = consumer(worker, device)
+            seen[name] = replace(info, name=name, depth=max(0, min(info.depth, MAX_DEPTH)))
+        for worker in [worker for worker, last in self._known.items() if now - last > _KNOWN_SECONDS]:
+            del self._known[worker]
         self._update_workers(seen)
 
     def _update_workers(self, seen: Mapping[str, WorkerInfo]) -> None:
         """Take in the heartbeats just read: pin a revision, accept or refuse workers, and note who left."""
         now = time.monotonic()
         accepted: set[str] = set()
-        for info in sorted(seen.values(), key=lambda info: info.started_at):
+        for name in seen:
+            self._first_seen.setdefault(name, now)
+        # In the order the bot first saw them, not the start time a heartbeat claims: the first pins a branch.
+        for info in sorted(seen.values(), key=lambda info: (self._first_seen[info.name], info.name)):
             if info.revision is None:
                 continue  # still resolving what it serves
             if self.revision is None:
@@ -367,6 +434,8 @@ class ClusterPool:
             log.info("Worker %s left: its heartbeat stopped (device %s on %s)", name, info.device_name, info.host)
         for name in [name for name in self._refused if name not in seen]:
             del self._refused[name]
+        for name in [name for name in self._first_seen if name not in seen and name not in self._workers]:
+            del self._first_seen[name]
         if self._workers:
             self._alone_since = None
         elif self._alone_since is None:
@@ -418,19 +487,24 @@ class ClusterPool:
             self._spawn(self._send_stops())
 
     async def _send_stops(self) -> None:
-        """Set the stop keys of the batches given up and delete those not started, so no worker renders them."""
-        if not self._abandoned:
+        """Set the stop keys of the batches given up and delete those not started, so no worker renders them; and
+        acknowledge and delete the entries whose outcome was taken."""
+        if not self._abandoned and not self._finished:
             return
         abandoned, self._abandoned = self._abandoned, []
+        finished, self._finished = self._finished, []
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for batch_id, entry_id in abandoned:
+                for batch_id, _ in abandoned:
                     pipe.set(self._keys.stop(self.session, batch_id), 1, ex=_STOP_SECONDS)
-                    if entry_id is not None:
-                        pipe.xdel(self._keys.batches, entry_id)
+                entries = [entry_id for _, entry_id in abandoned if entry_id is not None] + finished
+                if entries:
+                    pipe.xack(self._keys.batches, GROUP, *entries)
+                    pipe.xdel(self._keys.batches, *entries)
                 await kept(pipe.execute())
         except _BROKEN:
             self._abandoned.extend(abandoned)  # sent once the broker is back
+            self._finished.extend(finished)
             raise
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -447,50 +521,193 @@ class ClusterPool:
     # Events
 
     async def _read(self) -> None:
-        """Read this session's events stream and hand each event to the batch it names; delete what was read."""
-        stream = self._keys.events(self.session)
+        """Read the events streams of this session, one per worker, and hand each event to the batch it names; delete
+        what was read. A stream's owner is its key's worker, the one Redis user that may write it."""
         while True:
-            reply = await kept(self._redis.xread({stream: self._last_id}, count=_READ_COUNT, block=_READ_BLOCK_MS))
-            ids: list[bytes] = []
-            for entry_id, fields in entries(reply):
-                ids.append(entry_id)
-                self._dispatch(fields)
-            if ids:
-                self._last_id = ids[-1]
-                await kept(self._redis.xdel(stream, *ids))
+            owners = {self._keys.events(worker, self.session): worker for worker in sorted(self._known)}
+            found = await kept(self._reader.events(list(owners), count=_READ_COUNT))
+            if not any(found.values()) and all(entries is not None for entries in found.values()):
+                await asyncio.sleep(_POLL_SECONDS[0] if self._flights else _POLL_SECONDS[1])
+                continue
+            events: list[tuple[str, BatchEvent, dict[str, str]]] = []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, entries in found.items():
+                    worker = owners[key]
+                    if entries is None:
+                        self._strikes.once(worker, "stream", "Deleted %s: worker %s made it no stream", key, worker)
+                        pipe.delete(key)
+                        continue
+                    if entries:
+                        pipe.xdel(key, *(entry.id for entry in entries))
+                    if worker in self._strikes.refused:
+                        continue
+                    for entry in entries:
+                        if entry.fields is None:
+                            self._strike(worker, f"an event of {entry.size} bytes, over the limits (dropped unread)")
+                        elif (event := self._parse(worker, entry.fields)) is not None:
+                            events.append((worker, *event))
+                await kept(pipe.execute())
+            holders = await self._holders_of(
+                [flight.entry_id for _, message, _ in events if (flight := self._awaited(message.batch_id))]
+            )
+            for worker, message, plain in events:
+                try:
+                    self._dispatch(worker, message, plain, holders)
+                except Exception as error:  # one bad event never stops the pool
+                    log.error("Dropped an event of worker %s that could not be taken", worker, exc_info=error)
 
-    def _dispatch(self, fields: Mapping[bytes, bytes]) -> None:
+    def _parse(self, worker: str, fields: Mapping[bytes, bytes]) -> tuple[BatchEvent, dict[str, str]] | None:
         try:
             message, plain = unpack(fields)
-        except ValueError as error:
-            log.warning("Dropped an unreadable event from the cluster: %s", error)
-            return
+        except Exception as error:  # a malformed entry is dropped, whatever it makes the parser raise
+            self._strikes.once(
+                worker, "malformed", "Dropped a malformed event of worker %s: %s", worker, shown(str(error))
+            )
+            return None
         if not isinstance(message, BatchEvent):
-            log.warning("Dropped a %s message from the cluster: only batch events belong there", type(message).__name__)
-            return
-        worker = shown(plain.get("worker", ""))  # named as its heartbeat names it (WorkerInfo.load)
-        flight = self._flights.get(message.batch_id)
-        if flight is None or flight.future.done():
+            self._strikes.once(
+                worker, "kind", "Dropped a %s message of worker %s: not a batch event", type(message).__name__, worker
+            )
+            return None
+        return message, plain
+
+    def _awaited(self, batch_id: int) -> _Flight | None:
+        flight = self._flights.get(batch_id)
+        return flight if flight is not None and not flight.future.done() and flight.entry_id is not None else None
+
+    async def _holders_of(self, entry_ids: Sequence[bytes | None]) -> dict[bytes, tuple[str, int]]:
+        """Return the consumer holding each entry and its delivery count (XPENDING); one nobody holds is left out."""
+        ids = sorted({entry_id for entry_id in entry_ids if entry_id is not None})
+        if not ids:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(self._keys.batches, GROUP, entry_id, entry_id, 1)
+            replies = await kept(pipe.execute())
+        holders: dict[bytes, tuple[str, int]] = {}
+        for entry_id, reply in zip(ids, replies, strict=True):
+            for item in reply:
+                name = item["consumer"]
+                holders[entry_id] = (
+                    name.decode() if isinstance(name, bytes) else str(name),
+                    int(item["times_delivered"]),
+                )
+        return holders
+
+    def _dispatch(
+        self, worker: str, message: BatchEvent, plain: Mapping[str, str], holders: Mapping[bytes, tuple[str, int]]
+    ) -> None:
+        """Take one event of ``worker``'s stream for the batch it names, if that worker may speak for the batch."""
+        flight = self._awaited(message.batch_id)
+        if flight is None:
             log.debug(
-                "Dropped %s of batch %d from worker %s: nobody awaits it (a late duplicate, or a batch given up)",
+                "Dropped %s of batch %d from worker %s: nobody awaits it",
                 type(message).__name__,
                 message.batch_id,
-                worker or "?",
+                worker,
+            )
+            return
+        sender = plain.get("worker", "")
+        if worker_of(sender) != worker or plain.get("nonce") != flight.nonce:
+            self._strikes.once(
+                worker,
+                "forged",
+                "Dropped events of worker %s for batches it was not given (wrong nonce or consumer)",
+                worker,
+            )
+            return
+        assert flight.entry_id is not None
+        holder, deliveries = holders.get(flight.entry_id, ("", 0))
+        if (flight.holder if isinstance(message, Progress) else holder) != sender:
+            self._strikes.once(
+                worker,
+                "holder",
+                "Dropped events of worker %s for batches it does not hold (another worker took them over, or none)",
+                worker,
             )
             return
         facts: dict[str, object] = {}
         if isinstance(message, Started):
-            flight.started = True
-            flight.call.facts["worker"] = worker or self.name
+            flight.started, flight.holder, flight.deliveries = True, sender, deliveries
+            flight.call.facts["worker"] = sender
         elif isinstance(message, Rendered):
-            if worker in self._refused:
-                log.warning("Dropped batch %d from worker %s: it serves another revision", message.batch_id, worker)
-                flight.future.set_exception(WorkerLost(f"worker {worker} serves another revision", blameless=True))
+            if sender in self._refused:
+                log.warning("Dropped batch %d from worker %s: it serves another revision", message.batch_id, sender)
+                self._give_up(flight, WorkerLost(f"worker {sender} serves another revision", blameless=True))
                 return
-            info = self._workers.get(worker)
-            facts = {
-                "worker": worker or self.name,
-                "revision": info.revision if info is not None else self.revision,
-                "dtype": info.dtype if info is not None else None,
-            }
+            result = checked(message, flight.call.specs, max_bytes=self._max_bytes)
+            if isinstance(result, str):
+                self._strike(worker, f"batch {message.batch_id} came back with {result}")
+                self._give_up(flight, RenderFailed(_BROKEN_IMAGE))
+                return
+            self._strikes.clear(worker)
+            info = self._workers.get(sender)
+            facts = {"worker": sender, "revision": self.revision, "dtype": info.dtype if info is not None else None}
+            message = result
+        elif isinstance(message, Failed):
+            if message.kind not in _FIXED:
+                return
+            log.info(
+                "Batch %d failed on %s (%s): %s", message.batch_id, sender, message.kind, shown(str(message.message))
+            )
+            message = Failed(message.batch_id, message.kind, _FIXED[message.kind])
         answer(flight.call, flight.future, message, facts)
+        if isinstance(message, Rendered | Failed):
+            self._finished.append(flight.entry_id)
+            self._spawn(self._send_stops())
+
+    # Batches held too long, taken over, or by a refused worker
+
+    async def _sweep(self) -> None:
+        """Look at who holds each batch sent: give up those past their deadline, held by a refused worker, or taken
+        from the bot's hands; fail those that stopped ``MAX_CRASHES`` workers."""
+        flights = [flight for flight in self._flights.values() if self._awaited(flight.batch_id) is flight]
+        holders = await self._holders_of([flight.entry_id for flight in flights])
+        now = time.monotonic()
+        for flight in flights:
+            if flight.future.done():
+                continue
+            assert flight.entry_id is not None
+            holding = holders.get(flight.entry_id)
+            if holding is None:
+                if flight.holding is not None:
+                    log.warning(
+                        "Batch %d left the workers' hands without an outcome (its entry was acknowledged or deleted): "
+                        "it goes back in line",
+                        flight.batch_id,
+                    )
+                    self._give_up(flight, WorkerLost("its entry was taken from the stream", blameless=True))
+                continue
+            holder, deliveries = holding
+            worker = worker_of(holder)
+            if holder != flight.holding:
+                flight.holding, flight.held_since = holder, now
+            if worker in self._strikes.refused:
+                self._give_up(flight, WorkerLost(f"worker {worker} is refused", blameless=True))
+            elif flight.started and deliveries - flight.deliveries >= MAX_CRASHES:
+                log.warning(
+                    "Batch %d stopped %d workers: its jobs fail", flight.batch_id, deliveries - flight.deliveries
+                )
+                self._give_up(
+                    flight,
+                    RenderFailed(
+                        f"Rendering this job stopped GPU workers {MAX_CRASHES} times, so it was given up. Try other "
+                        "settings, or tell the bot's operator."
+                    ),
+                )
+            elif flight.held_since is not None and now - flight.held_since > flight.deadline:
+                self._strike(worker, f"held batch {flight.batch_id} past its deadline of {flight.deadline:.0f} s")
+                self._give_up(flight, WorkerLost(f"worker {worker} held it past its deadline", blameless=True))
+
+    def _give_up(self, flight: _Flight, error: Exception) -> None:
+        """Fail a batch (the scheduler puts its jobs back in line, or fails them) and take it back from the workers."""
+        if not flight.future.done():
+            flight.future.set_exception(error)
+        self._abandoned.append((flight.batch_id, flight.entry_id))
+        self._spawn(self._send_stops())
+
+    def _strike(self, worker: str, why: str) -> None:
+        if self._strikes.strike(worker, why):
+            for name in [name for name in self._workers if worker_of(name) == worker]:
+                del self._workers[name]
+            self._notify()

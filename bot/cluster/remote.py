@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -37,16 +38,17 @@ from bot.cluster.broker import (
     UNREACHABLE,
     Outage,
     Retry,
-    create_group,
     entries,
     no_group,
+    parse,
     pause,
     redacted,
     refused,
     unreachable_errors,
 )
 from bot.cluster.held import Batches, Held
-from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo
+from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, valid_name
+from bot.cluster.wire import consumer as consumer_name
 from bot.config import ClusterConfig
 from bot.engine.executor import Worker
 from bot.engine.process import WorkerProcess
@@ -98,15 +100,28 @@ def process_executor(process: WorkerProcess) -> Executor:
 
 
 def default_name(cluster: ClusterConfig) -> str:
-    """Return this worker's name: ``cluster.name``, else host name and process id (unique on one host too)."""
-    return cluster.name or f"{socket.gethostname()}-{os.getpid()}"
+    """Return this worker's name: ``cluster.name``, else the broker URL's user (its Redis ACL user), else host name
+    and process id (unique on one host too), made to fit ``wire.NAME_PATTERN``."""
+    if cluster.name:
+        return cluster.name
+    user = parse(cluster.broker).username if cluster.broker else None
+    if user and user != "default":
+        if not valid_name(user):
+            raise ConfigError(
+                f"The broker user {user!r} cannot name a worker: give cluster.name (1 to 48 letters, digits, '.', "
+                "'_' or '-'), and a Redis user of that name (sygil-bot cluster add-worker NAME)"
+            )
+        return user
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).lstrip("._-")[:40] or "worker"
+    return f"{host}-{os.getpid()}"
 
 
 @dataclass(eq=False, slots=True)
 class _Consumer:
     """One local executor as a consumer of the group: its name in Redis and the entries it holds."""
 
-    name: str
+    name: str  # in the group: ``{worker}/{device}``
+    device: str  # the device part, which names its heartbeat key
     executor: Executor
     held: dict[str, Held] = field(default_factory=lambda: dict[str, Held]())
     room: asyncio.Event = field(default_factory=asyncio.Event)  # set while it holds fewer entries than its depth
@@ -143,6 +158,8 @@ class WorkerHost:
         if not executors:
             raise ValueError("a worker host needs at least one executor")
         self.name = name or default_name(cluster)
+        if not valid_name(self.name):
+            raise ConfigError(f"A worker's name is 1 to 48 letters, digits, '.', '_' or '-', not {self.name!r}")
         self._redis = redis
         self._cluster = cluster
         self._keys = Keys(cluster.prefix)
@@ -162,9 +179,10 @@ class WorkerHost:
         self._batches = Batches(redis, self._keys, lease=cluster.lease, retry=self._broker)
         devices = [executor.served().device for executor in executors]
         unique = len(set(devices)) == len(devices)
+        tags = [device if unique else f"{index}-{device}" for index, device in enumerate(devices)]
         self.consumers = [
-            _Consumer(f"{self.name}-{device}" if unique else f"{self.name}-{index}-{device}", executor)
-            for index, (device, executor) in enumerate(zip(devices, executors, strict=True))
+            _Consumer(consumer_name(self.name, tag), tag, executor)
+            for tag, executor in zip(tags, executors, strict=True)
         ]
         for consumer in self.consumers:
             consumer.update()
@@ -266,7 +284,7 @@ class WorkerHost:
             if replies is UNREACHABLE:
                 continue
             claimed = {consumer.name for consumer, reply in zip(named, replies, strict=True) if reply}
-            self._claimed |= claimed
+            self._claimed |= {self._keys.beat(self.name, c.device) for c in named if c.name in claimed}
             waiting -= claimed
             if not waiting:
                 return
@@ -285,7 +303,7 @@ class WorkerHost:
         """Write the heartbeats, the first ones only where none lives; after them, read the bot's announcement."""
         pipe = self._redis.pipeline(transaction=False)
         for consumer in consumers:
-            pipe.set(self._keys.worker(consumer.name), self._info(consumer).dump(), ex=self._ttl, nx=first)
+            pipe.set(self._keys.beat(self.name, consumer.device), self._info(consumer).dump(), ex=self._ttl, nx=first)
         if not first:
             pipe.get(self._keys.bot)
         return await pipe.execute()
@@ -354,7 +372,8 @@ class WorkerHost:
         except ResponseError as error:
             if not no_group(error):
                 raise
-        await create_group(self._redis, self._keys.batches)
+        # The bot makes the group when it connects (a worker may not): Redis restarted empty, or the bot is new.
+        await pause(self._cluster.heartbeat, self._stopping)
         return None
 
     async def _claim_stale(self, consumer: _Consumer) -> tuple[str, Mapping[bytes, bytes]] | None:
@@ -441,7 +460,7 @@ class WorkerHost:
                         await self._batches.give_back(consumer.name, given)
                         log.info("Gave back %d batch(es) for another worker to take at once", len(given))
                 if self._claimed:
-                    await self._redis.delete(*(self._keys.worker(name) for name in sorted(self._claimed)))
+                    await self._redis.delete(*sorted(self._claimed))
 
     async def _unless_stopping(self, wait: Callable[[], Awaitable[object]]) -> bool:
         """Await ``wait()`` unless the host stops first; return whether it finished and the host still runs."""

@@ -6,14 +6,21 @@ The bot (one per cluster) and any number of ``sygil-bot worker`` processes share
 ``{prefix}:batches``                stream, bot → workers: one ``RenderBatch`` per entry, read through the consumer
                                     group ``workers``; an entry pending longer than its lease (the worker died or
                                     lost the network) is claimed by another worker (XAUTOCLAIM). A worker holding an
-                                    entry renews its lease (XCLAIM … JUSTID) while it renders.
-``{prefix}:events:{session}``       stream, workers → one bot session: ``Started``, ``Progress``, ``Rendered`` and
-                                    ``Failed``, each naming its batch. The bot reads it alone (XREAD); an event for
-                                    a batch it no longer waits for (a late duplicate) is dropped.
+                                    entry renews its lease (XCLAIM … JUSTID) while it renders; the bot acknowledges
+                                    and deletes it once it took the outcome. Each entry carries a ``nonce``, new at
+                                    every dispatch, that the worker's events must repeat.
 ``{prefix}:bot``                    the bot's announcement (``BotInfo``, with a TTL): its session, model and the
                                     revision workers must serve. Without it, workers wait.
-``{prefix}:worker:{name}``          a worker's heartbeat (``WorkerInfo``, with a TTL): what it serves and on what.
 ``{prefix}:stop:{session}:{batch}`` set when nobody wants a batch any more; the worker stops it at its next step.
+``{prefix}:w:{worker}:…``           what worker ``worker`` writes, and it alone (its Redis ACL user has that name):
+``{prefix}:w:{worker}:beat:{device}``  a heartbeat per device (``WorkerInfo``, with a TTL);
+``{prefix}:w:{worker}:events:{session}``  stream, that worker → one bot session: ``Started``, ``Progress``,
+                                    ``Rendered`` and ``Failed``, each naming its batch and nonce. The bot takes an
+                                    event only from the worker whose consumer holds the batch's entry.
+
+Each device of a worker is a consumer of the group named ``{worker}/{device}``, so the holder of an entry
+(XPENDING) names the worker whose events stream may speak for it. Worker names are ``NAME_PATTERN``: no ``:``, ``/``
+or glob characters, so one worker's keys never match another's ACL pattern.
 
 A stream entry's fields: ``data``, the message's ``protocol.encode`` dict as JSON with every bytes value (PNGs,
 init images) replaced by ``{"$blob": i}``; ``b{i}``, those bytes as they are (Redis values are binary-safe, so no
@@ -38,6 +45,8 @@ _BLOB = "$blob"
 SHOWN_LENGTH = 64  # characters of a worker's text (name, host, device) kept for logs and /queue
 _SAFE = frozenset(" .:,+-()/")
 _EXACT_REVISION = re.compile(r"[0-9a-f]{40}|sha256:[0-9a-f]{64}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
+_DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,31}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,19 +63,51 @@ class Keys:
     def bot(self) -> str:
         return f"{self.prefix}:bot"
 
-    def events(self, session: str) -> str:
-        return f"{self.prefix}:events:{session}"
-
-    def worker(self, name: str) -> str:
-        return f"{self.prefix}:worker:{name}"
-
-    @property
-    def workers(self) -> str:
-        """The pattern matching every worker's heartbeat key (for SCAN)."""
-        return f"{self.prefix}:worker:*"
-
     def stop(self, session: str, batch_id: int) -> str:
         return f"{self.prefix}:stop:{session}:{batch_id}"
+
+    def own(self, worker: str) -> str:
+        """The pattern of every key worker ``worker`` writes (its ACL user's key pattern)."""
+        return f"{self.prefix}:w:{worker}:*"
+
+    def beat(self, worker: str, device: str) -> str:
+        return f"{self.prefix}:w:{worker}:beat:{device}"
+
+    @property
+    def beats(self) -> str:
+        """The pattern matching every worker's heartbeats (for SCAN)."""
+        return f"{self.prefix}:w:*:beat:*"
+
+    def beat_of(self, key: str) -> tuple[str, str] | None:
+        """Return the (worker, device) a heartbeat key belongs to; None for a key that is not one."""
+        head = f"{self.prefix}:w:"
+        worker, beat, device = key.removeprefix(head).partition(":beat:")
+        if not key.startswith(head) or not beat or not valid_name(worker) or not valid_device(device):
+            return None
+        return worker, device
+
+    def events(self, worker: str, session: str) -> str:
+        return f"{self.prefix}:w:{worker}:events:{session}"
+
+
+def consumer(worker: str, device: str) -> str:
+    """The consumer name of one device of a worker in the group."""
+    return f"{worker}/{device}"
+
+
+def worker_of(consumer_name: str) -> str:
+    """The worker a consumer belongs to (its name up to the first ``/``)."""
+    return consumer_name.partition("/")[0]
+
+
+def valid_name(name: str) -> bool:
+    """Whether a worker name is ``NAME_PATTERN``: 1 to 48 letters, digits, ``.``, ``_`` or ``-``."""
+    return NAME_PATTERN.fullmatch(name) is not None
+
+
+def valid_device(device: str) -> bool:
+    """Whether a device as a worker names it is plain (``cuda:0``, ``cpu``, ``mps``): at most 32 safe characters."""
+    return _DEVICE.fullmatch(device) is not None
 
 
 @dataclass(frozen=True, slots=True)

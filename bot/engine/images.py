@@ -1,4 +1,5 @@
-"""Opening an init image from untrusted bytes: a PNG only, its size read from the header before any decoding."""
+"""Images from untrusted bytes: an init image a user sent, a result a remote worker sent; PNGs only, their size read
+from the header before any decoding."""
 
 from __future__ import annotations
 
@@ -49,3 +50,25 @@ def open_init_image(data: bytes) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, EOFError, struct.error):
         raise BadImage(_DAMAGED) from None
     return image
+
+
+def check_rendered(data: object, *, width: int, height: int, max_bytes: int) -> str | None:
+    """Check an image a remote worker sent back before anyone sees it: bytes of at most ``max_bytes``, a PNG that
+    decodes, of the requested ``width`` by ``height``. Return None when it passes, else why not (for the log)."""
+    if not isinstance(data, bytes):
+        return f"not bytes but {type(data).__name__}"
+    if len(data) > max_bytes:
+        return f"{len(data)} bytes, over the limit of {max_bytes}"
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 24 or data[12:16] != b"IHDR":
+        return "not a PNG"
+    size = struct.unpack(">II", data[16:24])
+    if size != (width, height):
+        return f"{size[0]}×{size[1]} pixels where {width}×{height} were asked for"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+                image.load()
+    except Exception as error:  # whatever Pillow raises for bytes it cannot decode
+        return f"a PNG that does not decode ({type(error).__name__})"
+    return None

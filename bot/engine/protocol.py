@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from bot.engine.types import EngineOptions, ImageSpec, Mode, RenderedImage, Settings
 
@@ -158,6 +158,8 @@ def encode(message: Message) -> dict[str, Any]:
 
 def decode(data: Mapping[str, Any]) -> Message:
     """Return the message that ``encode`` turned into ``data``; raise ValueError for anything else."""
+    if not isinstance(data, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance] (JSON may be any value)
+        raise ValueError(f"a message is a JSON object, not {type(data).__name__}")
     try:
         kind = data["type"]
         if kind == "render":
@@ -170,20 +172,53 @@ def decode(data: Mapping[str, Any]) -> Message:
             return Hello(data["pid"], data["device"], data["device_name"], data["warmup_seconds"], dict(data["engine"]))
         if kind == "load_failed":
             return LoadFailed(data["message"], bool(data.get("unreachable", False)))
+        # What a worker sends is checked for type: a remote worker may be anyone (the bot trusts none of them).
         if kind == "started":
-            return Started(data["batch_id"])
+            return Started(_int(data, "batch_id"))
         if kind == "progress":
-            return Progress(data["batch_id"], data["step"], data["total"])
+            return Progress(_int(data, "batch_id"), _int(data, "step"), _int(data, "total"))
         if kind == "rendered":
+            items: Any = data["images"]
+            if not isinstance(items, list):
+                raise ValueError("malformed 'rendered' message: images is not a list")
             images = tuple(
-                RenderedImage(png=item["png"], seed=item["seed"], nsfw=item["nsfw"]) for item in data["images"]
+                RenderedImage(png=_bytes(item, "png"), seed=_int(item, "seed"), nsfw=item["nsfw"] is True)
+                for item in cast(list[Mapping[str, Any]], items)
             )
-            return Rendered(data["batch_id"], images, data["seconds"], data["peak_memory"], data["compiled"])
+            peak = data["peak_memory"]
+            return Rendered(
+                _int(data, "batch_id"),
+                images,
+                _seconds(data["seconds"]),
+                peak if isinstance(peak, int) and not isinstance(peak, bool) else None,
+                data["compiled"] is True,
+            )
         if kind == "failed":
-            return Failed(data["batch_id"], FailureKind(data["kind"]), data["message"])
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"malformed {data.get('type', 'untyped')!r} message: {error!r}") from None
+            text = data["message"]
+            return Failed(_int(data, "batch_id"), FailureKind(data["kind"]), text if isinstance(text, str) else "")
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"malformed {str(data.get('type', 'untyped'))[:20]!r} message: {error!r}") from None
     raise ValueError(f"unknown message type {kind!r}")
+
+
+def _int(data: Mapping[str, Any], key: str) -> int:
+    value = data[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{key} is not an integer")
+    return value
+
+
+def _bytes(data: Mapping[str, Any], key: str) -> bytes:
+    value = data[key]
+    if not isinstance(value, bytes):
+        raise TypeError(f"{key} is not bytes")
+    return value
+
+
+def _seconds(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1e9:
+        raise TypeError("seconds is not a number of seconds")
+    return float(value)
 
 
 def _spec_data(spec: ImageSpec) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,10 +56,13 @@ class Scheduler:
         workers: Sequence[Worker] = (),
         max_batch: int = 8,
         max_queue: int = 32,
+        server_share: float = 1.0,
         on_batch: Callable[[Batch], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
+        if not 0 < server_share <= 1:
+            raise ValueError(f"server_share must be in (0, 1], got {server_share}")
         if (render is None) == (not workers):
             raise ValueError("give either a render function or workers")
         # A render function gets a thread of its own, which the scheduler owns and closes.
@@ -66,6 +70,11 @@ class Scheduler:
         self._workers: tuple[Worker, ...] = tuple(workers) or tuple(self._own)
         self._max_batch = max_batch
         self._max_queue = max_queue
+        # Jobs one server (DMs count as one) may hold at once, so a flood from one server leaves room for others;
+        # None: no cap (a share of 1, the whole queue, is what max_queue bounds already).
+        self._server_cap = max(1, math.ceil(server_share * max_queue)) if server_share < 1 else None
+        self._per_server: dict[int | None, int] = {}  # waiting, rendering and being stored; kept by _count
+        self._holding: set[Ticket] = set()  # the submitted jobs _per_server counts
         self._line = Line()
         self._places: dict[int, list[Place]] = {}  # by user, so a user's count never walks the whole queue
         self._place_count = 0
@@ -134,6 +143,14 @@ class Scheduler:
         """
         if self.pending + self._place_count >= self._max_queue:
             raise QueueFull(f"The queue is full ({self._max_queue} jobs waiting). Please try again in a minute or two.")
+        held = self.jobs_of_server(guild_id)
+        if self._server_cap is not None and held >= self._server_cap:
+            where = "This server" if guild_id is not None else "Direct messages"
+            raise QueueFull(
+                f"{where} already {'has' if guild_id is not None else 'have'} {held} job{'s' if held != 1 else ''} "
+                f"in the queue shared by all servers (the share of one server is {self._server_cap} of "
+                f"{self._max_queue}). Try again when some have finished."
+            )
         mine = self.jobs_of(user_id=user_id, guild_id=guild_id)
         if mine >= max_queued:
             if max_queued == 0:
@@ -151,6 +168,7 @@ class Scheduler:
         place = Place(user_id=user_id, guild_id=guild_id)
         self._places.setdefault(user_id, []).append(place)
         self._place_count += 1
+        self._count(guild_id, 1)
         return place
 
     def release(self, place: Place) -> None:
@@ -162,6 +180,7 @@ class Scheduler:
             if not places:
                 del self._places[place.user_id]
             self._place_count -= 1
+            self._count(place.guild_id, -1)
 
     def submit(
         self,
@@ -189,9 +208,35 @@ class Scheduler:
             job_id=job_id, user_id=user_id, guild_id=guild_id, specs=tuple(specs), result=loop.create_future()
         )
         self._line.append(ticket)
+        # Every ticket's result is settled in the end (close cancels the rest): then it no longer holds a place.
+        self._holding.add(ticket)
+        self._count(guild_id, 1)
+        ticket.result.add_done_callback(lambda _: self._let_go(ticket))
         self._touch()
         self._wakeup.set()
         return ticket
+
+    def jobs_of_server(self, guild_id: int | None) -> int:
+        """Return a server's jobs that wait, render (and still want their images), or are being stored."""
+        return self._per_server.get(guild_id, 0)
+
+    @property
+    def server_cap(self) -> int | None:
+        """Return how many jobs one server may hold in the shared queue at once; None when there is no cap."""
+        return self._server_cap
+
+    def _let_go(self, ticket: Ticket) -> None:
+        """Stop counting a job against its server's share (once)."""
+        if ticket in self._holding:
+            self._holding.discard(ticket)
+            self._count(ticket.guild_id, -1)
+
+    def _count(self, guild_id: int | None, delta: int) -> None:
+        held = self._per_server.get(guild_id, 0) + delta
+        if held > 0:
+            self._per_server[guild_id] = held
+        else:
+            self._per_server.pop(guild_id, None)
 
     def jobs_of(self, *, user_id: int, guild_id: int | None) -> int:
         """Return a user's jobs in a server that wait, render, or are being stored."""
@@ -211,6 +256,7 @@ class Scheduler:
         if ticket is not None:
             if not ticket.result.done():
                 ticket.result.set_exception(JobCancelled(reason))
+            self._let_go(ticket)  # now, not when the result's callbacks run
             self._touch()
             return False
         found = False
@@ -221,6 +267,7 @@ class Scheduler:
                 found = True
                 if not ticket.result.done():
                     ticket.result.set_exception(JobCancelled(reason))
+                self._let_go(ticket)
                 if all(other.result.done() for other in running.tickets):
                     running.call.stop()
         return True if found else None

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Self
 import discord
 
 from bot.client import answer_error, requester
-from bot.errors import BotError
+from bot.errors import BotError, Refused
 from bot.jobs import JobKind
+from bot.service import NOT_ITS_MESSAGE
 from bot.storage import VoteTally
 from cogs.imagine._text import filename, info_text
 
@@ -218,12 +219,16 @@ async def vote(
 ) -> None:
     """Record a vote (``up`` or ``down``) on an image, show the new counts on the buttons, tell the voter."""
     tallies = await service.vote(requester(interaction), job_id=job_id, index=index, vote=_VOTES[choice][0])
-    await interaction.response.edit_message(view=result_view(job_id, len(tallies), tallies))
     mine = tallies[index].mine
     if mine:
         note = f"Your {'👍' if mine > 0 else '👎'} on image {index + 1} is recorded."
     else:
         note = f"Your vote on image {index + 1} is withdrawn."
+    if not _shows(interaction.message, job_id):
+        # A forged custom_id names another job: its buttons must not replace this message's.
+        await interaction.response.send_message(note, ephemeral=True)
+        return
+    await interaction.response.edit_message(view=result_view(job_id, len(tallies), tallies))
     await interaction.followup.send(note, ephemeral=True)
 
 
@@ -249,19 +254,30 @@ async def info(service: ImageService, interaction: discord.Interaction[SygilBot]
 
 
 async def delete(service: ImageService, interaction: discord.Interaction[SygilBot], job_id: int) -> None:
-    """Delete a result's message for its requester or a moderator."""
+    """Delete a result's message for its requester or a moderator: only the job's own message, whatever job the
+    custom_id names."""
+    message = interaction.message
+    # The service compares the message with the one recorded for the job; until that is recorded (just after the
+    # post), the message's own images say whose it is.
+    if message is None or not _shows(message, job_id):
+        raise Refused(NOT_ITS_MESSAGE)
     job = await service.delete(
         job_id=job_id,
         guild_id=interaction.guild_id,
         actor_id=interaction.user.id,
         moderator=interaction.client.is_moderator(interaction),
+        message_id=message.id,
     )
     await interaction.response.send_message(f"The images of job {job.id} are deleted.", ephemeral=True)
-    if interaction.message is not None:
-        try:
-            await interaction.message.delete()
-        except discord.HTTPException as exc:
-            log.warning("Could not delete the message of job %d: %s", job.id, exc)
+    try:
+        await message.delete()
+    except discord.HTTPException as exc:
+        log.warning("Could not delete the message of job %d: %s", job.id, exc)
+
+
+def _shows(message: discord.Message | None, job_id: int) -> bool:
+    """Return whether a message shows a job's images (their file names hold the job's id)."""
+    return message is not None and any(attachment.filename == filename(job_id, 0) for attachment in message.attachments)
 
 
 def _attachment(message: discord.Message | None, name: str) -> discord.Attachment:

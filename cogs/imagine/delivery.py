@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot.admission import Admission
+from bot.admission import Admission, because
 from bot.engine.types import RenderedImage
 from bot.errors import BotError, JobCancelled
 from bot.jobs import Job, Reply
@@ -178,7 +178,7 @@ class Deliveries:
             queued.ticket.total_steps,
             queued.warnings,
             eta=scheduler.eta(job.id),
-            paused=f"The moderators paused the queue{': ' + reason if reason else ''}." if paused else None,
+            paused=f"The moderators paused the queue{because(reason)}." if paused else None,
         )
 
     async def _edit_reply(

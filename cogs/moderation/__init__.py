@@ -157,7 +157,7 @@ class Moderation(commands.Cog):
     ) -> None:
         """Block a word or phrase in prompts"""
         added = await self.moderation.add_term(_guild(interaction), interaction.user.id, term)
-        await _answer(interaction, f"Blocked ||{added}||; prompts using it are refused from now on.")
+        await _answer(interaction, f"Blocked {_format.spoiler(added)}; prompts using it are refused from now on.")
 
     @blocklist.command(name="remove")
     @app_commands.describe(term="The blocked word or phrase to allow again")
@@ -166,7 +166,7 @@ class Moderation(commands.Cog):
     ) -> None:
         """Allow a blocked word or phrase again"""
         removed = await self.moderation.remove_term(_guild(interaction), interaction.user.id, term)
-        await _answer(interaction, f"Removed ||{removed}|| from the blocklist.")
+        await _answer(interaction, f"Removed {_format.spoiler(removed)} from the blocklist.")
 
     @blocklist.command(name="list")
     async def blocklist_list(self, interaction: discord.Interaction[SygilBot]) -> None:

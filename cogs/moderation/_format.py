@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bot.limits import DESCRIPTIONS, FIELDS, Limits, Resolved
+from bot.markdown import inert
 from bot.moderation import Target
 from bot.storage import AuditEntry, GuildRules
 
@@ -50,11 +51,11 @@ def terms(config_terms: Iterable[str], server_terms: Iterable[str]) -> str:
         return "No terms are blocked. Add one with `/mod blocklist add`."
     lines = [f"**Blocked terms** ({len(server)} set here, {len(config)} from the bot's config)"]
     if server:
-        lines.append("Set here: " + ", ".join(f"||{term}||" for term in server))
+        lines.append("Set here: " + ", ".join(spoiler(term) for term in server))
     if config:
         lines.append(
             "From the config (only whoever runs the bot can change these): "
-            + ", ".join(f"||{term}||" for term in config)
+            + ", ".join(spoiler(term) for term in config)
         )
     return _fit("\n".join(lines))
 
@@ -74,13 +75,26 @@ def audit(entries: list[AuditEntry]) -> str:
         return "No moderator has changed anything yet."
     lines: list[str] = []
     for entry in entries:
-        line = f"<t:{int(entry.at)}:f> <@{entry.moderator_id}> **{entry.action}** {entry.target}"
+        line = f"<t:{int(entry.at)}:f> <@{entry.moderator_id}> **{entry.action}** {_audit_target(entry.target)}"
         if entry.old is not None or entry.new is not None:
             line += f": {entry.old or '—'} → {entry.new or '—'}"
         if entry.reason:
-            line += f" (reason: {entry.reason})"
+            line += f" (reason: {inert(entry.reason)})"
         lines.append(line)
     return _fit("\n".join(lines))
+
+
+def spoiler(term: str) -> str:
+    """Show a blocked term hidden behind a spoiler, which nothing in it can close."""
+    return f"||{inert(term)}||"
+
+
+def _audit_target(target: str) -> str:
+    # The core writes every target from ids (mentions meant to render) except a blocked term, which it stores as
+    # typed between spoiler bars.
+    if len(target) > 4 and target.startswith("||") and target.endswith("||"):
+        return spoiler(target[2:-2])
+    return target
 
 
 def _fit(text: str) -> str:

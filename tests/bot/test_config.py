@@ -28,6 +28,8 @@ def test_example_config_loads_with_defaults() -> None:
     assert config.generation.size("512x768") == (512, 768)
     assert (config.queue.max_per_user, config.queue.images_per_hour, config.queue.shutdown_grace) == (3, 60, 30.0)
     assert config.moderation.roles == ()
+    assert config.queue.server_share == 0.5
+    assert (config.moderation.max_images_per_hour, config.moderation.max_queued) == (600, 32)
     assert config.stats.min_votes == 3
     assert config.engine_options() == EngineOptions(warmup_batches=(1, 2, 4, 8), warmup_sizes=((512, 512),))
 
@@ -133,6 +135,11 @@ def test_settings_are_read(tmp_path: Path) -> None:
         ("[queue]\nimages_per_hour = -1", "queue.images_per_hour: must not be negative"),
         ("[queue]\nshutdown_grace = 0", "queue.shutdown_grace: must be between 0 and 3600"),
         ("[moderation]\nroles = 'mods'", "moderation.roles: must be a list of role ids or names"),
+        ("[queue]\nserver_share = 0", "queue.server_share: must be more than 0 and at most 1 (a share of max_queue)"),
+        ("[queue]\nserver_share = 1.5", "queue.server_share: must be more than 0 and at most 1"),
+        ("[queue]\nserver_share = 'half'", "queue.server_share: must be a number"),
+        ("[moderation]\nmax_images_per_hour = 0", "moderation.max_images_per_hour: must be at least 1, got 0"),
+        ("[moderation]\nmax_queued = 'many'", "moderation.max_queued: must be a whole number"),
         ("[moderation]\nroles = [true]", "moderation.roles: each role must be a role id"),
         ("[engine]\nattention = 'flash'", "engine.attention: must be one of sdpa, xformers, slicing"),
         ("[stats]\nmin_votes = 0", "stats.min_votes: must be at least 1"),
@@ -206,3 +213,24 @@ def test_devices_start_one_worker_each_and_the_older_spelling_still_works(tmp_pa
 def test_bad_devices_are_named(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.load(write(tmp_path, f"[model]\n{text}\n"), environ=ENV)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('name = "gpu/a"', "cluster.name: 1 to 48 letters"),
+        ('name = "a:b"', "cluster.name: 1 to 48 letters"),
+        ("strikes = 0", "cluster.strikes: must be at least 1"),
+        ("max_image_mib = 0", "cluster.max_image_mib and cluster.seconds_per_step: must be more than 0"),
+        ("seconds_per_step = -1", "cluster.max_image_mib and cluster.seconds_per_step: must be more than 0"),
+    ],
+)
+def test_cluster_trust_settings_are_checked(tmp_path: Path, section: str, message: str) -> None:
+    path = write(tmp_path, f'[cluster]\nbroker = "redis://127.0.0.1:6379/0"\n{section}\n')
+    with pytest.raises(ConfigError, match=message):
+        Config.load(path, environ={"DISCORD_TOKEN": "t"})
+
+
+def test_the_cluster_trust_settings_default_to_what_the_example_says() -> None:
+    cluster = Config.load(Path("config.example.toml"), environ={"DISCORD_TOKEN": "t"}).cluster
+    assert (cluster.max_image_mib, cluster.seconds_per_step, cluster.strikes) == (8.0, 2.0, 3)

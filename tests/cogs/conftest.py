@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bot.client import SygilBot
-from bot.config import Config, DiscordConfig, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
+from bot.config import Config, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
 from bot.engine import Engine
 from bot.engine.executor import Progress, ThreadWorker
 from bot.engine.types import ImageSpec, RenderedImage
@@ -49,7 +49,10 @@ class Harness:
     database: Path
     render: GatedRender
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(blocklist=("forbidden",)))
-    queue: QueueConfig = field(default_factory=lambda: QueueConfig(max_queue=8, max_batch=8, max_per_user=3))
+    # The fake has one guild: the whole queue is its share.
+    queue: QueueConfig = field(
+        default_factory=lambda: QueueConfig(max_queue=8, max_batch=8, max_per_user=3, server_share=1.0)
+    )
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
 
     @contextlib.asynccontextmanager
@@ -57,12 +60,7 @@ class Harness:
         """Start a fresh bot process-alike (new client, scheduler and connection, same database file)."""
         config = Config(
             token=self.server.token,
-            discord=DiscordConfig(
-                api_base_url=self.server.api_base_url,
-                gateway_url=self.server.gateway_url,
-                guild_ids=(self.server.guild_id,),
-                guild_ready_timeout=0.1,
-            ),
+            discord=self.server.bot_settings(),
             generation=GENERATION,
             prompts=self.prompts,
             queue=self.queue,
@@ -74,7 +72,12 @@ class Harness:
         async with (
             await Database.open(self.database) as db,
             contextlib.AsyncExitStack() as stack,  # closes the worker after the scheduler stops handing it batches
-            Scheduler(workers=[worker], max_batch=self.queue.max_batch, max_queue=self.queue.max_queue) as scheduler,
+            Scheduler(
+                workers=[worker],
+                max_batch=self.queue.max_batch,
+                max_queue=self.queue.max_queue,
+                server_share=self.queue.server_share,
+            ) as scheduler,
         ):
             stack.push_async_callback(worker.close)
             service = await open_service(

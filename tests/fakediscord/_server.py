@@ -21,6 +21,8 @@ from typing import Any, Self, TypeVar, cast
 
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from bot.config import DiscordConfig
+
 from ._models import (
     EPHEMERAL,
     LOADING,
@@ -261,6 +263,15 @@ class FakeDiscord:
     def gateway_url(self) -> str:
         """Return the value (as ``yarl.URL``) for ``discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY``."""
         return f"ws://127.0.0.1:{self._port}/"
+
+    def bot_settings(self) -> DiscordConfig:
+        """Return the bot's ``[discord]`` settings for this server: its URLs, its one guild, no wait for more."""
+        return DiscordConfig(
+            api_base_url=self.api_base_url,
+            gateway_url=self.gateway_url,
+            guild_ids=(self.guild_id,),
+            guild_ready_timeout=0.1,
+        )
 
     # -- the guild
 
@@ -532,12 +543,22 @@ class FakeDiscord:
         values: list[str] | None = None,
         user_id: int | None = None,
         channel_id: int | None = None,
+        forged: bool = False,
     ) -> FakeInteraction:
-        """Send a MESSAGE_COMPONENT interaction for a component on a stored message."""
+        """Send a MESSAGE_COMPONENT interaction for a component on a stored message.
+
+        ``forged`` sends a button ``custom_id`` that the message does not carry, with the interaction's copy of the
+        message showing that button too: discord.py ignores a custom_id its message lacks, so this is how a forgery
+        would reach the bot's own code.
+        """
         message = self._messages.get(message_id)
         if message is None or message.deleted:
             raise LookupError(f"no message {message_id}")
         component = next((c for c in walk_components(message.components) if c.get("custom_id") == custom_id), None)
+        shown: list[dict[str, Any]] | None = None
+        if component is None and forged:
+            component = {"type": 2, "style": 2, "label": "Forged", "custom_id": custom_id}
+            shown = [*message.components, {"type": 1, "components": [component]}]
         if component is None:
             raise LookupError(f"message {message_id} has no component {custom_id!r}; it has {message.custom_ids}")
         if component.get("disabled"):
@@ -545,7 +566,7 @@ class FakeDiscord:
         data: dict[str, Any] = {"custom_id": custom_id, "component_type": component["type"]}
         if values is not None:
             data["values"] = values
-        return self._dispatch("message_component", data, user_id, channel_id or message.channel_id, message)
+        return self._dispatch("message_component", data, user_id, channel_id or message.channel_id, message, shown)
 
     async def _command_data(
         self, name: str, values: dict[str, Any], focused: str | None, timeout: float
@@ -619,6 +640,7 @@ class FakeDiscord:
         user_id: int | None,
         channel_id: int | None,
         message: Message | None = None,
+        shown_components: list[dict[str, Any]] | None = None,
     ) -> FakeInteraction:
         session = self._live()
         if session is None:
@@ -648,6 +670,8 @@ class FakeDiscord:
         }
         if message is not None:
             payload["message"] = self._message_payload(message)
+            if shown_components is not None:
+                payload["message"]["components"] = shown_components
         interaction = FakeInteraction(
             interaction_id, token, kind, payload, user.id, channel_id, time.monotonic(), message, _wait=self._wait_for
         )

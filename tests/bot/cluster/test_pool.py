@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -12,12 +13,14 @@ from typing import TypeVar
 import pytest
 import redis
 import redis.asyncio
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from bot.cli.run import start_cluster
 from bot.cluster.pool import ClusterPool
-from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, pack, unpack
+from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, consumer, pack, unpack
 from bot.config import ClusterConfig, Config, ModelConfig
 from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started
 from bot.engine.types import ImageSpec, RenderedImage, Settings
@@ -41,7 +44,8 @@ Taken = tuple[bytes, RenderBatch, str]  # entry id, batch, session
 
 
 def cluster(url: str) -> ClusterConfig:
-    return ClusterConfig(broker=url, prefix=KEYS.prefix, lease=LEASE, heartbeat=HEARTBEAT)
+    # The test plays slow workers: a deadline (lease + 8 s for a 64x64 image of 4 steps) they do not reach.
+    return ClusterConfig(broker=url, prefix=KEYS.prefix, lease=LEASE, heartbeat=HEARTBEAT, seconds_per_step=500.0)
 
 
 def specs(prompt: str, count: int = 1, seed: int = 1) -> list[ImageSpec]:
@@ -74,6 +78,8 @@ class FakeWorker:
     ) -> None:
         self.redis = redis.asyncio.Redis.from_url(url)
         self.name = name
+        self.consumer = consumer(name, "cuda:0")
+        self.nonces: dict[int, str] = {}  # batch id → the nonce of the entry taken
         self.info = WorkerInfo(name, host, "cuda:0", device_name, MODEL, revision, "float16", depth, 0, time.time())
         self._beating: asyncio.Task[None] | None = None
         self._alive = True
@@ -97,7 +103,7 @@ class FakeWorker:
     async def _beat(self) -> None:
         while self._alive:
             with contextlib.suppress(RedisConnectionError):  # the broker is down: beat again when it is back
-                await self.redis.set(KEYS.worker(self.name), self.info.dump(), px=int(3000 * HEARTBEAT))
+                await self.redis.set(KEYS.beat(self.name, "cuda:0"), self.info.dump(), px=int(3000 * HEARTBEAT))
             await asyncio.sleep(HEARTBEAT)
 
     async def take(self, count: int = 1, within: float = 5.0) -> list[Taken]:
@@ -109,7 +115,7 @@ class FakeWorker:
             assert time.monotonic() < deadline, f"{len(taken)} of {count} batches came"
             try:
                 reply = await self.redis.xreadgroup(
-                    GROUP, self.name, {KEYS.batches: ">"}, count=count - len(taken), block=100
+                    GROUP, self.consumer, {KEYS.batches: ">"}, count=count - len(taken), block=100
                 )
             except (ResponseError, RedisConnectionError):  # no group yet: the bot has not (re)connected
                 reply = []
@@ -118,15 +124,16 @@ class FakeWorker:
                 for entry_id, fields in entries:
                     message, plain = unpack(fields)
                     assert isinstance(message, RenderBatch)
+                    self.nonces[message.batch_id] = plain["nonce"]
                     taken.append((entry_id, message, plain["session"]))
         return sorted(taken, key=lambda item: item[1].batch_id)
 
     async def send(self, session: str, message: Message) -> None:
-        await self.redis.xadd(KEYS.events(session), pack(message, worker=self.name))  # type: ignore[arg-type]
-
-    async def finish(self, entry_id: bytes) -> None:
-        await self.redis.xack(KEYS.batches, GROUP, entry_id)
-        await self.redis.xdel(KEYS.batches, entry_id)
+        """Add an event to this worker's stream, with the nonce of the batch's entry (if this worker took it)."""
+        assert isinstance(message, Started | Progress | Rendered | Failed)
+        nonce = self.nonces.get(message.batch_id, "")
+        fields = pack(message, worker=self.consumer, nonce=nonce)
+        await self.redis.xadd(KEYS.events(self.name, session), fields)  # type: ignore[arg-type]
 
     async def render(self, taken: Taken, *, mark: str = "") -> None:
         """Start, report progress, and send images whose bytes name the prompt and seed (plus ``mark``)."""
@@ -135,12 +142,32 @@ class FakeWorker:
         for step in range(1, 5):
             await self.send(session, Progress(batch.batch_id, step, 4))
         await self.send(session, rendered(batch, mark))
-        await self.finish(entry_id)
+        assert entry_id  # the bot acknowledges and deletes the entry once it took the outcome
 
 
 def rendered(batch: RenderBatch, mark: str = "") -> Rendered:
-    images = tuple(RenderedImage(f"{spec.prompt}|{spec.seed}{mark}".encode(), spec.seed) for spec in batch.specs)
+    """Images whose label names the prompt and seed (plus ``mark``): PNGs of the size asked for, as the bot checks."""
+    images = tuple(
+        RenderedImage(png(f"{spec.prompt}|{spec.seed}{mark}", spec.settings.width, spec.settings.height), spec.seed)
+        for spec in batch.specs
+    )
     return Rendered(batch.batch_id, images, 0.1, compiled=True)
+
+
+def png(label: str, width: int = 64, height: int = 64) -> bytes:
+    info = PngInfo()
+    info.add_text("label", label)
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def labels(images: list[RenderedImage]) -> list[str]:
+    found: list[str] = []
+    for image in images:
+        with Image.open(io.BytesIO(image.png)) as opened:
+            found.append(opened.text["label"])  # pyright: ignore[reportAttributeAccessIssue] (PngImageFile)
+    return found
 
 
 @contextlib.asynccontextmanager
@@ -206,17 +233,16 @@ async def test_batches_go_out_only_while_a_worker_has_room(
             ]
             assert first[2] == info.session
 
-            entry_id, batch, session = first
+            _, batch, session = first
             await worker.send(session, Started(batch.batch_id))
             await worker.send(session, Progress(batch.batch_id, 2, 4))
             await eventually(lambda: tickets[0].step == 2)
             assert scheduler.position(1) == 0 and scheduler.position(2) == 1
             await worker.send(session, rendered(batch))
-            await worker.finish(entry_id)
-            assert [image.png for image in await soon(tickets[0].result)] == [b"a|1"]
+            assert labels(await soon(tickets[0].result)) == ["a|1"]
             (rendering,) = tickets[0].renders
             assert (rendering.worker, rendering.revision, rendering.dtype, rendering.compiled) == (
-                "gpu-b",
+                "gpu-b/cuda:0",
                 EXACT,
                 "float16",
                 True,
@@ -225,33 +251,35 @@ async def test_batches_go_out_only_while_a_worker_has_room(
             (third,) = await worker.take()  # the room the first batch left
             await worker.render(second)
             await worker.render(third)
-            assert [(await soon(ticket.result))[0].png for ticket in tickets] == [b"a|1", b"b|2", b"c|3"]
-            await eventually(lambda: broker.xlen(KEYS.events(session)) == 0)  # read events are deleted
+            assert [labels(await soon(ticket.result))[0] for ticket in tickets] == ["a|1", "b|2", "c|3"]
+            await eventually(lambda: broker.xlen(KEYS.events("gpu-b", session)) == 0)  # read events are deleted
         await eventually(lambda: not pool.workers, within=3)
     log = caplog.text
-    assert "Worker gpu-b joined: device NVIDIA H200 (cuda:0) on host-b, model Sygil/Sygil-Diffusion, revision " in log
-    assert "Worker gpu-b left: its heartbeat stopped (device NVIDIA H200 on host-b)" in log
+    assert (
+        "Worker gpu-b/cuda:0 joined: device NVIDIA H200 (cuda:0) on host-b, model Sygil/Sygil-Diffusion, revision "
+        in log
+    )
+    assert "Worker gpu-b/cuda:0 left: its heartbeat stopped (device NVIDIA H200 on host-b)" in log
 
 
 async def test_out_of_memory_splits_the_batch(redis_server: RedisServer) -> None:
     async with running(redis_server.url) as (_pool, scheduler), FakeWorker(redis_server.url, "gpu-b") as worker:
         ticket = submit(scheduler, 1, "a", count=4)
-        ((entry_id, batch, session),) = await worker.take()
+        ((_, batch, session),) = await worker.take()
         assert len(batch.specs) == 4
         await worker.send(session, Started(batch.batch_id))
         await worker.send(session, Failed(batch.batch_id, FailureKind.OUT_OF_MEMORY, "CUDA out of memory"))
-        await worker.finish(entry_id)
         halves = []
         for _ in range(2):
             (taken,) = await worker.take()
             halves.append(len(taken[1].specs))
             await worker.render(taken)
         assert halves == [2, 2]
-        assert [image.png for image in await soon(ticket.result)] == [b"a|1", b"a|2", b"a|3", b"a|4"]
+        assert labels(await soon(ticket.result)) == ["a|1", "a|2", "a|3", "a|4"]
 
         # One image that does not fit alone fails its job, with the worker's words.
         lone = submit(scheduler, 2, "b")
-        ((entry_id, batch, session),) = await worker.take()
+        ((_, batch, session),) = await worker.take()
         await worker.send(session, Failed(batch.batch_id, FailureKind.OUT_OF_MEMORY, "CUDA out of memory"))
         with pytest.raises(OutOfMemory, match="does not fit in the GPU's free memory even alone"):
             await soon(lone.result)
@@ -270,10 +298,10 @@ async def test_a_late_duplicate_result_is_dropped(redis_server: RedisServer, cap
         await worker.render(taken)
         # A second worker that claimed the same batch after its lease sends its own result: dropped.
         await other.send(taken[2], rendered(taken[1], mark="-again"))
-        assert [image.png for image in await soon(ticket.result)] == [b"a|1"]
+        assert labels(await soon(ticket.result)) == ["a|1"]
         later = submit(scheduler, 2, "b")
         await other.render((await other.take())[0])
-        assert [image.png for image in await soon(later.result)] == [b"b|2"]
+        assert labels(await soon(later.result)) == ["b|2"]
     assert [batch.job_ids for batch in batches] == [(1,), (2,)]
     assert f"Dropped Rendered of batch {taken[1].batch_id} from worker gpu-c: nobody awaits it" in caplog.text
 
@@ -293,9 +321,9 @@ async def test_a_worker_serving_another_revision_is_refused(
                 await soon(ticket.result)
     refusals = [record for record in caplog.records if record.getMessage().startswith("Refused worker")]
     assert [(record.levelno, record.getMessage()) for record in refusals] == [
-        (logging.WARNING, f"Refused worker old: it serves revision {OTHER}; the bot is pinned to {EXACT}")
+        (logging.WARNING, f"Refused worker old/cuda:0: it serves revision {OTHER}; the bot is pinned to {EXACT}")
     ]
-    assert "Worker old joined" not in caplog.text
+    assert "Worker old/cuda:0 joined" not in caplog.text
 
 
 async def test_the_first_worker_pins_a_branch(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
@@ -313,9 +341,9 @@ async def test_the_first_worker_pins_a_branch(redis_server: RedisServer, caplog:
                 await first.render((await first.take())[0])
                 await soon(ticket.result)
                 await eventually(lambda: "Refused worker second" in caplog.text)
-                assert [info.name for info in pool.workers] == ["first"]
+                assert [info.name for info in pool.workers] == ["first/cuda:0"]
         assert [rendering.revision for rendering in ticket.renders] == [OTHER]
-    assert f"Pinned revision {OTHER} of {MODEL}, served by worker first (model.revision is main)" in caplog.text
+    assert f"Pinned revision {OTHER} of {MODEL}, served by worker first/cuda:0 (model.revision is main)" in caplog.text
 
 
 async def test_jobs_wait_out_a_broker_outage_and_run_once(
@@ -347,8 +375,8 @@ async def test_jobs_wait_out_a_broker_outage_and_run_once(
         for _ in range(2):
             (taken,) = await worker.take()
             await worker.render(taken)
-        assert [image.png for image in await soon(ticket.result)] == [b"a|1"]
-        assert [image.png for image in await soon(waiting.result)] == [b"b|2"]
+        assert labels(await soon(ticket.result)) == ["a|1"]
+        assert labels(await soon(waiting.result)) == ["b|2"]
         # The batch given up is stopped for any worker still holding it; its late result is dropped.
         assert broker.exists(KEYS.stop(session, lost.batch_id))
         await worker.send(session, rendered(lost, mark="-late"))
@@ -378,7 +406,7 @@ async def test_with_no_worker_left_its_batches_go_back_in_line(redis_server: Red
             assert [batch.specs[0].prompt for _, batch, _ in again] == ["a", "b"]
             for taken in again:
                 await back.render(taken)
-            assert [(await soon(ticket.result))[0].png for ticket in (started, sent)] == [b"a|1", b"b|2"]
+            assert [labels(await soon(ticket.result))[0] for ticket in (started, sent)] == ["a|1", "b|2"]
 
 
 async def test_a_stopped_batch_no_worker_took_ends_at_once(redis_server: RedisServer, broker: redis.Redis) -> None:
@@ -396,13 +424,12 @@ async def test_a_stopped_batch_no_worker_took_ends_at_once(redis_server: RedisSe
         # A started batch stops when its worker says so.
         async with Scheduler(workers=[pool]) as scheduler:
             cancelled = submit(scheduler, 2, "b")
-            ((entry_id, batch, session),) = await worker.take()
+            ((_, batch, session),) = await worker.take()
             await worker.send(session, Started(batch.batch_id))
             await soon(cancelled.started.wait())
             assert scheduler.cancel(2, "Cancelled by its author.") is True
             await eventually(lambda: bool(broker.exists(KEYS.stop(session, batch.batch_id))))
             await worker.send(session, Failed(batch.batch_id, FailureKind.STOPPED, "stopped"))
-            await worker.finish(entry_id)
             await asyncio.wait_for(scheduler.wait_idle(), 2)
             with pytest.raises(JobCancelled, match="Cancelled by its author"):
                 await soon(cancelled.result)

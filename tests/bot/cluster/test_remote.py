@@ -24,7 +24,7 @@ import pytest_asyncio
 from PIL import Image
 from redis.asyncio import Redis
 
-from bot.cluster.broker import connect
+from bot.cluster.broker import connect, create_group
 from bot.cluster.remote import Executor, PinRefused, Served, WorkerHost, process_executor
 from bot.cluster.wire import GROUP, BotInfo, Keys, WorkerInfo, pack, unpack
 from bot.config import ClusterConfig
@@ -87,24 +87,36 @@ class FakeBot:
         self.client = client
         self.session = session
         self.events: dict[int, list[tuple[Message, dict[str, str]]]] = {}
-        self._last: dict[str, bytes | str] = {}
+        self.entries: dict[int, str] = {}  # batch id → its entry, acknowledged and deleted with its outcome
+        self._last: dict[bytes, bytes] = {}
 
     async def announce(self, revision: str | None, *, session: str | None = None) -> None:
+        """Announce the bot, and make the workers' group as the bot does when it connects (a worker may not)."""
+        await create_group(self.client, KEYS.batches)
         await self.client.set(KEYS.bot, BotInfo(session or self.session, "tiny", revision, LEASE).dump())
 
     async def send(self, batch_id: int, specs: Sequence[ImageSpec], *, session: str | None = None) -> str:
         fields: dict[Any, Any] = pack(RenderBatch(batch_id, tuple(specs)), session=session or self.session)
         entry = await self.client.xadd(KEYS.batches, fields)
-        return entry.decode() if isinstance(entry, bytes) else entry
+        self.entries[batch_id] = entry.decode() if isinstance(entry, bytes) else entry
+        return self.entries[batch_id]
 
     async def read(self, session: str | None = None) -> None:
-        key = KEYS.events(session or self.session)
-        reply: Any = await self.client.xread({key: self._last.get(key, "0-0")}, block=100)
-        for _stream, entries in reply or []:
+        """Read every worker's events stream of the session, and take outcomes as the bot does."""
+        keys = await _keys(self.client, KEYS.events("*", session or self.session))
+        if not keys:
+            await asyncio.sleep(0.1)
+            return
+        reply: Any = await self.client.xread({key: self._last.get(key, b"0-0") for key in keys}, block=100)
+        for stream, entries in reply or []:
             for entry, fields in entries:
-                self._last[key] = entry
+                self._last[stream] = entry
                 message, plain = unpack(fields)
                 self.events.setdefault(getattr(message, "batch_id", -1), []).append((message, plain))
+                taken = self.entries.get(getattr(message, "batch_id", -1))
+                if isinstance(message, Rendered | Failed) and taken is not None:
+                    await self.client.xack(KEYS.batches, GROUP, taken)
+                    await self.client.xdel(KEYS.batches, taken)
 
     async def until(self, done: Callable[[], bool], *, session: str | None = None, within: float = 60.0) -> None:
         async with asyncio.timeout(within):
@@ -125,13 +137,23 @@ class FakeBot:
         return self.events[batch_id]
 
     async def settled(self) -> None:
-        """Wait until every batch entry is acknowledged and deleted."""
+        """Wait until every batch entry is acknowledged (by the worker for one it dropped, else by the bot)."""
 
         async def empty() -> bool:
             pending: Any = await self.client.xpending(KEYS.batches, GROUP)
-            return await self.client.xlen(KEYS.batches) == 0 and pending["pending"] == 0
+            return pending["pending"] == 0
 
         await eventually(empty)
+
+
+async def _keys(client: Redis, pattern: str) -> list[bytes]:
+    return [key async for key in client.scan_iter(match=pattern)]
+
+
+def beat(consumer: str) -> str:
+    """The heartbeat key of a consumer named ``worker/device``."""
+    worker, _, device = consumer.partition("/")
+    return KEYS.beat(worker, device)
 
 
 async def eventually(check: Callable[[], Awaitable[object]], within: float = 15.0) -> None:
@@ -190,13 +212,13 @@ async def test_a_pinned_worker_announces_itself_renders_and_acknowledges(
     bot = FakeBot(client)
     async with serving(redis_server, process_executor(process)) as (host, _):
         [name] = host.names
-        assert name == f"{socket.gethostname()}-{os.getpid()}-cpu"
-        await eventually(lambda: client.exists(KEYS.worker(name)))
-        info = WorkerInfo.load(await client.get(KEYS.worker(name)) or b"")
+        assert name == f"{socket.gethostname()}-{os.getpid()}/cpu"
+        await eventually(lambda: client.exists(beat(name)))
+        info = WorkerInfo.load(await client.get(beat(name)) or b"")
         host_name = socket.gethostname()
         assert info == WorkerInfo(name, host_name, "cpu", "cpu", "tiny", revision, "float32", 2, 0, info.started_at)
         assert abs(info.started_at - time.time()) < 60
-        assert 0 < await client.ttl(KEYS.worker(name)) <= 1  # three heartbeats of 0.2 s, rounded up
+        assert 0 < await client.ttl(beat(name)) <= 1  # three heartbeats of 0.2 s, rounded up
 
         await bot.announce(revision)
         await bot.send(1, [_spec("species:seal, beach", 7), _spec("studio:dc", 8)])
@@ -210,7 +232,7 @@ async def test_a_pinned_worker_announces_itself_renders_and_acknowledges(
         assert rendered.seconds > 0 and not rendered.compiled
         assert {plain["worker"] for _, plain in events} == {name}
         await bot.settled()
-    assert not await client.exists(KEYS.worker(name)), "a clean stop deletes the heartbeat"
+    assert not await client.exists(beat(name)), "a clean stop deletes the heartbeat"
 
 
 async def test_a_worker_waits_for_the_bot_and_its_pin_then_pulls(
@@ -227,7 +249,7 @@ async def test_a_worker_waits_for_the_bot_and_its_pin_then_pulls(
         await eventually(lambda: _logged(caplog, "Waiting for the bot: it has not announced itself"))
         await bot.announce(None)
         await eventually(lambda: _logged(caplog, "Waiting for the bot to pin a model revision"))
-        assert await client.xlen(KEYS.events(bot.session)) == 0
+        assert not await _keys(client, KEYS.events("*", bot.session))
         groups: Any = await client.xinfo_groups(KEYS.batches) if await client.exists(KEYS.batches) else []
         assert all(group["pending"] == 0 for group in groups), "nothing was pulled"
         await bot.announce(revision)
@@ -245,7 +267,7 @@ async def test_a_batch_of_an_earlier_bot_session_is_dropped_unrendered(
         await bot.send(4, [_spec("species:cat", 4)])
         assert isinstance((await bot.finished(4))[-1][0], Rendered)
         await bot.settled()
-    assert not await client.exists(KEYS.events("s1")), "the old batch was neither started nor answered"
+    assert not await _keys(client, KEYS.events("*", "s1")), "the old batch was neither started nor answered"
 
 
 async def test_a_stop_key_stops_a_batch_before_it_starts_and_while_it_renders(
@@ -274,7 +296,6 @@ async def test_an_entry_held_by_a_dead_worker_is_taken_over_after_its_lease(
     redis_server: RedisServer, client: Redis, process: WorkerProcess, revision: str
 ) -> None:
     bot = FakeBot(client)
-    await client.xgroup_create(KEYS.batches, GROUP, id="0", mkstream=True)
     await bot.announce(revision)
     await bot.send(7, [_spec("species:fox", 7)])
     # A worker reads the entry and dies: it never renews, publishes or acknowledges.
@@ -306,7 +327,7 @@ async def test_the_worker_recovers_by_itself_when_redis_comes_back_empty(
         await eventually(lambda: _logged(caplog, "Lost the broker"))
         redis_server.start()
         await client.connection_pool.disconnect()  # the test's own connections died with the server
-        await eventually(lambda: client.exists(KEYS.worker(host.names[0])))  # the heartbeat is back
+        await eventually(lambda: client.exists(beat(host.names[0])))  # the heartbeat is back
         await bot.announce(revision)  # as the bot does every heartbeat
         await bot.send(9, [_spec("species:seal", 9)])
         events = await bot.finished(9, within=30)
@@ -346,15 +367,15 @@ async def test_a_stopping_worker_gives_back_what_it_cannot_finish_and_another_ta
         await holds.wait("giveback")  # it cannot finish within the grace
         first.stop()
         await asyncio.wait_for(task, 10)
-    assert not await client.exists(KEYS.worker("first-cpu"))
+    assert not await client.exists(beat("first/cpu"))
     assert bot.outcome(11) is None, "nothing published for a batch given back"
     pending: Any = await client.xpending_range(KEYS.batches, GROUP, "-", "+", 10)
-    assert [item["consumer"] for item in pending] == [b"first-cpu"]
+    assert [item["consumer"] for item in pending] == [b"first/cpu"]
     assert pending[0]["time_since_delivered"] >= LEASE * 1000, "claimable now, not after a lease"
     holds.release("giveback")
     async with serving(redis_server, process_executor(process), name="second"):
         events = await bot.finished(11)
-        assert events[-1][1]["worker"] == "second-cpu" and isinstance(events[-1][0], Rendered)
+        assert events[-1][1]["worker"] == "second/cpu" and isinstance(events[-1][0], Rendered)
 
 
 async def test_a_worker_of_another_revision_is_refused(redis_server: RedisServer, client: Redis) -> None:
@@ -362,17 +383,17 @@ async def test_a_worker_of_another_revision_is_refused(redis_server: RedisServer
     async with serving(redis_server, fake_executor()) as (host, task):
         with pytest.raises(PinRefused, match=f"serves revision {OTHER_REVISION}, the bot is pinned to sha256:1111"):
             await asyncio.wait_for(task, 10)
-        assert not await client.exists(KEYS.worker(host.names[0]))
+        assert not await client.exists(beat(host.names[0]))
 
 
 async def test_two_workers_cannot_share_a_name(redis_server: RedisServer, client: Redis) -> None:
     async with serving(redis_server, fake_executor(), name="twin") as (first, _):
-        await eventually(lambda: client.exists(KEYS.worker("twin-cpu")))
+        await eventually(lambda: client.exists(beat("twin/cpu")))
         async with serving(redis_server, fake_executor(), name="twin") as (_, task):
-            with pytest.raises(ConfigError, match="Another worker named twin-cpu is running"):
+            with pytest.raises(ConfigError, match="Another worker named twin/cpu is running"):
                 await asyncio.wait_for(task, 10)
-        assert await client.exists(KEYS.worker("twin-cpu")), "the first keeps its heartbeat"
-        assert first.names == ["twin-cpu"]
+        assert await client.exists(beat("twin/cpu")), "the first keeps its heartbeat"
+        assert first.names == ["twin/cpu"]
 
 
 async def test_a_wrong_password_is_one_clear_error_without_the_password(tmp_path: Path) -> None:
@@ -410,7 +431,7 @@ async def _start_cli(config: Path, log: Path, env: dict[str, str] | None = None)
 
 
 async def _heartbeats(client: Redis) -> list[bytes]:
-    return [key async for key in client.scan_iter(match=KEYS.workers)]
+    return await _keys(client, KEYS.beats)
 
 
 @pytest.mark.e2e

@@ -60,11 +60,22 @@ def test_announcements_round_trip() -> None:
     )
     assert WorkerInfo.load(worker.dump().encode()) == worker
     keys = Keys("test")
-    assert (keys.batches, keys.events("abc"), keys.worker("gpu-a")) == (
+    assert (keys.batches, keys.events("gpu-a", "abc"), keys.beat("gpu-a", "cuda:0"), keys.own("gpu-a")) == (
         "test:batches",
-        "test:events:abc",
-        "test:worker:gpu-a",
+        "test:w:gpu-a:events:abc",
+        "test:w:gpu-a:beat:cuda:0",
+        "test:w:gpu-a:*",
     )
+
+
+def test_a_heartbeat_key_names_its_worker_and_device_or_nothing() -> None:
+    keys = Keys("test")
+    assert keys.beat_of("test:w:gpu-a:beat:cuda:0") == ("gpu-a", "cuda:0")
+    assert keys.beat_of("test:w:gpu-a:beat:0-cuda:1") == ("gpu-a", "0-cuda:1")
+    # A key a worker could not have been given, or one that does not name a plain worker and device, is nobody's.
+    for key in ("test:w:gpu/a:beat:cpu", "test:w:gpu-a:beat:", "other:w:gpu-a:beat:cpu", "test:w:a:events:s",
+                "test:w:gpu-a:beat:cpu <@1>", "test:w::beat:cpu", "test:w:" + "a" * 49 + ":beat:cpu"):  # fmt: skip
+        assert keys.beat_of(key) is None, key
 
 
 def test_exact_revisions() -> None:
