@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -104,7 +105,10 @@ def redacted(url: str) -> str:
 
 
 def connect(url: str) -> Redis:
-    """Return a client for the broker whose commands fail at once while Redis is away: the callers' loops retry."""
+    """Return a client for the broker whose commands fail at once while Redis is away: the callers' loops retry.
+
+    A ``rediss://`` broker's certificate is checked against the system's CAs, or against ``SYGIL_BROKER_CA`` (a PEM
+    file) when set: a private CA for the broker alone."""
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry as ClientRetry
     from redis.backoff import NoBackoff
@@ -115,6 +119,13 @@ def connect(url: str) -> Redis:
         if broker.scheme == "unix"
         else {"host": broker.host, "port": broker.port, "ssl": broker.scheme == "rediss"}
     )
+    ca = os.environ.get("SYGIL_BROKER_CA", "")
+    if broker.scheme == "rediss" and ca:
+        if not os.path.isfile(ca):
+            raise ConfigError(
+                f"SYGIL_BROKER_CA: {ca} is not a file (the PEM of the CA that signed Redis's certificate)"
+            )
+        where["ssl_ca_certs"] = ca  # this broker's CA only; the process's other connections keep the system's
     return Redis(
         **where,
         db=broker.db,

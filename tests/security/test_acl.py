@@ -22,6 +22,7 @@ from bot.__main__ import main
 from bot.cluster.acl import REVOKED_HOLDER
 from bot.cluster.broker import connect, create_group, entries, parse
 from bot.cluster.wire import GROUP, Keys
+from bot.errors import ConfigError
 from tests.redis_server import BASE64_PASSWORD, RedisServer, free_port
 
 KEYS = Keys("sygil")
@@ -423,7 +424,14 @@ def test_a_worker_reaches_redis_over_tls_with_a_rediss_url(
         monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "tls" / "none.pem"))
         with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
             asyncio.run(use())
-        # OpenSSL's SSL_CERT_FILE names the CA that signed it: what broker.connect's default context trusts.
+        # SYGIL_BROKER_CA names the CA that signed it, for the broker alone.
+        monkeypatch.setenv("SYGIL_BROKER_CA", str(ca))
+        asyncio.run(use())
+        monkeypatch.setenv("SYGIL_BROKER_CA", str(tmp_path / "missing.pem"))
+        with pytest.raises(ConfigError, match=r"SYGIL_BROKER_CA: .*missing.pem is not a file"):
+            connect(url)
+        # Or OpenSSL's SSL_CERT_FILE (for the whole process): what broker.connect's default context trusts.
+        monkeypatch.delenv("SYGIL_BROKER_CA")
         monkeypatch.setenv("SSL_CERT_FILE", str(ca))
         asyncio.run(use())
         with server.client() as admin:
