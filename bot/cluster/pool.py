@@ -628,7 +628,9 @@ class ClusterPool:
             return
         facts: dict[str, object] = {}
         if isinstance(message, Started):
-            flight.started, flight.holder, flight.deliveries = True, sender, deliveries
+            if not flight.started:  # the crashes of a batch count from its first start, whoever starts it again
+                flight.started, flight.deliveries = True, deliveries
+            flight.holder = sender
             flight.call.facts["worker"] = sender
         elif isinstance(message, Rendered):
             if sender in self._refused:

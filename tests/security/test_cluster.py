@@ -424,6 +424,7 @@ async def test_a_batch_that_stops_three_workers_fails_with_a_message(cluster: Cl
             consumer = f"mallory/{device}"
             await until(lambda: admin.xpending_range(KEYS.batches, GROUP, "-", "+", 1)[0]["time_since_delivered"] != 0)
             await attacker.redis.xautoclaim(KEYS.batches, GROUP, consumer, 0, count=1)
+            await attacker.send(attacker.session, {**pack(Started(batch.batch_id), worker=consumer, nonce=nonce)})
         with pytest.raises(RenderFailed, match="stopped GPU workers 3 times, so it was given up"):
             await result(ticket)
         assert admin.xlen(KEYS.batches) == 0, "its entry is deleted: it circles no more"
