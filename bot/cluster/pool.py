@@ -682,8 +682,9 @@ class ClusterPool:
                 continue
             holder, deliveries = holding
             worker = worker_of(holder)
-            if holder != flight.holding:
-                flight.holding, flight.held_since = holder, now
+            if flight.holding is None or worker_of(flight.holding) != worker:
+                flight.held_since = now  # a new worker's deadline; its own consumers passing it on restart nothing
+            flight.holding = holder
             if worker in self._strikes.refused:
                 self._give_up(flight, WorkerLost(f"worker {worker} is refused", blameless=True))
             elif flight.started and deliveries - flight.deliveries >= MAX_CRASHES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import logging
 import sys
@@ -376,12 +377,13 @@ async def test_a_worker_that_takes_batches_and_never_finishes_loses_them_and_is_
         held: set[bytes] = set()
 
         async def renew() -> None:
-            while True:
+            for turn in itertools.count():
                 await attacker.beat(depth=10_000)
                 reply: Any = await attacker.redis.xreadgroup(GROUP, MALLORY, {KEYS.batches: ">"}, count=10)
                 held.update(entry_id for _stream, entries in reply or [] for entry_id, _ in entries)
-                if held:
-                    await attacker.redis.xclaim(KEYS.batches, GROUP, MALLORY, 0, list(held), justid=True)
+                if held:  # passed between her own consumers, as if that were a new holder each time
+                    consumer = f"mallory/cuda:{turn % 2}"
+                    await attacker.redis.xclaim(KEYS.batches, GROUP, consumer, 0, list(held), justid=True)
                 await asyncio.sleep(HEARTBEAT)
 
         renewing = asyncio.create_task(renew())
