@@ -116,6 +116,14 @@ class StatsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ArenaConfig:
+    """The blind A/B arena between model revisions."""
+
+    rate: float = 0.0  # the share of /imagine requests also rendered by a candidate and shown as a blind pair
+    max_votes_per_day: int = 200  # a member's arena votes counted per UTC day; later ones are stored, not counted
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """Remote GPU workers through Redis Streams; an empty broker (the default) keeps the workers in this process."""
 
@@ -145,6 +153,7 @@ class Config:
     moderation: ModerationConfig = ModerationConfig()
     storage: StorageConfig = StorageConfig()
     stats: StatsConfig = StatsConfig()
+    arena: ArenaConfig = ArenaConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @classmethod
@@ -196,6 +205,7 @@ class Config:
             moderation=reader.section("moderation", ModerationConfig, {"roles": _roles}),
             storage=_storage(reader.section("storage", StorageConfig, {"path": _path}), folder),
             stats=reader.section("stats", StatsConfig),
+            arena=reader.section("arena", ArenaConfig),
             cluster=_cluster(
                 reader.section("cluster", ClusterConfig, {"broker": _optional_text, "name": _optional_text}),
                 environ,
@@ -278,6 +288,7 @@ _SECTIONS = (
     "moderation",
     "storage",
     "stats",
+    "arena",
     "cluster",
 )
 
@@ -500,3 +511,7 @@ def _check(config: Config, source: str) -> None:
             )
     if config.stats.min_votes < 1:
         fail("stats.min_votes", f"must be at least 1 (a rate needs a vote to rank by), got {config.stats.min_votes}")
+    if not 0 <= config.arena.rate <= 1:
+        fail("arena.rate", f"must be between 0 and 1 (a share of /imagine requests), got {config.arena.rate}")
+    if config.arena.max_votes_per_day < 1:
+        fail("arena.max_votes_per_day", f"must be at least 1, got {config.arena.max_votes_per_day}")

@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
@@ -163,7 +163,7 @@ def parquet_schema() -> pyarrow.Schema:
     return pa.schema([pa.field(name, *columns[name]) for name in FIELDS])
 
 
-class _Sink(Protocol):
+class Sink(Protocol):
     def write(self, records: list[dict[str, Any]]) -> None: ...
 
     def close(self) -> None: ...
@@ -193,8 +193,8 @@ def _text_cell(value: object) -> object:
 
 
 class _Csv:
-    def __init__(self, out: IO[str]) -> None:
-        self._writer = csv.DictWriter(out, fieldnames=FIELDS)
+    def __init__(self, out: IO[str], fields: Sequence[str]) -> None:
+        self._writer = csv.DictWriter(out, fieldnames=fields)
         self._writer.writeheader()
 
     def write(self, records: list[dict[str, Any]]) -> None:
@@ -208,14 +208,14 @@ class _Csv:
 
 
 class _Parquet:
-    """Write row groups of ``ROW_GROUP`` images, holding only the one being filled."""
+    """Write row groups of ``ROW_GROUP`` records, holding only the one being filled."""
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: IO[bytes], schema: pyarrow.Schema) -> None:
         import pyarrow.parquet as pq
 
-        self._schema = parquet_schema()
+        self._schema = schema
         self._writer = pq.ParquetWriter(out, self._schema)
-        self._columns: dict[str, list[Any]] = {name: [] for name in FIELDS}
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         self._rows = 0
 
     def write(self, records: list[dict[str, Any]]) -> None:
@@ -239,15 +239,18 @@ class _Parquet:
         self._writer.close()
 
 
-def _sink(format: str, out: IO[Any]) -> _Sink:
+def open_sink(
+    format: str, out: IO[Any], *, fields: Sequence[str] = FIELDS, schema: Callable[[], pyarrow.Schema] = parquet_schema
+) -> Sink:
+    """Return a writer of records as ``format`` to ``out``: CSV columns ``fields``, Parquet columns ``schema()``."""
     if format == "parquet":
-        return _Parquet(out)
+        return _Parquet(out, schema())
     if format == "csv":
-        return _Csv(out)
+        return _Csv(out, fields)
     return _Jsonl(out)
 
 
-class _Images:
+class Images:
     """Put each exported image's kept PNG in ``folder`` as ``<job_id>-<index>.png``, and name it in its record.
 
     Only regular files that lie in the images folder beside the database are taken: the database names the files,
@@ -264,15 +267,18 @@ class _Images:
             item["file"] = self._take(item)
 
     def _take(self, item: dict[str, Any]) -> str | None:
-        if item["deleted"]:
+        return self.copy(f"{item['job_id']}-{item['index']}", item["file"], deleted=item["deleted"])
+
+    def copy(self, image: str, file: str | None, *, deleted: bool) -> str | None:
+        """Put the kept PNG ``file`` of ``image`` (``<job_id>-<index>``) in the folder; return its name there, or
+        None when it is not copied (counted by why)."""
+        if deleted:
             # Its requester deleted it: the record (and its vote) stays for the statistics, the pixels do not go on.
             self.withheld += 1
             return None
-        file: str | None = item["file"]
         if not file:
             self.not_kept += 1
             return None
-        image = f"{item['job_id']}-{item['index']}"
         source = self._find(file)
         if source is None:
             self.refused += 1
@@ -358,19 +364,13 @@ async def export(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    version = await db.schema_version()
-    if version < FEEDBACK_SCHEMA:
-        raise DatabaseVersionError(
-            f"The database is at version {version}, from an older sygil-bot; the export reads version "
-            f"{FEEDBACK_SCHEMA} or later and never upgrades a database itself: start this sygil-bot on it once (it "
-            "upgrades the database as it starts), then export again"
-        )
-    keep = _Images(images, storage=storage or Path()) if images is not None else None
+    await require_schema(db, FEEDBACK_SCHEMA)
+    keep = Images(images, storage=storage or Path()) if images is not None else None
     if keep is not None:
         await asyncio.to_thread(keep.folder.mkdir, parents=True, exist_ok=True)
     options = asdict(filters)  # the keyword arguments of Database.feedback
     total = await db.feedback_count(**options) if progress is not None else 0
-    sink = _sink(format, out)
+    sink = open_sink(format, out)
     count = 0
     chunk: list[dict[str, Any]] = []
 
@@ -399,13 +399,25 @@ async def export(
     )
 
 
+async def require_schema(db: Database, needed: int) -> None:
+    """Raise DatabaseVersionError, saying how to upgrade, when the database is older than version ``needed``."""
+    version = await db.schema_version()
+    if version < needed:
+        raise DatabaseVersionError(
+            f"The database is at version {version}, from an older sygil-bot; the export reads version "
+            f"{needed} or later and never upgrades a database itself: start this sygil-bot on it once (it "
+            "upgrades the database as it starts), then export again"
+        )
+
+
 class ProgressBar:
-    """A one-line bar on a terminal: the images written, of how many, and how fast."""
+    """A one-line bar on a terminal: the records written (``unit``), of how many, and how fast."""
 
     WIDTH = 30
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, unit: str = "images") -> None:
         self._stream = stream
+        self.unit = unit
         self._start = time.monotonic()
         self._shown = False
 
@@ -414,7 +426,7 @@ class ProgressBar:
         done = min(count / total, 1.0) if total else 1.0
         filled = round(done * self.WIDTH)
         bar = "#" * filled + "-" * (self.WIDTH - filled)
-        self._stream.write(f"\r[{bar}] {done:4.0%} {count:,}/{total:,} images, {rate:,.0f}/s")
+        self._stream.write(f"\r[{bar}] {done:4.0%} {count:,}/{total:,} {self.unit}, {rate:,.0f}/s")
         self._stream.flush()
         self._shown = True
 

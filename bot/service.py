@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.admission import MAX_SEED, Admission, Admissions, Requester, because
+from bot.arena import Standings, standings
 from bot.config import Config, GenerationConfig, PromptsConfig
 from bot.engine.images import open_init_image
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
@@ -393,6 +394,10 @@ class ImageService(Admissions):
     async def stats(self, *, guild_id: int, user_id: int | None, min_votes: int) -> Figures:
         """Return the /stats figures of a server, or (with ``user_id``) of the images one member made there."""
         return await figures(self.db, guild_id=guild_id, user_id=user_id, min_votes=min_votes)
+
+    async def arena_standings(self, *, guild_id: int, max_votes_per_day: int) -> Standings:
+        """Return a server's blind A/B arena ratings (/stats for: arena)."""
+        return await standings(self.db, guild_id=guild_id, max_votes_per_day=max_votes_per_day)
 
 
 def _keep(folder: Path, job_id: int, images: Sequence[RenderedImage]) -> list[str | None]:

@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.admission import because
+from bot.arena import Matchup, Standings
 from bot.client import requester
 from bot.engine.revision import short
 from bot.limits import DESCRIPTIONS, describe_images, describe_wait
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 _NO_PINGS = discord.AllowedMentions.none()
 _NAME_LIMIT = 40  # characters of a tag shown
 _REVISIONS_SHOWN = 5
+_MESSAGE_LIMIT = 2000  # characters in a Discord message
 
 
 class Stats(commands.Cog):
@@ -89,20 +91,28 @@ class Stats(commands.Cog):
             lines.append(f"• {DESCRIPTIONS[name]}: **{limits.value(name)}** ({limits.origins[name].describe()})")
         await interaction.response.send_message("\n".join(lines), ephemeral=True, allowed_mentions=_NO_PINGS)
 
-    # One command with an optional choice rather than a group with `server` and `me` subcommands: Discord cannot
-    # run a group by itself, and plain `/stats` must work. It reads `/stats for: me`.
+    # One command with an optional choice rather than a group with `server`, `me` and `arena` subcommands: Discord
+    # cannot run a group by itself, and plain `/stats` must work. It reads `/stats for: me`, `/stats for: arena`.
     @app_commands.command(name="stats")
     @app_commands.guild_only()
     @app_commands.rename(scope="for")
-    @app_commands.describe(scope="This server's figures (the default), or those of the images you made here")
+    @app_commands.describe(
+        scope="This server's figures (the default), those of the images you made here, or the blind A/B arena's"
+    )
     async def stats(
-        self, interaction: discord.Interaction[SygilBot], scope: Literal["server", "me"] = "server"
+        self, interaction: discord.Interaction[SygilBot], scope: Literal["server", "me", "arena"] = "server"
     ) -> None:
         """Show images made, votes, approval, the best and worst tags and busiest hours here, or yours"""
         assert interaction.guild_id is not None  # guild_only
         # Private, like /queue and /limits: no channel fills up with figures. The queries take a moment on a big
         # server, so acknowledge first.
         await interaction.response.defer(ephemeral=True, thinking=True)
+        if scope == "arena":
+            standings = await self.service.arena_standings(
+                guild_id=interaction.guild_id, max_votes_per_day=self.bot.config.arena.max_votes_per_day
+            )
+            await interaction.followup.send(describe_arena(standings), ephemeral=True, allowed_mentions=_NO_PINGS)
+            return
         found = await self.service.stats(
             guild_id=interaction.guild_id,
             user_id=interaction.user.id if scope == "me" else None,
@@ -153,6 +163,78 @@ def describe(found: Figures) -> str:
     else:
         lines.append(f"-# No namespace or tag has the {found.min_votes} votes it needs to be ranked yet.")
     return "\n".join(lines)
+
+
+def describe_arena(standings: Standings) -> str:
+    """Write the arena's standings as a short message; namespaces that would not fit in 2,000 characters are cut."""
+    if not standings.voters:
+        return "No arena votes yet in this server: pairs appear under some `/imagine` results once candidates run."
+    lines = ["**Arena: blind A/B votes here**"]
+    if standings.production is not None:
+        lines.append(f"Production: {_revision(standings.production)}. Win rates count a tie as half.")
+    for matchup in standings.matchups:
+        lines.append(f"• {_matchup(matchup)}")
+    if not standings.matchups:
+        lines.append("No counted vote compared a candidate with production yet.")
+    if standings.ratings:
+        lines.append("**Ratings** (Bradley–Terry as Elo, production 1000; 95% bootstrap interval):")
+        for rating in standings.ratings:
+            lines.append(
+                f"• {_revision(rating.revision)}: **{rating.elo:.0f}** ({rating.low:.0f}–{rating.high:.0f}), "
+                f"{rating.votes:,} vote{_s(rating.votes)}"
+            )
+    notes = [f"{standings.both_bad:,} “both bad” vote{_s(standings.both_bad)} (in no rate)"]
+    if standings.uncounted:
+        notes.append(
+            f"{standings.uncounted:,} vote{_s(standings.uncounted)} past the daily cap of "
+            f"{standings.max_votes_per_day:,} per member, not counted"
+        )
+    tail = [
+        f"Suspicious voters: **{standings.suspicious:,}** of {standings.voters:,} "
+        "(nearly every vote the same, or most within a second).",
+        "-# " + "; ".join(notes) + ".",
+    ]
+    namespaces = [
+        f"• {discord.utils.escape_markdown(namespace)}: " + " · ".join(_short_matchup(matchup) for matchup in found)
+        for namespace, found in standings.namespaces
+    ]
+    shown = len(namespaces)
+    while True:
+        middle = ["**By namespace** of the prompt's tags:", *namespaces[:shown]] if shown else []
+        if shown < len(namespaces):
+            middle.append(f"…and {len(namespaces) - shown} more namespace{_s(len(namespaces) - shown)}.")
+        text = "\n".join([*lines, *middle, *tail])
+        if len(text) <= _MESSAGE_LIMIT or shown == 0:
+            return text[:_MESSAGE_LIMIT]
+        shown -= 1
+
+
+def _matchup(matchup: Matchup) -> str:
+    """Write ``a1b2 vs c3d4: 62% (95%: 55-69%), 120 decisive votes, 10 ties, 4 both bad``."""
+    record = matchup.record
+    head = f"{_revision(matchup.candidate)} vs {_revision(matchup.production)}: "
+    tail = (
+        f"{record.decisive:,} decisive vote{_s(record.decisive)}, {record.ties:,} tie{_s(record.ties)}, "
+        f"{record.both_bad:,} both bad"
+    )
+    if record.rate is None or record.interval is None:
+        return head + tail
+    low, high = record.interval
+    return head + f"**{record.rate:.0%}** (95%: {low:.0%}–{high:.0%}), " + tail
+
+
+def _short_matchup(matchup: Matchup) -> str:
+    record = matchup.record
+    if record.rate is None or record.interval is None:
+        return f"{_revision(matchup.candidate)} no decisive votes"
+    low, high = record.interval
+    return f"{_revision(matchup.candidate)} {record.rate:.0%} ({low:.0%}–{high:.0%}, {record.votes:,} votes)"
+
+
+def _revision(revision: str) -> str:
+    """Write a revision short and as code; a worker reports it, so no backtick of its own may end the code span."""
+    name = short(revision).replace("`", "'")
+    return f"`{name}`"
 
 
 def _rated(item: Rated) -> str:

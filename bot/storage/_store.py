@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ class Store:
         async with self._db.executemany(sql, rows):
             pass
 
-    async def _rows(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
+    async def _rows(self, sql: str, parameters: tuple[object, ...] | Mapping[str, object] = ()) -> list[Any]:
         async with self._db.execute(sql, parameters) as cursor:
             return list(await cursor.fetchall())
 

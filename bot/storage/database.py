@@ -1,5 +1,5 @@
 """The database the bot opens: one aiosqlite connection, its numbered migrations, and the table families
-(jobs, rules, votes, statistics, feedback) whose methods it gathers, so callers hold one object."""
+(jobs, rules, votes, statistics, feedback, arena) whose methods it gathers, so callers hold one object."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Self
 import aiosqlite
 
 from bot.errors import DatabaseVersionError, StorageError
+from bot.storage._arena import Arena
 from bot.storage._feedback import Feedback
 from bot.storage._jobs import Jobs
 from bot.storage._rules import Rules
@@ -61,7 +62,7 @@ def migrations() -> list[tuple[int, str]]:
     return found
 
 
-class Database(Jobs, Rules, Votes, Stats, Feedback):
+class Database(Jobs, Rules, Votes, Stats, Feedback, Arena):
     """SQLite storage for jobs, images, votes and moderation; use ``async with Database.open(path)``."""
 
     @classmethod

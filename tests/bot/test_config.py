@@ -100,6 +100,9 @@ def test_settings_are_read(tmp_path: Path) -> None:
         path = "/tmp/x.db"
         [stats]
         min_votes = 10
+        [arena]
+        rate = 0.25
+        max_votes_per_day = 50
         """,
     )
     config = Config.load(path, environ=ENV)
@@ -110,6 +113,7 @@ def test_settings_are_read(tmp_path: Path) -> None:
     assert config.generation.sizes == ("64x64", "64x96")
     assert config.storage.path == Path("/tmp/x.db")
     assert config.stats.min_votes == 10
+    assert (config.arena.rate, config.arena.max_votes_per_day) == (0.25, 50)
     assert config.prompts.blocklist == ("bad", "two words")
     assert config.prompts.allow_truncation and config.prompts.rating_channels == (42,)
 
@@ -144,6 +148,8 @@ def test_settings_are_read(tmp_path: Path) -> None:
         ("[engine]\nattention = 'flash'", "engine.attention: must be one of sdpa, xformers, slicing"),
         ("[stats]\nmin_votes = 0", "stats.min_votes: must be at least 1"),
         ("[stats]\nmin_votes = 2.5", "stats.min_votes: must be a whole number"),
+        ("[arena]\nrate = 1.5", "arena.rate: must be between 0 and 1"),
+        ("[arena]\nmax_votes_per_day = 0", "arena.max_votes_per_day: must be at least 1, got 0"),
         ("[engine]\ncompile = 1", "engine.compile: must be true or false"),
         ("[engine]\nwarmup_batches = [0]", "engine.warmup_batches: each must be between 1 and queue.max_batch (8)"),
         ("[engine]\nwarmup_batches = [9]", "engine.warmup_batches: each must be between 1 and queue.max_batch (8)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.engine.revision import short
+from tests import _arena as plant
 from tests.cogs.conftest import Harness, final_message, job_id_of
 from tests.fakediscord import FakeDiscord, FakeInteraction
 
@@ -30,7 +31,7 @@ async def test_stats_for_the_server_and_for_me(harness: Harness) -> None:
     async with harness.bot():
         (option,) = server.commands["stats"]["options"]
         assert (option["name"], option.get("required", False)) == ("for", False)
-        assert [choice["value"] for choice in option["choices"]] == ["server", "me"]
+        assert [choice["value"] for choice in option["choices"]] == ["server", "me", "arena"]
         assert await answer(await server.slash("stats")) == (
             "No images yet in this server: make the first with `/imagine`."
         )
@@ -81,4 +82,51 @@ async def test_queue_says_how_the_gpu_cluster_is(harness: Harness, monkeypatch: 
         "**Queue:** 0 jobs waiting, 0 rendering.",
         note,
         "You have no jobs in the queue.",
+    ]
+
+
+PRODUCTION, CANDIDATE, OTHER = "a" * 40, "b" * 40, "sha256:<@&1>`@everyone"  # the last as a hostile worker names it
+
+
+async def test_stats_for_the_arena(harness: Harness) -> None:
+    server = harness.server
+    async with harness.bot() as bot:
+        db, guild = bot.service.db, server.guild_id
+        assert (await answer(await server.slash("stats", {"for": "arena"}))).startswith("No arena votes yet")
+        # Planted at strengths production 1, candidate 2, other 4 (the hand-computed set of tests/bot/test_arena.py).
+        one = await plant.pair(db, left=PRODUCTION, right=CANDIDATE, production=PRODUCTION, guild_id=guild)
+        two = await plant.pair(
+            db, left=OTHER, right=PRODUCTION, production=PRODUCTION, tags=(("studio", "dc"),), guild_id=guild
+        )
+        three = await plant.pair(db, left=CANDIDATE, right=OTHER, guild_id=guild)
+        member = await plant.votes(db, one.id, {"right": 18, "left": 8, "tie": 4})
+        member = await plant.votes(db, two.id, {"left": 24, "right": 6, "both_bad": 3}, first_member=member)
+        await plant.votes(db, three.id, {"left": 8, "right": 18, "tie": 4}, first_member=member)
+        for number in range(20):  # one member always votes left, each on a new pair
+            shown = await plant.pair(db, left=PRODUCTION, right=CANDIDATE, production=PRODUCTION, guild_id=guild)
+            await db.record_arena_vote(pair_id=shown.id, user_id=7, choice="left", seconds=2.0 + number)
+
+        text = await answer(await server.slash("stats", {"for": "arena"}))
+    lines = text.splitlines()
+    production, candidate, other = "`aaaaaaaaaaaa`", "`bbbbbbbbbbbb`", "`sha256:<@&1>'@every`"
+    assert lines[:4] == [
+        "**Arena: blind A/B votes here**",
+        f"Production: {production}. Win rates count a tie as half.",
+        # 18 wins, 4 ties, 8 + 20 losses: 20 of 50; Wilson 95% of 0.4 in 50 is 27.6%-53.8%.
+        f"• {candidate} vs {production}: **40%** (95%: 28%–54%), 46 decisive votes, 4 ties, 0 both bad",
+        f"• {other} vs {production}: **80%** (95%: 63%–90%), 30 decisive votes, 0 ties, 3 both bad",
+    ]
+    assert lines[4] == "**Ratings** (Bradley–Terry as Elo, production 1000; 95% bootstrap interval):"
+    # Best first; production anchored at 1000; the always-left member's 20 losses pull the candidate under it.
+    assert lines[5].startswith(f"• {other}: **") and lines[5].endswith(", 60 votes")
+    assert lines[6] == f"• {production}: **1000** (1000–1000), 80 votes"
+    assert lines[7].startswith(f"• {candidate}: **9") and lines[7].endswith(", 80 votes")
+    assert lines[8:11] == [
+        "**By namespace** of the prompt's tags:",
+        f"• species: {candidate} 40% (28%–54%, 50 votes)",
+        f"• studio: {other} 80% (63%–90%, 30 votes)",
+    ]
+    assert lines[11:] == [
+        "Suspicious voters: **1** of 94 (nearly every vote the same, or most within a second).",
+        "-# 3 “both bad” votes (in no rate).",
     ]
