@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bot.cluster.broker import parse as parse_broker
-from bot.cluster.wire import valid_name
+from bot.cluster.wire import exact_revision, valid_name
+from bot.engine.revision import names_folder, tag
 from bot.engine.types import ATTENTIONS, EngineOptions
 from bot.errors import ConfigError
 
@@ -37,6 +38,9 @@ class DiscordConfig:
 class ModelConfig:
     id: str = "Sygil/Sygil-Diffusion"
     revision: str = "main"  # branch, tag or commit of a hub id; a local folder is named by its weights' hash
+    # Other revisions served beside the production one, for the arena: branches, tags or commits of ``id``, or local
+    # model folders. Each gets its own workers (and GPU memory).
+    candidates: tuple[str, ...] = ()
     devices: tuple[str, ...] = ("auto",)  # one GPU worker process per entry
     device: str | None = None  # the older spelling of one device; read into ``devices``
     dtype: str = "auto"
@@ -195,7 +199,12 @@ class Config:
         config = cls(
             token=token,
             discord=reader.section("discord", DiscordConfig, {"guild_ids": _ids}),
-            model=_model(reader.section("model", ModelConfig, {"devices": _devices, "device": _device}), source),
+            model=_model(
+                reader.section(
+                    "model", ModelConfig, {"devices": _devices, "device": _device, "candidates": _candidates}
+                ),
+                source,
+            ),
             generation=reader.section("generation", GenerationConfig, {"sizes": _sizes}),
             prompts=reader.section("prompts", PromptsConfig, {"blocklist": _terms, "rating_channels": _ids}),
             queue=reader.section("queue", QueueConfig),
@@ -379,6 +388,48 @@ def _model(model: ModelConfig, source: str) -> ModelConfig:
     return replace(model, devices=(model.device,), device=None)
 
 
+def _candidates(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):  # pyright: ignore[reportUnknownVariableType]
+        raise TypeError(
+            f'must be a list of revisions of model.id or model folders, like ["v2", "/models/sygil-v2"], got {value!r}'
+        )
+    candidates = tuple(str(item).strip() for item in value)  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+    for index, candidate in enumerate(candidates):
+        if candidate in candidates[:index]:
+            raise ValueError(f"{candidate!r} is listed twice")
+    return candidates
+
+
+def _check_candidates(config: Config, source: str) -> None:
+    """Refuse a candidate that is the production revision, and, with a cluster, candidates it cannot tell apart."""
+    model = config.model
+    production_folder = Path(model.id).expanduser().is_dir()
+    for candidate in model.candidates:
+        folder = names_folder(candidate)
+        same = (
+            Path(candidate).expanduser().resolve() == Path(model.id).expanduser().resolve()
+            if folder and production_folder
+            else not folder and not production_folder and candidate == model.revision
+        )
+        if same:
+            raise ConfigError(
+                f"{source}: model.candidates: {candidate!r} is the production model (model.id and model.revision); "
+                "list only other revisions"
+            )
+    if not config.cluster.enabled or not model.candidates:
+        return
+    # Remote workers say which exact weights they serve: the bot tells the revisions apart only by those.
+    for key, revision in (("model.revision", model.revision), *(("model.candidates", c) for c in model.candidates)):
+        if not exact_revision(revision):
+            raise ConfigError(
+                f"{source}: {key}: with model.candidates and a cluster, name each revision exactly (a 40-digit "
+                f"commit, or sha256:… of a folder, as a worker logs it when it starts), not {revision!r}"
+            )
+    tags = [tag(revision) for revision in (model.revision, *model.candidates)]
+    if len(set(tags)) != len(tags):
+        raise ConfigError(f"{source}: model.candidates: two revisions start with the same 12 digits; give others")
+
+
 def _ids(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise TypeError(f"must be a list of Discord ids, got {value!r}")
@@ -509,6 +560,7 @@ def _check(config: Config, source: str) -> None:
             fail(
                 "engine.warmup_batches", f"each must be between 1 and queue.max_batch ({queue.max_batch}), got {batch}"
             )
+    _check_candidates(config, source)
     if config.stats.min_votes < 1:
         fail("stats.min_votes", f"must be at least 1 (a rate needs a vote to rank by), got {config.stats.min_votes}")
     if not 0 <= config.arena.rate <= 1:

@@ -61,3 +61,7 @@ class UnknownNamespace(BotError):
     def __init__(self, message: str, *, suggestion: str | None) -> None:
         super().__init__(message)
         self.suggestion = suggestion
+
+
+class RevisionUnserved(BotError):
+    """A job asked for a model revision no worker serves (not the production one, nor a configured candidate)."""

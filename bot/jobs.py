@@ -60,3 +60,4 @@ class Job:
     started_at: float | None
     finished_at: float | None
     reply: Reply | None = None
+    revision: str | None = None  # the candidate revision it asked for (model.candidates); None: the production one

@@ -165,15 +165,24 @@ class ImageService(Admissions):
     # Jobs
 
     async def enqueue(
-        self, admission: Admission, *, init_image: bytes | None = None, reply: Reply | None = None
+        self,
+        admission: Admission,
+        *,
+        init_image: bytes | None = None,
+        reply: Reply | None = None,
+        revision: str | None = None,
     ) -> Queued:
-        """Store an admitted request as a job and queue its images in the place it holds."""
+        """Store an admitted request as a job and queue its images in the place it holds.
+
+        ``revision`` is a candidate revision (``model.candidates``, as configured) to render it with; None: the
+        production one. One no worker serves is refused (RevisionUnserved) before anything is stored."""
         request = admission.request
         if not admission.open:
             raise ValueError("that admission was already used or released")
         if (request.settings.mode is Mode.IMG2IMG) != (init_image is not None):
             raise ValueError("img2img requests need their init image, and only they take one")
         try:
+            self.scheduler.check_revision(revision)
             if init_image is not None:  # from a download: refused here, in one clear line, before it is stored
                 await asyncio.to_thread(open_init_image, init_image)
             job = await self.db.create_job(
@@ -193,6 +202,7 @@ class ImageService(Admissions):
                 init_image=init_image,
                 reply=reply,
                 tags=request.tags,
+                revision=revision,
             )
         except BaseException:
             self.release(admission)
@@ -203,6 +213,7 @@ class ImageService(Admissions):
             guild_id=job.guild_id,
             specs=job_specs(job, init_image),
             place=admission.place,
+            revision=job.revision,
         )
         admission.open = False
         self.usage.attach(admission.charge, job.id)
@@ -238,8 +249,19 @@ class ImageService(Admissions):
                         job_id=job.id, error="the bot restarted before this variation ran", status=JobStatus.CANCELLED
                     )
                     continue
+            if job.revision not in self.scheduler.revisions:  # a candidate taken out of the config since
+                await self.db.end_job(
+                    job_id=job.id,
+                    error=f"the bot restarted without the model revision {job.revision} this job asked for",
+                    status=JobStatus.CANCELLED,
+                )
+                continue
             ticket = self.scheduler.submit(
-                job_id=job.id, user_id=job.user_id, guild_id=job.guild_id, specs=job_specs(job, init_image)
+                job_id=job.id,
+                user_id=job.user_id,
+                guild_id=job.guild_id,
+                specs=job_specs(job, init_image),
+                revision=job.revision,
             )
             restored.append(Queued(job=job, ticket=ticket, restored=True))
         if restored:

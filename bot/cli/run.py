@@ -62,7 +62,10 @@ async def _serve(config: Config) -> None:
             await check_token(config)
         db = await stack.enter_async_context(await Database.open(config.storage.path))
         tokenizer = await asyncio.to_thread(load_tokenizer, config.model.id, revision=config.model.revision)
-        workers = await start_cluster(config, stack) if config.cluster.enabled else await start_workers(config, stack)
+        if config.cluster.enabled:
+            workers = await start_cluster(config, stack)
+        else:  # one worker process per device and revision (the production one, and each candidate)
+            workers = await start_workers(config, stack, candidates=True)
         scheduler = await stack.enter_async_context(
             Scheduler(
                 workers=workers,

@@ -54,6 +54,10 @@ class Worker(Protocol):
     ``render`` returns the call's images in order, or raises ``OutOfMemory`` (the scheduler splits the batch),
     ``RenderStopped`` (after ``Call.stop``), ``WorkerLost`` (the jobs are queued again), or a ``BotError`` whose
     message is for the users whose jobs were in the batch.
+
+    A worker that serves a candidate revision of the model (``model.candidates``) says which in a ``serves``
+    attribute, the candidate as configured; without one it serves the production revision, and the scheduler hands
+    each worker only batches of its revision.
     """
 
     name: str
@@ -110,8 +114,16 @@ class ThreadWorker:
 
     depth = 1
 
-    def __init__(self, render: Render, *, name: str = "thread", facts: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        render: Render,
+        *,
+        name: str = "thread",
+        facts: Mapping[str, object] | None = None,
+        serves: str | None = None,
+    ) -> None:
         self.name = name
+        self.serves = serves  # the candidate revision it renders; None: the production one
         self._render = render
         self._facts = dict(facts or {})
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")

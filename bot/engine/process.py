@@ -60,9 +60,12 @@ class WorkerProcess:
 
     depth = 2  # one batch on the GPU, the next being prepared beside it
 
-    def __init__(self, settings: WorkerSettings, *, name: str | None = None, announce: bool = True) -> None:
+    def __init__(
+        self, settings: WorkerSettings, *, name: str | None = None, announce: bool = True, serves: str | None = None
+    ) -> None:
         self.name = name or settings.device
         self.settings = settings
+        self.serves = serves  # the candidate revision (model.candidates) it loaded; None: the production one
         self.announce = announce  # False: its first ready line is a debug one, as its caller announces the device
         self.hello: Hello | None = None
         self.restarts = 0

@@ -31,6 +31,18 @@ def snapshot_revision(loaded_from: str) -> str | None:
     return None
 
 
+def names_folder(candidate: str) -> bool:
+    """Return whether a candidate revision (``model.candidates``) names a local model folder rather than a branch,
+    tag or commit of the model id: a folder that exists, or a path that is absolute or starts with ``.`` or ``~``."""
+    path = Path(candidate).expanduser()
+    return path.is_dir() or path.is_absolute() or candidate.startswith((".", "~"))
+
+
+def tag(revision: str) -> str:
+    """Return a short form of an exact revision safe in a Redis key: ``sha256:`` becomes ``sha256-``, 12 digits."""
+    return short(revision).replace(":", "-")
+
+
 def short(revision: str) -> str:
     """Return a revision short enough to show: 12 hex digits of a commit or a hash."""
     kind, _, value = revision.rpartition(":")

@@ -20,7 +20,7 @@ from typing import Self
 
 from bot.engine.executor import Render, ThreadWorker, Worker, WorkerGroup
 from bot.engine.types import ImageSpec
-from bot.errors import JobCancelled, QueueFull, RenderFailed
+from bot.errors import JobCancelled, QueueFull, RenderFailed, RevisionUnserved
 from bot.limits import describe_wait
 from bot.scheduler.batches import Batch, Runner
 from bot.scheduler.estimates import Speed
@@ -68,6 +68,9 @@ class Scheduler:
         # A render function gets a thread of its own, which the scheduler owns and closes.
         self._own = [ThreadWorker(render)] if render is not None else []
         self._workers: tuple[Worker, ...] = tuple(workers) or tuple(self._own)
+        # The revisions served: a job asks for one (None: production), and only a worker serving it takes the job.
+        self._revisions = frozenset(serves(worker) for worker in self._workers)
+        self._one_revision = len(self._revisions) == 1
         self._max_batch = max_batch
         self._max_queue = max_queue
         # Jobs one server (DMs count as one) may hold at once, so a flood from one server leaves room for others;
@@ -190,9 +193,12 @@ class Scheduler:
         guild_id: int | None,
         specs: Sequence[ImageSpec],
         place: Place | None = None,
+        revision: str | None = None,
     ) -> Ticket:
         """Queue a stored job's images in the place taken for it; without a place (a job restored after a restart)
-        it goes in whatever the limits say."""
+        it goes in whatever the limits say. ``revision`` names a candidate revision to render it with (None: the
+        production one); one no worker serves raises RevisionUnserved."""
+        self.check_revision(revision)
         if not specs:
             raise ValueError("a job needs at least one image")
         if len(specs) > self._max_batch:
@@ -205,7 +211,12 @@ class Scheduler:
             self.release(place)
         loop = asyncio.get_running_loop()
         ticket = Ticket(
-            job_id=job_id, user_id=user_id, guild_id=guild_id, specs=tuple(specs), result=loop.create_future()
+            job_id=job_id,
+            user_id=user_id,
+            guild_id=guild_id,
+            specs=tuple(specs),
+            result=loop.create_future(),
+            revision=revision,
         )
         self._line.append(ticket)
         # Every ticket's result is settled in the end (close cancels the rest): then it no longer holds a place.
@@ -215,6 +226,18 @@ class Scheduler:
         self._touch()
         self._wakeup.set()
         return ticket
+
+    @property
+    def revisions(self) -> frozenset[str | None]:
+        """Return the revisions the workers serve: None for the production one, and the candidates served."""
+        return self._revisions
+
+    def check_revision(self, revision: str | None) -> None:
+        """Raise RevisionUnserved unless a worker serves ``revision`` (None: the production one)."""
+        if revision not in self._revisions:
+            raise RevisionUnserved(
+                f"No GPU worker serves the model revision {revision or 'in production'}, so this job cannot run."
+            )
 
     def jobs_of_server(self, guild_id: int | None) -> int:
         """Return a server's jobs that wait, render (and still want their images), or are being stored."""
@@ -445,21 +468,32 @@ class Scheduler:
         yield from self._next()
         yield from self._line.fair_order()
 
-    def _ready(self) -> Iterator[Ticket] | None:
-        """Return the waiting tickets that may start, in fair order, or None when none may."""
+    def _ready(self, revision: str | None = None) -> Iterator[Ticket] | None:
+        """Return the waiting tickets of ``revision`` that may start, in fair order, or None when none may."""
         if self._draining or not self._line:
             return None
-        order = (ticket for ticket in self._line.fair_order() if not self.is_paused(ticket.guild_id))
+        if self._one_revision:  # every job asks for the revision every worker serves
+            order = (ticket for ticket in self._line.fair_order() if not self.is_paused(ticket.guild_id))
+        elif not self._line.waiting_for(revision):
+            return None
+        else:
+            order = (
+                ticket
+                for ticket in self._line.fair_order()
+                if ticket.revision == revision and not self.is_paused(ticket.guild_id)
+            )
         first = next(order, None)
         return itertools.chain((first,), order) if first is not None else None
 
     # Workers
 
     async def _serve(self, worker: Worker) -> None:
-        """Hand the next fair batch to this worker whenever it can take one; one task per place the worker has."""
+        """Hand the next fair batch of the revision it serves to this worker whenever it can take one; one task per
+        place the worker has."""
+        revision = serves(worker)
         while True:
             await worker.ready()
-            while (order := self._ready()) is None:
+            while (order := self._ready(revision)) is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._line.take_batch(order, self._max_batch)
@@ -495,3 +529,10 @@ class Scheduler:
             self._line.put_back(ticket)
         self._touch()
         self._wakeup.set()
+
+
+def serves(worker: Worker) -> str | None:
+    """Return the revision a worker serves: its ``serves`` attribute, a candidate revision as configured; None (or no
+    such attribute) for the production one."""
+    revision = getattr(worker, "serves", None)
+    return revision if isinstance(revision, str) else None

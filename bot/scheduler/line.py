@@ -28,6 +28,7 @@ class Ticket:
     step: int = 0
     total_steps: int = 0
     attempts: int = 0  # workers that died while holding it
+    revision: str | None = None  # the model revision it asked for (a candidate); None: the production one
     renders: list[Rendering] = field(default_factory=lambda: list[Rendering]())  # per image, once rendered
 
     @property
@@ -47,6 +48,8 @@ class Line:
     def __init__(self) -> None:
         # Users in turn order; each has a FIFO of tickets.
         self._users: collections.OrderedDict[int, collections.deque[Ticket]] = collections.OrderedDict()
+        # Waiting tickets per revision they asked for, so a worker of a revision nobody waits for looks no further.
+        self._revisions: collections.Counter[str | None] = collections.Counter()
 
     def __bool__(self) -> bool:
         return bool(self._users)
@@ -59,17 +62,23 @@ class Line:
         for tickets in self._users.values():
             yield from tickets
 
+    def waiting_for(self, revision: str | None) -> int:
+        """Return how many waiting tickets asked for ``revision`` (None: the production one)."""
+        return self._revisions[revision]
+
     def of(self, user_id: int) -> collections.deque[Ticket] | tuple[()]:
         """Return a user's waiting tickets, oldest first."""
         return self._users.get(user_id, ())
 
     def append(self, ticket: Ticket) -> None:
         self._users.setdefault(ticket.user_id, collections.deque()).append(ticket)
+        self._revisions[ticket.revision] += 1
 
     def put_back(self, ticket: Ticket) -> None:
         """Put a ticket at the very front: first of its user's, and its user first in turn."""
         self._users.setdefault(ticket.user_id, collections.deque()).appendleft(ticket)
         self._users.move_to_end(ticket.user_id, last=False)
+        self._revisions[ticket.revision] += 1
 
     def remove(self, job_id: int) -> Ticket | None:
         """Take a job's ticket out of the line; return it, or None when it does not wait here."""
@@ -79,11 +88,13 @@ class Line:
                     tickets.remove(ticket)
                     if not tickets:
                         del self._users[user_id]
+                    self._revisions[ticket.revision] -= 1
                     return ticket
         return None
 
     def clear(self) -> None:
         self._users.clear()
+        self._revisions.clear()
 
     def fair_order(self) -> Iterator[Ticket]:
         """Yield waiting tickets in the order they will be served: one per user per round, in turn order."""
@@ -94,14 +105,19 @@ class Line:
                     yield queue[depth]
 
     def take_batch(self, order: Iterator[Ticket], max_batch: int) -> list[Ticket]:
-        """Take the next ticket in ``order`` (a fair order) and every later compatible ticket that fits beside it."""
+        """Take the next ticket in ``order`` (a fair order) and every later compatible ticket that fits beside it:
+        the same settings, and the same revision (one worker's weights render the whole batch)."""
         first = next(order)
         batch = [first]
         images = len(first.specs)
         for ticket in order:
             if images >= max_batch:
                 break
-            if images + len(ticket.specs) <= max_batch and ticket.settings == first.settings:
+            if (
+                images + len(ticket.specs) <= max_batch
+                and ticket.settings == first.settings
+                and ticket.revision == first.revision
+            ):
                 batch.append(ticket)
                 images += len(ticket.specs)
         for ticket in batch:
@@ -109,6 +125,7 @@ class Line:
             tickets.remove(ticket)
             if not tickets:
                 del self._users[ticket.user_id]
+            self._revisions[ticket.revision] -= 1
         # The first user has had their turn: to the back of the line.
         if first.user_id in self._users:
             self._users.move_to_end(first.user_id)

@@ -73,15 +73,19 @@ class Jobs(Store):
         init_image: bytes | None = None,
         reply: Reply | None = None,
         tags: Sequence[tuple[str, str]] = (),
+        revision: str | None = None,
     ) -> Job:
-        """Store a new queued job, with what it needs to run again after a restart, and return it."""
+        """Store a new queued job, with what it needs to run again after a restart, and return it.
+
+        ``revision`` is the candidate revision it asks for; None: the production one."""
         async with self._transaction():
             _, job_id = await self._execute(
                 """
                 INSERT INTO jobs (kind, parent_job_id, parent_index, user_id, guild_id, channel_id, prompt,
                                   negative_prompt, seed, count, steps, guidance, width, height, mode, strength,
-                                  model, scheduler, status, created_at, reply_token, reply_message_id, reply_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)
+                                  model, scheduler, status, created_at, reply_token, reply_message_id, reply_at,
+                                  revision)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)
                 """,
                 (
                     kind.value,
@@ -106,6 +110,7 @@ class Jobs(Store):
                     reply.token if reply else None,
                     reply.message_id if reply else None,
                     reply.at if reply else None,
+                    revision,
                 ),
             )
             assert job_id is not None
@@ -312,6 +317,7 @@ def _job(row: Any) -> Job:
         reply=Reply(token=row["reply_token"], message_id=row["reply_message_id"], at=row["reply_at"])
         if row["reply_token"] is not None
         else None,
+        revision=row["revision"],
     )
 
 

@@ -240,3 +240,47 @@ def test_cluster_trust_settings_are_checked(tmp_path: Path, section: str, messag
 def test_the_cluster_trust_settings_default_to_what_the_example_says() -> None:
     cluster = Config.load(Path("config.example.toml"), environ={"DISCORD_TOKEN": "t"}).cluster
     assert (cluster.max_image_mib, cluster.seconds_per_step, cluster.strikes) == (8.0, 2.0, 3)
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+FOLDER_HASH = "sha256:" + "ab" * 32
+
+
+def test_candidates_are_read_beside_the_production_revision(tmp_path: Path) -> None:
+    config = Config.load(write(tmp_path, '[model]\ncandidates = ["refs/pr/4", "/models/sygil-v2"]\n'), environ=ENV)
+    assert config.model.candidates == ("refs/pr/4", "/models/sygil-v2")
+    assert Config.load(write(tmp_path, ""), environ=ENV).model.candidates == ()
+    cluster = f'[model]\nrevision = "{COMMIT}"\ncandidates = ["{FOLDER_HASH}"]\n[cluster]\nbroker = "redis://r"\n'
+    assert Config.load(write(tmp_path, cluster), environ=ENV).model.candidates == (FOLDER_HASH,)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[model]\ncandidates = "v2"', "model.candidates: must be a list of revisions of model.id or model folders"),
+        ('[model]\ncandidates = ["v2", ""]', "model.candidates: must be a list"),
+        ('[model]\ncandidates = ["v2", "v2"]', "model.candidates: 'v2' is listed twice"),
+        ('[model]\ncandidates = ["main"]', "model.candidates: 'main' is the production model"),
+        (
+            '[model]\nid = "{folder}"\ncandidates = ["{folder}/."]',
+            "is the production model (model.id and model.revision); list only other revisions",
+        ),
+        (
+            '[model]\ncandidates = ["v2"]\n[cluster]\nbroker = "redis://r"',
+            "model.revision: with model.candidates and a cluster, name each revision exactly",
+        ),
+        (
+            f'[model]\nrevision = "{COMMIT}"\ncandidates = ["v2"]\n[cluster]\nbroker = "redis://r"',
+            "model.candidates: with model.candidates and a cluster, name each revision exactly",
+        ),
+        (
+            f'[model]\nrevision = "{COMMIT}"\ncandidates = ["{COMMIT[:12]}{"f" * 28}"]\n[cluster]\nbroker = "redis://r"',
+            "model.candidates: two revisions start with the same 12 digits",
+        ),
+    ],
+)
+def test_bad_candidates_are_named_in_one_line(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ConfigError) as caught:
+        Config.load(write(tmp_path, text.replace("{folder}", str(tmp_path / "model"))), environ=ENV)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
