@@ -17,6 +17,7 @@ Ratings, as /stats arena shows them:
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import math
 from collections import defaultdict
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+from PIL import Image
 
 from bot.storage import ArenaCount, ArenaPair, Database, PairTally, VoterCounts
 
@@ -357,6 +359,14 @@ async def vote(
     tally = await db.record_arena_vote(pair_id=pair_id, user_id=member, choice=choice.value, seconds=seconds)
     counted = await db.arena_vote_counted(pair_id=pair_id, user_id=member, max_per_day=max_votes_per_day)
     return Reveal(pair=pair, choice=choice, tally=tally, counted=counted)
+
+
+def anonymous_png(png: bytes) -> bytes:
+    """Return a PNG's pixels without its text chunks (they name the model revision that rendered it)."""
+    with Image.open(io.BytesIO(png)) as image:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _record(choice: str, votes: int, side: str) -> Record:

@@ -23,7 +23,7 @@ from bot.service import ImageService
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine", "cogs.moderation", "cogs.stats", "cogs.tags")
+EXTENSIONS = ("cogs.arena", "cogs.imagine", "cogs.moderation", "cogs.stats", "cogs.tags")
 _CLOSE_MARGIN = 5.0  # seconds of the shutdown grace kept for closing the connection, the queue and the database
 
 

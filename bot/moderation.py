@@ -315,6 +315,23 @@ class Moderation:
         guild.paused, guild.pause_reason = False, None
         self.scheduler.pause_changed(guild_id)
 
+    def arena_on(self, guild_id: int | None) -> bool:
+        """Return whether a server shows arena pairs (its moderators can turn them off with /mod arena)."""
+        guild = self._rules.get(guild_id) if guild_id is not None else None
+        return guild is None or not guild.arena_off
+
+    @_one_at_a_time
+    async def set_arena(self, guild_id: int, moderator_id: int, on: bool) -> bool:
+        """Turn a server's arena on or off; return whether that changed anything (a no-op is not audited)."""
+        if self.arena_on(guild_id) == on:
+            return False
+        old, new = ("off", "on") if on else ("on", "off")
+        await self.db.set_arena(
+            guild_id=guild_id, on=on, audit=_audit(guild_id, moderator_id, "arena", "the arena", old=old, new=new)
+        )
+        self._edit(guild_id).arena_off = not on
+        return True
+
     async def audit_log(self, guild_id: int, count: int = 10) -> list[AuditEntry]:
         return await self.db.audit_log(guild_id=guild_id, count=count)
 

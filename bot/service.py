@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bot.admission import MAX_SEED, Admission, Admissions, Requester, because
-from bot.arena import Standings, standings
+from bot.arena import Choice, Reveal, Standings, record_pair, standings
+from bot.arena import vote as arena_vote
 from bot.config import Config, GenerationConfig, PromptsConfig
 from bot.engine.images import open_init_image
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
@@ -26,7 +28,7 @@ from bot.prompts import Tokenizer
 from bot.scheduler import Scheduler
 from bot.scheduler.line import Ticket
 from bot.stats import Figures, figures
-from bot.storage import AuditEntry, ChargedJob, Database, ImageRecord, Provenance, VoteTally
+from bot.storage import ArenaPair, AuditEntry, ChargedJob, Database, ImageRecord, Provenance, VoteTally
 from bot.storage.files import private_folder, write_private
 
 log = logging.getLogger(__name__)
@@ -249,6 +251,13 @@ class ImageService(Admissions):
                         job_id=job.id, error="the bot restarted before this variation ran", status=JobStatus.CANCELLED
                     )
                     continue
+            if job.revision is not None:  # half of an arena pair: its other half is delivered as a plain result
+                await self.db.end_job(
+                    job_id=job.id,
+                    error="the bot restarted before this blind comparison was shown",
+                    status=JobStatus.CANCELLED,
+                )
+                continue
             if job.revision not in self.scheduler.revisions:  # a candidate taken out of the config since
                 await self.db.end_job(
                     job_id=job.id,
@@ -373,6 +382,81 @@ class ImageService(Admissions):
         if not running:
             self.usage.refund_job(job_id)
         return job
+
+    # The blind A/B arena
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """Return the candidate revisions the workers serve (``model.candidates``), by name."""
+        return tuple(sorted(revision for revision in self.scheduler.revisions if revision is not None))
+
+    def arena_candidate(self, guild_id: int | None) -> str:
+        """Return a candidate revision to pair with production in a server (one at random among several), or raise
+        Refused: the bot serves none, or the server's moderators turned the arena off."""
+        candidates = self.candidates
+        if not candidates:
+            raise Refused("The arena is not set up here: this bot serves no candidate model revision to compare with.")
+        if not self.moderation.arena_on(guild_id):
+            raise Refused("The moderators turned the arena off in this server, so there is nothing to compare.")
+        return candidates[0] if len(candidates) == 1 else secrets.choice(candidates)
+
+    def admit_candidate(self, requester: Requester, admission: Admission) -> Admission:
+        """Take a place for an admitted request's candidate render, the arena's other image: the same request,
+        charged to nobody (a pair costs its requester one image; the second is the server's). No await."""
+        limits = self.moderation.limits(requester.guild_id, requester.user_id, requester.role_ids)
+        # One more than the member's own cap: a request that fitted brings its comparison with it.
+        place = self.scheduler.reserve(
+            user_id=requester.user_id, guild_id=requester.guild_id, max_queued=limits.max_queued + 1
+        )
+        charge = self.usage.charge(guild_id=requester.guild_id, user_id=requester.user_id, cost=0)
+        return Admission(request=admission.request, place=place, charge=charge)
+
+    async def record_pair(
+        self, *, production: Queued, candidate: Queued, production_side: str, message_id: int | None = None
+    ) -> ArenaPair:
+        """Store a rendered pair: the first image of each job, production's on ``production_side``."""
+        job = production.job
+        first, second = (production.job.id, 0), (candidate.job.id, 0)
+        left, right = (first, second) if production_side == "left" else (second, first)
+        pair = await record_pair(
+            self.db,
+            guild_id=job.guild_id,
+            channel_id=job.channel_id,
+            requester_id=job.user_id,
+            left=left,
+            right=right,
+            production_side=production_side,
+        )
+        if message_id is not None:
+            await self.db.set_arena_message(pair_id=pair.id, message_id=message_id)
+        return pair
+
+    async def pair_shown(self, *, pair_id: int, message_id: int) -> None:
+        """Record the message that shows a pair (votes are timed from now)."""
+        await self.db.set_arena_message(pair_id=pair_id, message_id=message_id)
+
+    async def arena_vote(
+        self, requester: Requester, *, pair_id: int, message_id: int | None, choice: Choice, max_votes_per_day: int
+    ) -> Reveal:
+        """Record a member's vote on the pair a button names, if that pair is the one its message shows (a
+        custom_id is untrusted input), and return the reveal."""
+        pair = await self.db.arena_pair(pair_id=pair_id)
+        if (
+            pair is None
+            or pair.guild_id != requester.guild_id
+            or pair.message_id is None
+            or pair.message_id != message_id
+        ):
+            raise JobNotFound("That comparison is not the one on this message, so no vote was recorded.")
+        seconds = time.time() - pair.posted_at if pair.posted_at is not None else None
+        return await arena_vote(
+            self.db,
+            pair_id=pair_id,
+            member=requester.user_id,
+            choice=choice,
+            seconds=seconds,
+            max_votes_per_day=max_votes_per_day,
+        )
 
     # What the cogs read and the votes they record: no cog uses the database itself
 

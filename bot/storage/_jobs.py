@@ -264,7 +264,7 @@ class Jobs(Store):
         rows = await self._rows(
             """
             SELECT id, guild_id, user_id, count, steps, width, height, created_at FROM jobs
-            WHERE created_at > ?
+            WHERE created_at > ? AND revision IS NULL  -- a candidate's image is the arena's, charged to nobody
               AND (status IN ('queued', 'running', 'done') OR (status = 'cancelled' AND started_at IS NOT NULL))
             ORDER BY created_at
             """,

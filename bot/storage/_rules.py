@@ -23,6 +23,7 @@ class GuildRules:
     bans: dict[int, str | None] = field(default_factory=dict[int, str | None])
     paused: bool = False
     pause_reason: str | None = None
+    arena_off: bool = False  # /mod arena off
 
 
 class Rules(Store):
@@ -60,6 +61,8 @@ class Rules(Store):
         for row in await self._rows("SELECT guild_id, reason FROM pauses"):
             guild = of(row["guild_id"])
             guild.paused, guild.pause_reason = True, row["reason"]
+        for row in await self._rows("SELECT guild_id FROM arena_off"):
+            of(row["guild_id"]).arena_off = True
         return rules
 
     async def set_limits(
@@ -134,6 +137,13 @@ class Rules(Store):
 
     async def resume(self, *, guild_id: int, audit: AuditEntry) -> None:
         await self._change("DELETE FROM pauses WHERE guild_id = ?", (guild_id,), audit)
+
+    async def set_arena(self, *, guild_id: int, on: bool, audit: AuditEntry) -> None:
+        """Turn a server's arena on (the default) or off."""
+        if on:
+            await self._change("DELETE FROM arena_off WHERE guild_id = ?", (guild_id,), audit)
+        else:
+            await self._change("INSERT OR IGNORE INTO arena_off (guild_id) VALUES (?)", (guild_id,), audit)
 
     async def audit_log(self, *, guild_id: int, count: int) -> list[AuditEntry]:
         """Return a server's latest audit rows, newest first."""

@@ -7,6 +7,7 @@ on a result and what each does), ``_text.py`` (what the messages say).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from discord.ext import commands
 from bot.admission import MAX_SEED
 from bot.client import requester
 from bot.config import GenerationConfig
+from bot.errors import BotError
 from bot.prompts import SAFE_RATINGS
 from bot.prompts.vocabulary import Vocabulary
 from cogs.imagine.buttons import DYNAMIC_ITEMS
@@ -24,6 +26,7 @@ from cogs.imagine.delivery import Deliveries
 
 if TYPE_CHECKING:
     from bot.client import SygilBot
+    from cogs.arena import Arena
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +64,24 @@ class Imagine(commands.Cog):
         guidance: float,
         size: str | None,
         count: int,
+        compare: bool = False,
     ) -> None:
         # Every check that can refuse runs, and the place is taken, before the first await: refusals stay private.
+        asker = requester(interaction)
+        arena: Arena | None = self.bot.get_cog("Arena")  # pyright: ignore[reportAssignmentType]
+        revision = None
+        if compare:
+            if arena is None:
+                raise BotError("The arena is switched off right now, so there is nothing to compare.")
+            revision = self.service.arena_candidate(asker.guild_id)
+            count = 1  # a pair is one image from each model
+        elif count == 1 and arena is not None and random.random() < self.bot.config.arena.rate:
+            try:
+                revision = self.service.arena_candidate(asker.guild_id)
+            except BotError:
+                revision = None  # no arena here: an ordinary request
         admission = self.service.admit(
-            requester(interaction),
+            asker,
             prompt=prompt,
             negative=negative,
             seed=seed,
@@ -73,6 +90,16 @@ class Imagine(commands.Cog):
             size=size,
             count=count,
         )
+        if arena is not None and revision is not None:
+            try:
+                candidate = self.service.admit_candidate(asker, admission)
+            except BotError:
+                if compare:
+                    self.service.release(admission)
+                    raise
+            else:
+                await arena.accept(interaction, admission, candidate, revision=revision)
+                return
         await self.deliveries.accept(interaction, admission)
 
     async def complete_tags(
@@ -113,6 +140,7 @@ def _imagine_command(cog: Imagine, gen: GenerationConfig) -> app_commands.Comman
         guidance: float = gen.default_guidance,
         size: str | None = None,
         count: int = gen.default_count,
+        compare: bool = False,
     ) -> None:
         await cog.imagine(
             interaction,
@@ -123,6 +151,7 @@ def _imagine_command(cog: Imagine, gen: GenerationConfig) -> app_commands.Comman
             guidance=guidance,
             size=size,
             count=count,
+            compare=compare,
         )
 
     # The bounds are settings, known only now: give discord.py the annotations as objects, not strings.
@@ -135,6 +164,7 @@ def _imagine_command(cog: Imagine, gen: GenerationConfig) -> app_commands.Comman
         "guidance": app_commands.Range[float, gen.min_guidance, gen.max_guidance],
         "size": str,
         "count": app_commands.Range[int, 1, gen.max_count],
+        "compare": bool,
         "return": None,
     }
     sizes = [app_commands.Choice(name=size.replace("x", "×"), value=size) for size in gen.sizes]
@@ -149,6 +179,7 @@ def _imagine_command(cog: Imagine, gen: GenerationConfig) -> app_commands.Comman
         guidance=f"How closely to follow the prompt (default {gen.default_guidance:g})",
         size=f"Image size in pixels (default {gen.sizes[0].replace('x', '×')})",
         count=f"How many images (default {gen.default_count})",
+        compare="Render one image with the model in production and one with a candidate, shown blind, to vote on",
     )(callback)
     return app_commands.Command(name="imagine", description="Generate images with Sygil Diffusion", callback=callback)
 

@@ -9,7 +9,7 @@ those of nested groups (``/mod limits set``) included, whereas a group's own che
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import discord
 from discord import app_commands
@@ -212,6 +212,18 @@ class Moderation(commands.Cog):
         """Pause the queue: nothing new renders or is accepted; queued jobs keep their place"""
         await self.moderation.pause(_guild(interaction), interaction.user.id, reason)
         await _answer(interaction, "Paused. Queued jobs keep their place; /mod resume starts them again.")
+
+    @mod.command(name="arena")
+    @app_commands.describe(state="on: pairs from /imagine compare:true and arena.rate; off: none in this server")
+    async def arena(self, interaction: discord.Interaction[SygilBot], state: Literal["on", "off"]) -> None:
+        """Turn the blind A/B arena between model revisions on or off in this server"""
+        changed = await self.moderation.set_arena(_guild(interaction), interaction.user.id, state == "on")
+        if not changed:
+            await _answer(interaction, f"The arena is already {state} here; nothing changed.")
+        elif state == "on":
+            await _answer(interaction, "The arena is on: /imagine compare:true works, and arena.rate applies.")
+        else:
+            await _answer(interaction, "The arena is off: no blind comparisons are made in this server.")
 
     @mod.command(name="resume")
     async def resume(self, interaction: discord.Interaction[SygilBot]) -> None:

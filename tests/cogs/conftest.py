@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bot.client import SygilBot
-from bot.config import Config, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
+from bot.config import ArenaConfig, Config, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
 from bot.engine import Engine
 from bot.engine.executor import Progress, ThreadWorker
 from bot.engine.types import ImageSpec, RenderedImage
@@ -54,6 +54,10 @@ class Harness:
         default_factory=lambda: QueueConfig(max_queue=8, max_batch=8, max_per_user=3, server_share=1.0)
     )
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    arena: ArenaConfig = field(default_factory=ArenaConfig)
+    # A candidate revision served beside production by a second worker thread (model.candidates), named so.
+    candidate: GatedRender | None = None
+    candidate_name: str = "candidate"
 
     @contextlib.asynccontextmanager
     async def bot(self) -> AsyncIterator[SygilBot]:
@@ -65,21 +69,26 @@ class Harness:
             prompts=self.prompts,
             queue=self.queue,
             moderation=self.moderation,
+            arena=self.arena,
         )
         engine = self.render.engine
         facts = {"revision": engine.revision, "dtype": "float32", "compiled": False}
-        worker = ThreadWorker(self.render, name="cpu", facts=facts)
+        workers = [ThreadWorker(self.render, name="cpu", facts=facts)]
+        if self.candidate is not None:
+            facts = {"revision": self.candidate.engine.revision, "dtype": "float32", "compiled": False}
+            workers.append(ThreadWorker(self.candidate, name="cpu+candidate", facts=facts, serves=self.candidate_name))
         async with (
             await Database.open(self.database) as db,
-            contextlib.AsyncExitStack() as stack,  # closes the worker after the scheduler stops handing it batches
+            contextlib.AsyncExitStack() as stack,  # closes the workers after the scheduler stops handing them batches
             Scheduler(
-                workers=[worker],
+                workers=workers,
                 max_batch=self.queue.max_batch,
                 max_queue=self.queue.max_queue,
                 server_share=self.queue.server_share,
             ) as scheduler,
         ):
-            stack.push_async_callback(worker.close)
+            for worker in workers:
+                stack.push_async_callback(worker.close)
             service = await open_service(
                 config, db=db, scheduler=scheduler, model="tiny", tokenizer=self.render.engine.tokenizer
             )

@@ -41,7 +41,9 @@ def minimal_options(server: FakeDiscord, options: list[dict[str, Any]], *, membe
         if not option.get("required") and option["type"] != 4:
             continue
         kind = option["type"]
-        if kind == 6:
+        if option.get("choices"):
+            values[option["name"]] = option["choices"][0]["value"]
+        elif kind == 6:
             values[option["name"]] = member
         elif kind == 8:
             values[option["name"]] = role
@@ -63,10 +65,10 @@ async def test_every_mod_command_refuses_members_without_the_permission(harness:
         assert int(mod["default_member_permissions"]) == MANAGE_GUILD
         assert mod.get("dm_permission") is False or mod.get("contexts") == [0]
         commands = leaves(mod["options"])
-        assert {"mod limits set", "mod channels deny", "mod blocklist add", "mod ban", "mod audit"} <= {
+        assert {"mod limits set", "mod channels deny", "mod blocklist add", "mod ban", "mod audit", "mod arena"} <= {
             name for name, _ in commands
         }
-        assert len(commands) == 16
+        assert len(commands) == 17
         before = await bot.db.guild_rules()
         for name, options in commands:
             values = minimal_options(server, options, member=stranger, role=role)

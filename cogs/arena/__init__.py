@@ -1,0 +1,139 @@
+"""The blind A/B arena on Discord: a prompt rendered by production and a candidate, posted side by side without
+their names, left and right at random, with the vote buttons (``_views.py``) that reveal them privately.
+
+A pair comes from ``/imagine compare:true`` or, at ``arena.rate``, from an ordinary /imagine (the Imagine cog
+admits both renders and hands them to ``Arena.accept``). Its two jobs are not delivered one by one: the pair
+waits for both and posts one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+import discord
+from discord.ext import commands
+
+from bot.admission import Admission
+from bot.arena import anonymous_png
+from bot.errors import BotError
+from bot.service import Queued
+from cogs.arena._views import DYNAMIC_ITEMS, pair_view
+
+if TYPE_CHECKING:
+    from bot.client import SygilBot
+
+log = logging.getLogger(__name__)
+
+_NO_PINGS = discord.AllowedMentions.none()
+
+
+class Arena(commands.Cog):
+    """Post blind pairs and take their votes; registers the vote buttons while loaded."""
+
+    def __init__(self, bot: SygilBot) -> None:
+        self.bot = bot
+        self.service = bot.service
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(*DYNAMIC_ITEMS)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(*DYNAMIC_ITEMS)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def accept(
+        self,
+        interaction: discord.Interaction[SygilBot],
+        production: Admission,
+        candidate: Admission,
+        *,
+        revision: str,
+    ) -> None:
+        """Store and queue both renders of a pair, answer, then post the pair once both are done."""
+        service = self.service
+        try:
+            first = await service.enqueue(production)
+        except BaseException:
+            service.release(candidate)
+            raise
+        try:
+            second = await service.enqueue(candidate, revision=revision)
+        except BaseException:
+            await service.withdraw(first, error="its comparison could not be queued")
+            raise
+        try:
+            await interaction.response.defer(thinking=True)
+        except BaseException:
+            for queued in (first, second):
+                await service.withdraw(queued, error="the interaction could not be acknowledged")
+            raise
+        task = asyncio.get_running_loop().create_task(
+            self._deliver(interaction, first, second), name=f"arena-{first.job.id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, interaction: discord.Interaction[SygilBot], production: Queued, candidate: Queued) -> None:
+        try:
+            await self._post_pair(interaction, production, candidate)
+        except asyncio.CancelledError:
+            raise
+        except BotError as exc:
+            log.warning("Arena pair of job %d failed: %s", production.job.id, exc)
+            await self._say(interaction, f"❌ {exc}")
+        except Exception:
+            log.exception("Arena pair of job %d failed", production.job.id)
+            await self._say(interaction, "❌ Rendering the comparison failed; it has been logged. Please try again.")
+
+    async def _post_pair(
+        self, interaction: discord.Interaction[SygilBot], production: Queued, candidate: Queued
+    ) -> None:
+        service = self.service
+        rendered = await asyncio.gather(service.wait(production), service.wait(candidate), return_exceptions=True)
+        for outcome in rendered:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        production_png, candidate_png = (
+            outcome[0].png for outcome in rendered if not isinstance(outcome, BaseException)
+        )
+        production_side = secrets.choice(("left", "right"))
+        pair = await service.record_pair(production=production, candidate=candidate, production_side=production_side)
+        left, right = (production_png, candidate_png) if production_side == "left" else (candidate_png, production_png)
+        # The engine's PNG text chunks name the revision: the pair shows pixels only.
+        left, right = await asyncio.gather(
+            asyncio.to_thread(anonymous_png, left), asyncio.to_thread(anonymous_png, right)
+        )
+        files = [
+            discord.File(io.BytesIO(left), filename="left.png"),
+            discord.File(io.BytesIO(right), filename="right.png"),
+        ]
+        job = production.job
+        prompt = discord.utils.escape_markdown(job.prompt)[:1500]
+        text = (
+            f"⚖️ **Blind comparison** for <@{job.user_id}>: {prompt}\n"
+            "Two models drew this prompt with the same seed and settings. Which image is better? "
+            "Your vote shows you which model made which."
+        )
+        message = await interaction.edit_original_response(
+            content=text, attachments=files, view=pair_view(pair.id), allowed_mentions=_NO_PINGS
+        )
+        await service.pair_shown(pair_id=pair.id, message_id=message.id)
+        for queued in (production, candidate):
+            await service.complete(queued, message_id=message.id)
+
+    async def _say(self, interaction: discord.Interaction[SygilBot], text: str) -> None:
+        try:
+            await interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS)
+        except discord.HTTPException as exc:
+            log.warning("Could not tell the requester their comparison failed: %s", exc)
+
+
+async def setup(bot: SygilBot) -> None:
+    await bot.add_cog(Arena(bot))
