@@ -431,6 +431,13 @@ class ImageService(Admissions):
             await self.db.set_arena_message(pair_id=pair.id, message_id=message_id)
         return pair
 
+    async def abandon(self, queued: Queued, *, error: str) -> None:
+        """End a job whose images will not be shown (the other half of its arena pair failed), giving its charge
+        back."""
+        self.scheduler.cancel(queued.job.id, error)
+        await self.db.end_job(job_id=queued.job.id, error=error)
+        self.usage.refund_job(queued.job.id)
+
     async def pair_shown(self, *, pair_id: int, message_id: int) -> None:
         """Record the message that shows a pair (votes are timed from now)."""
         await self.db.set_arena_message(pair_id=pair_id, message_id=message_id)

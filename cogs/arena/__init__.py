@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _NO_PINGS = discord.AllowedMentions.none()
+_POSTING_TIMEOUT = 3.0  # seconds an unloading cog waits for pairs being posted
 
 
 class Arena(commands.Cog):
@@ -38,15 +39,23 @@ class Arena(commands.Cog):
         self.bot = bot
         self.service = bot.service
         self._tasks: set[asyncio.Task[None]] = set()
+        self._posting: set[asyncio.Task[None]] = set()  # pairs past the wait, being posted and recorded
 
     async def cog_load(self) -> None:
         self.bot.add_dynamic_items(*DYNAMIC_ITEMS)
 
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(*DYNAMIC_ITEMS)
-        for task in self._tasks:
+        # Pairs still rendering stay queued in the database; one being posted may finish and record its message.
+        waiting = [task for task in self._tasks if task not in self._posting]
+        for task in waiting:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        posting = list(self._posting)
+        if posting:
+            _, late = await asyncio.wait(posting, timeout=_POSTING_TIMEOUT)
+            for task in late:
+                task.cancel()
+        await asyncio.gather(*waiting, *posting, return_exceptions=True)
 
     async def accept(
         self,
@@ -78,7 +87,11 @@ class Arena(commands.Cog):
             self._deliver(interaction, first, second), name=f"arena-{first.job.id}"
         )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._posting.discard(task)
 
     async def _deliver(self, interaction: discord.Interaction[SygilBot], production: Queued, candidate: Queued) -> None:
         try:
@@ -97,9 +110,16 @@ class Arena(commands.Cog):
     ) -> None:
         service = self.service
         rendered = await asyncio.gather(service.wait(production), service.wait(candidate), return_exceptions=True)
-        for outcome in rendered:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        task = asyncio.current_task()
+        if task is not None and task in self._tasks:
+            self._posting.add(task)
+        failed = next((outcome for outcome in rendered if isinstance(outcome, BaseException)), None)
+        if failed is not None:
+            # Half a pair is no comparison: the image that did render is not shown, and its charge is given back.
+            for queued, outcome in zip((production, candidate), rendered, strict=True):
+                if not isinstance(outcome, BaseException):
+                    await service.abandon(queued, error="the other image of its comparison failed")
+            raise failed
         production_png, candidate_png = (
             outcome[0].png for outcome in rendered if not isinstance(outcome, BaseException)
         )

@@ -4,13 +4,17 @@ candidate on a copy of it with one weight changed, each on its own worker thread
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from bot.config import ArenaConfig
 from bot.engine import Engine
+from bot.engine.executor import Progress
+from bot.engine.types import ImageSpec, RenderedImage
+from bot.errors import RenderFailed
 from bot.jobs import JobStatus
 from bot.limits import standard_images
 from tests.bot.engine.test_revision import retrain
@@ -192,3 +196,63 @@ async def test_at_arena_rate_one_an_ordinary_imagine_becomes_a_pair(arena: Harne
         several = await server.slash("imagine", {"prompt": "species:seal", "count": 2})
         shown = await pair_message(server, several)
         assert shown.attachments[0].filename.startswith("sygil_") and len(shown.attachments) == 2
+
+
+async def test_a_pair_queued_at_shutdown_is_delivered_as_a_plain_result_after_a_restart(arena: Harness) -> None:
+    server = arena.server
+    assert arena.candidate is not None
+    async with arena.bot():
+        arena.render.open.clear()
+        arena.candidate.open.clear()
+        interaction = await server.slash("imagine", {"prompt": "species:seal", "compare": True})
+        assert (await interaction.wait_response())["type"] == 5
+        # Shutting down waits for the batches on the GPUs: let them finish soon after the bot has stopped.
+        threading.Timer(0.5, arena.render.open.set).start()
+        threading.Timer(0.5, arena.candidate.open.set).start()
+    assert not any(m.attachments for m in server.messages(server.channel_id))
+
+    async with arena.bot() as bot:
+        # The production image comes as an ordinary result; the candidate's, half a pair, is not shown.
+        delivered = await server.wait_for_message(lambda m: "species:seal" in m.content and bool(m.attachments), 60)
+        await all_delivered(bot.db)
+        assert delivered.attachments[0].filename.startswith("sygil_") and len(delivered.attachments) == 1
+        jobs = [await bot.db.get_job(job_id=job_id) for job_id in (1, 2)]
+        assert [(job.revision, job.status) for job in jobs if job] == [
+            (None, JobStatus.DONE),
+            (arena.candidate_name, JobStatus.CANCELLED),
+        ]
+        # Read back after the restart, the requester's usage is the one image they asked for.
+        used = bot.service.usage.used(guild_id=server.guild_id, user_id=server.user_id)
+        assert jobs[0] is not None and used == standard_images(jobs[0].settings, 1)
+
+
+class BrokenRender(GatedRender):
+    """A candidate whose GPU fails every batch."""
+
+    def __call__(self, specs: Sequence[ImageSpec], progress: Progress | None = None, /) -> list[RenderedImage]:
+        raise RenderFailed("the candidate's GPU fell over")
+
+
+async def test_when_half_a_pair_fails_the_requester_is_told_and_not_charged(arena: Harness) -> None:
+    server = arena.server
+    assert arena.candidate is not None
+    arena.candidate = BrokenRender(arena.candidate.engine)
+    async with arena.bot() as bot:
+        interaction = await server.slash("imagine", {"prompt": "species:seal", "compare": True})
+        failed = await server.wait_for_message(lambda m: m.interaction_id == interaction.id and "❌" in m.content)
+        assert "the candidate's GPU fell over" in failed.content and not failed.attachments
+        await all_delivered(bot.db)
+        assert not any(m.attachments for m in server.messages(server.channel_id))
+        assert bot.service.usage.used(guild_id=server.guild_id, user_id=server.user_id) == 0
+        jobs = [await bot.db.get_job(job_id=job_id) for job_id in (1, 2)]
+        assert [job.status for job in jobs if job] == [JobStatus.FAILED, JobStatus.FAILED]
+
+
+async def test_vote_buttons_keep_working_after_a_restart(arena: Harness) -> None:
+    server = arena.server
+    async with arena.bot() as bot:
+        message = await pair_message(server, await server.slash("imagine", {"prompt": "species:seal", "compare": True}))
+        await all_delivered(bot.db)
+    async with arena.bot():
+        text = await private(await server.click(message.id, f"arena:vote:{pair_id_of(message)}:tie"))
+        assert "You voted **Tie**" in text and "⬅️ 0 · ➡️ 0 · 🤝 1 · 👎 0" in text
