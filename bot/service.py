@@ -447,6 +447,7 @@ class ImageService(Admissions):
     ) -> Reveal:
         """Record a member's vote on the pair a button names, if that pair is the one its message shows (a
         custom_id is untrusted input), and return the reveal."""
+        self.check_access(requester, what="take votes")
         pair = await self.db.arena_pair(pair_id=pair_id)
         if (
             pair is None
