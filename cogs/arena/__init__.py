@@ -12,6 +12,7 @@ import asyncio
 import io
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 import discord
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _NO_PINGS = discord.AllowedMentions.none()
+_TOKEN_LIFETIME = 14 * 60.0  # Discord keeps an interaction token 15 minutes: stop using it a minute before
 _POSTING_TIMEOUT = 3.0  # seconds an unloading cog waits for pairs being posted
 
 
@@ -141,9 +143,24 @@ class Arena(commands.Cog):
             "Two models drew this prompt with the same seed and settings. Which image is better? "
             "Your vote shows you which model made which."
         )
-        message = await interaction.edit_original_response(
-            content=text, attachments=files, view=pair_view(pair.id), allowed_mentions=_NO_PINGS
-        )
+        message = None
+        # The interaction's token lasts 15 minutes: after a long wait the pair goes to the channel.
+        if time.time() - interaction.created_at.timestamp() < _TOKEN_LIFETIME:
+            try:
+                message = await interaction.edit_original_response(
+                    content=text, attachments=files, view=pair_view(pair.id), allowed_mentions=_NO_PINGS
+                )
+            except discord.HTTPException as exc:
+                if exc.status not in (401, 404):
+                    raise
+                log.info("Interaction for the pair of job %d expired; posting to the channel", job.id)
+                for file in files:
+                    file.reset()
+        if message is None:
+            channel = self.bot.get_channel(job.channel_id) or await self.bot.fetch_channel(job.channel_id)
+            if not isinstance(channel, discord.abc.Messageable):
+                raise BotError("The comparison's channel is gone, so it could not be posted.")
+            message = await channel.send(content=text, files=files, view=pair_view(pair.id), allowed_mentions=_NO_PINGS)
         await service.pair_shown(pair_id=pair.id, message_id=message.id)
         for queued in (production, candidate):
             await service.complete(queued, message_id=message.id)

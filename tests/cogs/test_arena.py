@@ -4,6 +4,7 @@ candidate on a copy of it with one weight changed, each on its own worker thread
 from __future__ import annotations
 
 import shutil
+import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -256,3 +257,25 @@ async def test_vote_buttons_keep_working_after_a_restart(arena: Harness) -> None
     async with arena.bot():
         text = await private(await server.click(message.id, f"arena:vote:{pair_id_of(message)}:tie"))
         assert "You voted **Tie**" in text and "⬅️ 0 · ➡️ 0 · 🤝 1 · 👎 0" in text
+
+
+async def test_a_pair_whose_token_expired_is_posted_in_the_channel(
+    arena: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = arena.server
+    assert arena.candidate is not None
+    async with arena.bot() as bot:
+        arena.render.open.clear()
+        interaction = await server.slash("imagine", {"prompt": "species:seal", "compare": True})
+        assert (await interaction.wait_response())["type"] == 5
+        # The wait outlasted the interaction's token (discord.py loads the extension as a module of its own).
+        monkeypatch.setattr(sys.modules["cogs.arena"], "_TOKEN_LIFETIME", 0.0)
+        arena.render.open.set()
+        message = await server.wait_for_message(lambda m: bool(m.attachments) and m.interaction_id is None, 60)
+        await all_delivered(bot.db)
+        assert [attachment.filename for attachment in message.attachments] == ["left.png", "right.png"]
+        pair_id = pair_id_of(message)
+        pair = await bot.db.arena_pair(pair_id=pair_id)
+        assert pair is not None and pair.message_id == message.id
+        text = await private(await server.click(message.id, f"arena:vote:{pair_id}:left"))
+        assert "You voted **Left**" in text
