@@ -188,6 +188,7 @@ async def test_compare_without_a_candidate_is_refused_privately(harness: Harness
 
 async def test_at_arena_rate_one_an_ordinary_imagine_becomes_a_pair(arena: Harness) -> None:
     server = arena.server
+    admin = server.add_user("admin", roles=[server.add_role("Admins", MANAGE_GUILD)])
     arena.arena = ArenaConfig(rate=1.0)
     async with arena.bot() as bot:
         message = await pair_message(server, await server.slash("imagine", {"prompt": "species:seal"}))
@@ -197,6 +198,13 @@ async def test_at_arena_rate_one_an_ordinary_imagine_becomes_a_pair(arena: Harne
         several = await server.slash("imagine", {"prompt": "species:seal", "count": 2})
         shown = await pair_message(server, several)
         assert shown.attachments[0].filename.startswith("sygil_") and len(shown.attachments) == 2
+        # Where the moderators turned the arena off, every request is an ordinary one.
+        await private(await server.slash("mod arena", {"state": "off"}, user_id=admin))
+        plain = await pair_message(server, await server.slash("imagine", {"prompt": "studio:dc"}))
+        assert [attachment.filename.startswith("sygil_") for attachment in plain.attachments] == [True]
+        await all_delivered(bot.db)
+        job = await bot.db.get_job(job_id=4)  # jobs 1 and 2 were the first pair, 3 the two images
+        assert job is not None and job.revision is None and await bot.db.get_job(job_id=5) is None
 
 
 async def test_a_pair_queued_at_shutdown_is_delivered_as_a_plain_result_after_a_restart(arena: Harness) -> None:
