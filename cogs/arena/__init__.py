@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from bot.admission import Admission
+from bot.admission import Admission, because
 from bot.arena import anonymous_png
 from bot.errors import BotError
 from bot.service import Queued
 from cogs.arena._views import DYNAMIC_ITEMS, pair_view
+from cogs.imagine._text import status_interval, status_text
 
 if TYPE_CHECKING:
     from bot.client import SygilBot
@@ -111,7 +112,27 @@ class Arena(commands.Cog):
         self, interaction: discord.Interaction[SygilBot], production: Queued, candidate: Queued
     ) -> None:
         service = self.service
-        rendered = await asyncio.gather(service.wait(production), service.wait(candidate), return_exceptions=True)
+        waiting = asyncio.ensure_future(
+            asyncio.gather(service.wait(production), service.wait(candidate), return_exceptions=True)
+        )
+        shown = ""
+        try:
+            # While both images wait and render, the requester sees the later one's place in line.
+            while not waiting.done() and _alive(interaction):
+                text = self._status(production, candidate)
+                if text != shown:
+                    try:
+                        await interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS)
+                    except discord.HTTPException as exc:
+                        log.warning("Could not update the status of the pair of job %d: %s", production.job.id, exc)
+                        break
+                    shown = text
+                position = service.scheduler.position(production.job.id)
+                await asyncio.wait({waiting}, timeout=status_interval(position))
+            rendered = await waiting
+        except asyncio.CancelledError:
+            waiting.cancel()
+            raise
         task = asyncio.current_task()
         if task is not None and task in self._tasks:
             self._posting.add(task)
@@ -145,7 +166,7 @@ class Arena(commands.Cog):
         )
         message = None
         # The interaction's token lasts 15 minutes: after a long wait the pair goes to the channel.
-        if time.time() - interaction.created_at.timestamp() < _TOKEN_LIFETIME:
+        if _alive(interaction):
             try:
                 message = await interaction.edit_original_response(
                     content=text, attachments=files, view=pair_view(pair.id), allowed_mentions=_NO_PINGS
@@ -165,11 +186,33 @@ class Arena(commands.Cog):
         for queued in (production, candidate):
             await service.complete(queued, message_id=message.id)
 
+    def _status(self, production: Queued, candidate: Queued) -> str:
+        scheduler = self.service.scheduler
+        positions = [scheduler.position(queued.job.id) or 0 for queued in (production, candidate)]
+        later = max(positions)
+        etas = [eta for queued in (production, candidate) if (eta := scheduler.eta(queued.job.id)) is not None]
+        ticket = production.ticket
+        paused, reason = self.service.moderation.pause_reason(production.job.guild_id)
+        text = status_text(
+            later or None,
+            ticket.step,
+            ticket.total_steps,
+            production.warnings,
+            eta=max(etas) if etas else None,
+            paused=f"The moderators paused the queue{because(reason)}." if paused else None,
+        )
+        return f"⚖️ Blind comparison\n{text}"
+
     async def _say(self, interaction: discord.Interaction[SygilBot], text: str) -> None:
         try:
             await interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS)
         except discord.HTTPException as exc:
             log.warning("Could not tell the requester their comparison failed: %s", exc)
+
+
+def _alive(interaction: discord.Interaction[SygilBot]) -> bool:
+    """Return whether the interaction's token can still be used."""
+    return time.time() - interaction.created_at.timestamp() < _TOKEN_LIFETIME
 
 
 async def setup(bot: SygilBot) -> None:

@@ -215,6 +215,11 @@ async def test_a_pair_queued_at_shutdown_is_delivered_as_a_plain_result_after_a_
         arena.candidate.open.clear()
         interaction = await server.slash("imagine", {"prompt": "species:seal", "compare": True})
         assert (await interaction.wait_response())["type"] == 5
+        # While the pair waits, its message shows where it is, and still names no revision.
+        status = await server.wait_for_message(
+            lambda m: m.interaction_id == interaction.id and m.content.startswith("⚖️ Blind comparison\n🎨 Rendering")
+        )
+        assert arena.candidate_name not in status.content and not status.attachments
         # Shutting down waits for the batches on the GPUs: let them finish soon after the bot has stopped.
         threading.Timer(0.5, arena.render.open.set).start()
         threading.Timer(0.5, arena.candidate.open.set).start()
