@@ -22,6 +22,7 @@ from bot.admission import Admission, because
 from bot.arena import anonymous_png
 from bot.errors import BotError
 from bot.service import Queued
+from cogs._posting import wind_down
 from cogs.arena._views import DYNAMIC_ITEMS, pair_view
 from cogs.imagine._text import status_interval, status_text
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 _NO_PINGS = discord.AllowedMentions.none()
 _TOKEN_LIFETIME = 14 * 60.0  # Discord keeps an interaction token 15 minutes: stop using it a minute before
-_POSTING_TIMEOUT = 3.0  # seconds an unloading cog waits for pairs being posted
 
 
 class Arena(commands.Cog):
@@ -50,15 +50,7 @@ class Arena(commands.Cog):
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(*DYNAMIC_ITEMS)
         # Pairs still rendering stay queued in the database; one being posted may finish and record its message.
-        waiting = [task for task in self._tasks if task not in self._posting]
-        for task in waiting:
-            task.cancel()
-        posting = list(self._posting)
-        if posting:
-            _, late = await asyncio.wait(posting, timeout=_POSTING_TIMEOUT)
-            for task in late:
-                task.cancel()
-        await asyncio.gather(*waiting, *posting, return_exceptions=True)
+        await wind_down(self._tasks, self._posting)
 
     async def accept(
         self,

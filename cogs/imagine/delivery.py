@@ -22,6 +22,7 @@ from bot.engine.types import RenderedImage
 from bot.errors import BotError, JobCancelled
 from bot.jobs import Job, Reply
 from bot.service import Queued
+from cogs._posting import wind_down
 from cogs.imagine._text import filename, result_text, status_interval, status_text
 from cogs.imagine.buttons import cancel_view, result_view
 
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 _TOKEN_LIFETIME = 15 * 60.0
 _TOKEN_MARGIN = 60.0  # stop using an interaction token a minute before Discord expires it
 _DOWNLOAD_TIMEOUT = 1.5  # seconds for a variation's source image, of the 3 Discord allows for an answer
-_POSTING_TIMEOUT = 3.0  # seconds a stopping bot waits for results being posted
 _NO_PINGS = discord.AllowedMentions.none()
 
 
@@ -96,15 +96,7 @@ class Deliveries:
         Their jobs stay queued in the database. One that is posting may finish and record it: stopped between
         the two, it would be posted again after the restart.
         """
-        waiting = [task for task in self._tasks if task not in self._posting]
-        for task in waiting:
-            task.cancel()
-        posting = list(self._posting)
-        if posting:
-            _, late = await asyncio.wait(posting, timeout=_POSTING_TIMEOUT)
-            for task in late:
-                task.cancel()
-        await asyncio.gather(*waiting, *posting, return_exceptions=True)
+        await wind_down(self._tasks, self._posting)
 
     def _spawn(self, queued: Queued) -> None:
         """Deliver a job in the background: the command returns while the job waits its turn."""
