@@ -2,7 +2,9 @@
 
 A worker is a stranger's GPU. Its user (named as the worker) may only:
 
-- take batches as a consumer of the group: XREADGROUP, XAUTOCLAIM, XCLAIM, XACK and XPENDING on ``{prefix}:batches``;
+- take batches as a consumer of the group: XREADGROUP, XAUTOCLAIM, XCLAIM, XACK and XPENDING on ``{prefix}:batches``
+  and the candidate revisions' ``{prefix}:batches:*`` (which one a worker pulls from is the revision it announces; the
+  bot takes a batch's outcome only from a worker announcing the batch's revision);
 - write its own keys, ``{prefix}:w:{name}:*`` (its heartbeats and events streams): SET, GET, DEL, EXPIRE, EXISTS,
   XADD;
 - read the bot's announcement ``{prefix}:bot`` and the stop flags ``{prefix}:stop:*``: GET, EXISTS;
@@ -95,6 +97,7 @@ def worker_rules(keys: Keys, name: str, *, select: bool = False) -> list[str]:
         "+ping",
         *(["+select"] if select else []),
         f"~{keys.batches}",
+        f"~{keys.candidate_batches}",
         *(f"+{command}" for command in BATCH_COMMANDS),
         f"(~{keys.own(name)} {_allow(OWN_COMMANDS)})",
         f"(%R~{keys.bot} %R~{keys.prefix}:stop:* {_allow(READ_COMMANDS)})",
@@ -231,10 +234,24 @@ async def _remove_consumers(redis: Redis, keys: Keys, name: str) -> tuple[int, i
     """Hand the batches the worker's consumers hold to ``REVOKED_HOLDER``, looking idle for a year, so that another
     worker claims them at its next XAUTOCLAIM (XGROUP DELCONSUMER alone would drop them from the group: lost), then
     delete the consumers. Return (consumers deleted, batches handed back)."""
+    streams = [keys.batches]
+    found: AsyncIterator[Any] = redis.scan_iter(match=keys.candidate_batches, count=_DELETE_CHUNK)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    streams += sorted([_text(key) async for key in found])
+    handed_back = 0
+    deleted = 0
+    for stream in streams:
+        removed, handed = await _remove_stream_consumers(redis, stream, name)
+        deleted += removed
+        handed_back += handed
+    return deleted, handed_back
+
+
+async def _remove_stream_consumers(redis: Redis, stream: str, name: str) -> tuple[int, int]:
+    """Do what ``_remove_consumers`` does on one batches stream."""
     from redis.exceptions import ResponseError
 
     try:
-        consumers: list[dict[str, Any]] = await redis.xinfo_consumers(keys.batches, GROUP)  # pyright: ignore[reportUnknownMemberType]
+        consumers: list[dict[str, Any]] = await redis.xinfo_consumers(stream, GROUP)  # pyright: ignore[reportUnknownMemberType]
     except ResponseError:
         return 0, 0  # no stream or no group yet: no consumers
     handed_back = 0
@@ -246,13 +263,13 @@ async def _remove_consumers(redis: Redis, keys: Keys, name: str) -> tuple[int, i
         pending = int(consumer.get("pending", 0))
         if pending:
             held: list[dict[str, Any]] = await redis.xpending_range(  # pyright: ignore[reportUnknownMemberType]
-                keys.batches, GROUP, "-", "+", pending, consumername=consumer_name
+                stream, GROUP, "-", "+", pending, consumername=consumer_name
             )
             ids = [entry["message_id"] for entry in held]
             if ids:
-                await redis.xclaim(keys.batches, GROUP, REVOKED_HOLDER, 0, ids, idle=_IDLE_MS, justid=True)  # pyright: ignore[reportUnknownMemberType]
+                await redis.xclaim(stream, GROUP, REVOKED_HOLDER, 0, ids, idle=_IDLE_MS, justid=True)  # pyright: ignore[reportUnknownMemberType]
                 handed_back += len(ids)
-        await redis.xgroup_delconsumer(keys.batches, GROUP, consumer_name)  # pyright: ignore[reportUnknownMemberType]
+        await redis.xgroup_delconsumer(stream, GROUP, consumer_name)  # pyright: ignore[reportUnknownMemberType]
         deleted += 1
     return deleted, handed_back
 

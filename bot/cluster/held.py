@@ -48,13 +48,14 @@ class Held:
     entry: str
     session: str
     batch: RenderBatch | None  # None: a malformed entry, acknowledged without rendering
+    stream: str = ""  # the batches stream it was read from (its revision's); "" stands for ``Keys.batches``
     nonce: str = ""  # new at every dispatch; the bot takes only events that repeat it
     call: Call | None = None  # once handed to the local executor
     renewing: bool = True  # False once the entry is no longer this consumer's (taken over, or Redis lost it)
     task: asyncio.Task[None] | None = None
 
     @classmethod
-    def read(cls, entry: str, fields: Mapping[bytes, bytes]) -> Held:
+    def read(cls, entry: str, fields: Mapping[bytes, bytes], stream: str = "") -> Held:
         """Take in an entry just read; a malformed one is logged and held for acknowledging only."""
         batch: RenderBatch | None = None
         plain: dict[str, str] = {}
@@ -67,7 +68,7 @@ class Held:
                 batch = message
             else:
                 log.error("Dropping batch entry %s: a %s message, not a batch", entry, type(message).__name__)
-        return cls(entry, plain.get("session", ""), batch, plain.get("nonce", ""))
+        return cls(entry, plain.get("session", ""), batch, stream, plain.get("nonce", ""))
 
 
 class Batches:
@@ -86,14 +87,14 @@ class Batches:
         ``lost_worker``: the local executor is gone until it is ready again)."""
         batch = held.batch
         if batch is None:
-            await self._acknowledge(held.entry)
+            await self._acknowledge(self._stream(held), held.entry)
             return
         current, stopped = await self._check(held.session, batch.batch_id)
         if not current:
             log.info(
                 "Dropping batch %d: it belongs to an earlier run of the bot (session %s)", batch.batch_id, held.session
             )
-            await self._acknowledge(held.entry)
+            await self._acknowledge(self._stream(held), held.entry)
             return
         session, nonce = held.session, held.nonce
         events = _Events(lambda message: self._publish(session, consumer, nonce, message))
@@ -121,10 +122,10 @@ class Batches:
         pipe = self._redis.pipeline(transaction=False)
         for item in held:
             assert item.batch is not None
-            pipe.xpending_range(self._keys.batches, GROUP, item.entry, item.entry, 1, consumername=consumer)
+            pipe.xpending_range(self._stream(item), GROUP, item.entry, item.entry, 1, consumername=consumer)
             pipe.exists(self._keys.stop(item.session, item.batch.batch_id))
         replies = await pipe.execute(raise_on_error=False)
-        mine: list[str] = []
+        mine: list[Held] = []
         for index, item in enumerate(held):
             assert item.batch is not None
             pending, stop = replies[2 * index], replies[2 * index + 1]
@@ -139,20 +140,22 @@ class Batches:
                     item.batch.batch_id,
                 )
             if item.renewing:
-                mine.append(item.entry)
+                mine.append(item)
             if stop is True or (isinstance(stop, int) and stop > 0):
                 if item.call is not None and not item.call.stopping:
                     log.info("Stopping batch %d: the bot no longer wants it", item.batch.batch_id)
                     item.call.stop()
-        if mine:
-            ids: list[StreamIdT] = list(mine)
-            await self._redis.xclaim(self._keys.batches, GROUP, consumer, 0, ids, justid=True)
+        for stream in dict.fromkeys(self._stream(item) for item in mine):
+            ids: list[StreamIdT] = [item.entry for item in mine if self._stream(item) == stream]
+            await self._redis.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
 
-    async def give_back(self, consumer: str, entries: Sequence[str]) -> None:
+    async def give_back(self, consumer: str, held: Sequence[Held]) -> None:
         """Make entries claimable by any worker now, instead of when their lease runs out."""
-        ids: list[StreamIdT] = list(entries)
+        entries = [item.entry for item in held]
         try:
-            await self._redis.xclaim(self._keys.batches, GROUP, consumer, 0, ids, idle=self._lease_ms, justid=True)
+            for stream in dict.fromkeys(self._stream(item) for item in held):
+                ids: list[StreamIdT] = [item.entry for item in held if self._stream(item) == stream]
+                await self._redis.xclaim(stream, GROUP, consumer, 0, ids, idle=self._lease_ms, justid=True)
         except (*unreachable_errors(), ResponseError) as error:
             log.info(
                 "Could not give back %d batches (%s); another worker takes them when their lease runs out",
@@ -206,7 +209,7 @@ class Batches:
             log.warning("Lost batch %d with the local worker (%s); giving it back", batch.batch_id, error)
             if held.renewing:
                 held.renewing = False
-                await self.give_back(consumer, [held.entry])
+                await self.give_back(consumer, [held])
             return None
         except Exception as error:
             failure = failed(batch.batch_id, error)
@@ -235,13 +238,16 @@ class Batches:
             return await self._retry.once(add()) is not UNREACHABLE
         return await self._retry.persist(add, self._lease)
 
-    async def _acknowledge(self, entry: str) -> None:
+    async def _acknowledge(self, stream: str, entry: str) -> None:
         """Acknowledge an entry dropped unrendered (the bot deletes the stream's old entries when it starts)."""
 
         async def done() -> None:
-            await self._redis.xack(self._keys.batches, GROUP, entry)
+            await self._redis.xack(stream, GROUP, entry)
 
         await self._retry.persist(done, self._lease)
+
+    def _stream(self, held: Held) -> str:
+        return held.stream or self._keys.batches
 
 
 class _Events:

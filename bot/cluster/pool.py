@@ -1,10 +1,12 @@
 """The bot's side of the GPU cluster: hand batches to remote workers through Redis, and read back what they did.
 
-``ClusterPool`` is one scheduler ``Worker`` standing for every remote worker. The scheduler keeps admission, fairness
-and batching, and SQLite keeps every job; the pool lets a slot take a batch only while a live worker has room for it
-(``ready``), so the fair order is decided as late as with local workers. Redis carries only the batches in flight:
-when it goes away, their jobs go back to the front of the queue without counting an attempt, ``ready`` waits, and
-the pool reconnects by itself. The keys and entries are those of ``bot.cluster.wire``.
+``ClusterPool`` is one scheduler ``Worker`` standing for every remote worker of the production revision, and each of its
+``lanes`` beyond the first stands for those of one candidate revision (``model.candidates``): a lane's batches go to its
+revision's stream, only its workers' room lets them out, and only its workers' outcomes count. The scheduler keeps
+admission, fairness and batching, and SQLite keeps every job; the pool lets a slot take a batch only while a live worker
+has room for it (``ready``), so the fair order is decided as late as with local workers. Redis carries only the batches
+in flight: when it goes away, their jobs go back to the front of the queue without counting an attempt, ``ready`` waits,
+and the pool reconnects by itself. The keys and entries are those of ``bot.cluster.wire``.
 
 No worker is trusted (``bot.cluster.guard``): an event counts only from the worker whose consumer holds the batch's
 entry (XPENDING) and only with the nonce of that dispatch; a result is checked before it is posted, and users see
@@ -45,6 +47,7 @@ from bot.cluster.wire import (
 from bot.config import ClusterConfig
 from bot.engine.executor import BatchEvent, Call, RenderStopped, WorkerLost, answer
 from bot.engine.protocol import Failed, FailureKind, Progress, RenderBatch, Rendered, Started
+from bot.engine.revision import tag
 from bot.engine.types import RenderedImage
 from bot.errors import RenderFailed
 
@@ -80,6 +83,8 @@ class _Flight:
     future: asyncio.Future[list[RenderedImage]]
     nonce: str  # new at every dispatch: events must repeat it
     deadline: float  # seconds a worker may hold it
+    stream: str  # the batches stream of its revision
+    revision: str | None  # the exact revision it must be rendered with (None: production, not pinned yet)
     entry_id: bytes | None = None  # its entry in the batches stream, once Redis answered the XADD
     started: bool = False
     holder: str | None = None  # the consumer whose Started was taken
@@ -92,22 +97,50 @@ class _Trouble(Exception):
     """A command outside the supervisor's tasks found the broker gone; the supervisor reconnects."""
 
 
+class _Lane:
+    """The scheduler ``Worker`` for the remote workers of one candidate revision: the pool's room and streams for it."""
+
+    depth = DEPTH
+
+    def __init__(self, pool: ClusterPool, candidate: str) -> None:
+        self.name = f"{pool.name}+{tag(candidate)}"
+        self.serves = candidate  # the scheduler hands it only the candidate's batches
+        self._pool = pool
+
+    async def ready(self) -> None:
+        await self._pool.wait_for_room(self.serves)
+
+    async def render(self, call: Call) -> list[RenderedImage]:
+        return await self._pool.send(call, self.serves)
+
+
 class ClusterPool:
     """Every remote worker of the cluster as one scheduler ``Worker``: a batch goes out when a live worker has room."""
 
     depth = DEPTH
 
     def __init__(
-        self, config: ClusterConfig, *, model: str, revision: str, name: str = "cluster", max_images: int = 8
+        self,
+        config: ClusterConfig,
+        *,
+        model: str,
+        revision: str,
+        name: str = "cluster",
+        max_images: int = 8,
+        candidates: Sequence[str] = (),
     ) -> None:
         if not config.enabled:
             raise ValueError("a cluster needs cluster.broker")
+        if candidates and not all(exact_revision(item) for item in (revision, *candidates)):
+            raise ValueError("with candidates, the production revision and each candidate must be exact")
         self.name = name
         self.session = secrets.token_hex(8)  # new at every start: workers drop batches of an earlier session
         # The revision every worker must serve: the configured one when exact, else the first worker's.
         self.revision: str | None = revision if exact_revision(revision) else None
         self._config = config
         self._keys = Keys(config.prefix)
+        self._candidates = tuple(candidates)  # exact revisions served beside the production one
+        self.lanes: list[ClusterPool | _Lane] = [self, *(_Lane(self, candidate) for candidate in self._candidates)]
         self._model = model
         self._configured_revision = revision
         self._redis = connect(config.broker)  # the supervisor does the retrying
@@ -121,7 +154,7 @@ class ClusterPool:
         )
         self._ids = itertools.count(1)
         self._flights: dict[int, _Flight] = {}
-        self._workers: dict[str, WorkerInfo] = {}  # alive and serving the pinned revision
+        self._workers: dict[str, WorkerInfo] = {}  # alive and serving the pinned revision or a candidate
         self._refused: dict[str, str] = {}  # consumer → the revision it was refused for (logged once)
         self._strikes = Strikes(config.strikes)
         self._known: dict[str, float] = {}  # worker → when its heartbeat was last seen: its events stream is read
@@ -129,14 +162,16 @@ class ClusterPool:
         self._max_bytes = round(config.max_image_mib * 2**20)
         self._reader = Reader(self._redis, max_image_bytes=self._max_bytes, max_images=max_images)
         self._started_ms = int(time.time() * 1000)
-        self._finished: list[bytes] = []  # entries whose outcome was taken: acknowledge and delete them
-        self._holders: set[asyncio.Task[Any]] = set()  # slots holding a place, from ready() to their next ready()
+        self._finished: list[tuple[str, bytes]] = []  # (stream, entry) whose outcome was taken: ack and delete them
+        # Slots holding a place, from ready() to their next ready(), by the revision they send (None: production).
+        self._holders: dict[str | None, set[asyncio.Task[Any]]] = {None: set()}
+        self._holders.update((candidate, set()) for candidate in self._candidates)
         self._changed = asyncio.Event()  # set and replaced whenever room may have changed
         self._up = False
         self._connected_once = False
         self._alone_since: float | None = None  # when the last accepted worker left
         self._grace_until = 0.0  # after a reconnect, workers have a heartbeat's time to announce themselves again
-        self._abandoned: list[tuple[int, bytes | None]] = []  # batches given up: stop them on the broker
+        self._abandoned: list[tuple[int, str, bytes | None]] = []  # batches given up, and their stream: stop them
         self._trouble = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
@@ -159,7 +194,7 @@ class ClusterPool:
 
     @property
     def workers(self) -> list[WorkerInfo]:
-        """The live workers serving the pinned revision, by name."""
+        """The live workers serving the pinned revision or a candidate, by name."""
         return [self._workers[name] for name in sorted(self._workers)]
 
     @property
@@ -201,18 +236,26 @@ class ClusterPool:
         await self._redis.aclose()
 
     async def ready(self) -> None:
-        """Return once a live worker has room for one more batch; the calling slot holds that room until it asks
-        again (so a batch split after running out of memory keeps its place)."""
-        slot = asyncio.current_task()
-        assert slot is not None
-        if slot in self._holders:
-            self._holders.discard(slot)
-            self._notify()
-        while not self._has_room():
-            await self._changed.wait()
-        self._holders.add(slot)
+        """Return once a live worker of the production revision has room for one more batch."""
+        await self.wait_for_room(None)
 
     async def render(self, call: Call) -> list[RenderedImage]:
+        return await self.send(call, None)
+
+    async def wait_for_room(self, candidate: str | None) -> None:
+        """Return once a live worker of the revision (None: production) has room for one more batch; the calling
+        slot holds that room until it asks again (so a batch split after running out of memory keeps its place)."""
+        slot = asyncio.current_task()
+        assert slot is not None
+        if slot in self._holders[candidate]:
+            self._holders[candidate].discard(slot)
+            self._notify()
+        while not self._has_room(candidate):  # which replaces the set of holders with those still alive
+            await self._changed.wait()
+        self._holders[candidate].add(slot)
+
+    async def send(self, call: Call, candidate: str | None) -> list[RenderedImage]:
+        """Send a batch to the workers of a revision (None: production) through its stream, and await its outcome."""
         if not self._up:
             raise WorkerLost("the cluster's broker is unreachable", blameless=True)
         if call.stopping:
@@ -220,33 +263,39 @@ class ClusterPool:
         batch_id = next(self._ids)
         limit = deadline(call.specs, lease=self._config.lease, seconds_per_step=self._config.seconds_per_step)
         future = asyncio.get_running_loop().create_future()
-        flight = _Flight(batch_id, call, future, nonce=secrets.token_hex(16), deadline=limit)
+        stream = self._keys.batches_of(candidate)
+        revision = self.revision if candidate is None else candidate
+        flight = _Flight(batch_id, call, future, secrets.token_hex(16), limit, stream, revision)
         self._flights[batch_id] = flight
         call.when_stopped(lambda: self._stop(flight))
         try:
             try:
                 fields = pack(RenderBatch(batch_id, call.specs), session=self.session, nonce=flight.nonce)
                 entry: dict[FieldT, EncodableT] = {**fields}
-                entry_id = await kept(self._redis.xadd(self._keys.batches, entry))
+                entry_id = await kept(self._redis.xadd(stream, entry))
             except _BROKEN as error:
                 self._lost(error)  # which fails this flight too
             else:
                 flight.entry_id = entry_id if isinstance(entry_id, bytes) else entry_id.encode()
                 if flight.future.done() and self._up:  # stopped while its entry was on the way: delete it too
-                    self._abandoned.append((batch_id, flight.entry_id))
+                    self._abandoned.append((batch_id, stream, flight.entry_id))
                     self._spawn(self._send_stops())
             return await flight.future
         finally:
             del self._flights[batch_id]
             if not flight.future.done():  # the slot was cancelled (the scheduler is closing): stop it for workers
                 flight.future.cancel()
-                self._abandoned.append((batch_id, flight.entry_id))
+                self._abandoned.append((batch_id, stream, flight.entry_id))
 
     # Room
 
-    def _has_room(self) -> bool:
-        self._holders = {slot for slot in self._holders if not slot.done()}
-        return self._up and len(self._holders) < sum(min(info.depth, MAX_DEPTH) for info in self._workers.values())
+    def _has_room(self, candidate: str | None) -> bool:
+        holders = self._holders[candidate] = {slot for slot in self._holders[candidate] if not slot.done()}
+        revision = self.revision if candidate is None else candidate
+        if not self._up or revision is None:
+            return False
+        room = sum(min(info.depth, MAX_DEPTH) for info in self._workers.values() if info.revision == revision)
+        return len(holders) < room
 
     def _notify(self) -> None:
         self._changed.set()
@@ -294,9 +343,10 @@ class ClusterPool:
             raise errors[0]
 
     async def _connect(self) -> None:
-        await kept(create_group(self._redis, self._keys.batches))
-        if not self._connected_once:  # entries older than this bot are an earlier session's: nobody wants them
-            await kept(self._redis.xtrim(self._keys.batches, minid=f"{self._started_ms}-0", approximate=False))
+        for stream in self._streams():
+            await kept(create_group(self._redis, stream))
+            if not self._connected_once:  # entries older than this bot are an earlier session's: nobody wants them
+                await kept(self._redis.xtrim(stream, minid=f"{self._started_ms}-0", approximate=False))
         self._trouble.clear()
         if self._connected_once:
             self._grace_until = time.monotonic() + 3 * self._config.heartbeat
@@ -320,6 +370,10 @@ class ClusterPool:
         await self._trouble.wait()
         raise _Trouble
 
+    def _streams(self) -> list[str]:
+        """The batches streams: the production revision's, then each candidate's."""
+        return [self._keys.batches_of(None), *(self._keys.batches_of(candidate) for candidate in self._candidates)]
+
     def _lost(self, error: BaseException) -> None:
         """Note that the broker went away: no batch goes out until it is back, and the jobs in flight go back in line
         (Redis may have lost their batches; nothing they did caused it)."""
@@ -340,7 +394,7 @@ class ClusterPool:
             await self._sweep()
 
     async def _announce(self) -> None:
-        info = BotInfo(self.session, self._model, self.revision, self._config.lease)
+        info = BotInfo(self.session, self._model, self.revision, self._config.lease, self._candidates)
         heartbeat = self._config.heartbeat
         await kept(self._redis.set(self._keys.bot, info.dump(), ex=math.ceil(3 * heartbeat)))
 
@@ -411,14 +465,15 @@ class ClusterPool:
                     info.name,
                     self._configured_revision,
                 )
-            if info.revision != self.revision:
+            if info.revision != self.revision and info.revision not in self._candidates:
                 if self._refused.get(info.name) != info.revision:
                     self._refused[info.name] = info.revision
                     log.warning(
-                        "Refused worker %s: it serves revision %s; the bot is pinned to %s",
+                        "Refused worker %s: it serves revision %s; the bot is pinned to %s%s",
                         info.name,
                         info.revision,
                         self.revision,
+                        f" (candidates {', '.join(self._candidates)})" if self._candidates else "",
                     )
                 self._workers.pop(info.name, None)
                 continue
@@ -471,7 +526,7 @@ class ClusterPool:
         for flight in reversed(self._flights.values()):
             if not flight.future.done():
                 flight.future.set_exception(error)
-                self._abandoned.append((flight.batch_id, flight.entry_id))
+                self._abandoned.append((flight.batch_id, flight.stream, flight.entry_id))
 
     def _stop(self, flight: _Flight) -> None:
         """Stop a batch nobody wants any more: one not yet started is answered at once, since no worker may ever
@@ -480,9 +535,9 @@ class ClusterPool:
             return
         if not flight.started:
             flight.future.set_exception(RenderStopped())
-            self._abandoned.append((flight.batch_id, flight.entry_id))
+            self._abandoned.append((flight.batch_id, flight.stream, flight.entry_id))
         else:
-            self._abandoned.append((flight.batch_id, None))  # its worker holds the entry, and answers the stop
+            self._abandoned.append((flight.batch_id, flight.stream, None))  # its holder answers the stop
         if self._up:
             self._spawn(self._send_stops())
 
@@ -495,12 +550,13 @@ class ClusterPool:
         finished, self._finished = self._finished, []
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for batch_id, _ in abandoned:
+                for batch_id, _, _ in abandoned:
                     pipe.set(self._keys.stop(self.session, batch_id), 1, ex=_STOP_SECONDS)
-                entries = [entry_id for _, entry_id in abandoned if entry_id is not None] + finished
-                if entries:
-                    pipe.xack(self._keys.batches, GROUP, *entries)
-                    pipe.xdel(self._keys.batches, *entries)
+                entries = [(stream, entry_id) for _, stream, entry_id in abandoned if entry_id is not None] + finished
+                for stream in dict.fromkeys(stream for stream, _ in entries):
+                    ids = [entry_id for other, entry_id in entries if other == stream]
+                    pipe.xack(stream, GROUP, *ids)
+                    pipe.xdel(stream, *ids)
                 await kept(pipe.execute())
         except _BROKEN:
             self._abandoned.extend(abandoned)  # sent once the broker is back
@@ -548,7 +604,7 @@ class ClusterPool:
                             events.append((worker, *event))
                 await kept(pipe.execute())
             holders = await self._holders_of(
-                [flight.entry_id for _, message, _ in events if (flight := self._awaited(message.batch_id))]
+                [flight for _, message, _ in events if (flight := self._awaited(message.batch_id))]
             )
             for worker, message, plain in events:
                 try:
@@ -575,27 +631,32 @@ class ClusterPool:
         flight = self._flights.get(batch_id)
         return flight if flight is not None and not flight.future.done() and flight.entry_id is not None else None
 
-    async def _holders_of(self, entry_ids: Sequence[bytes | None]) -> dict[bytes, tuple[str, int]]:
-        """Return the consumer holding each entry and its delivery count (XPENDING); one nobody holds is left out."""
-        ids = sorted({entry_id for entry_id in entry_ids if entry_id is not None})
+    async def _holders_of(self, flights: Sequence[_Flight]) -> dict[tuple[str, bytes], tuple[str, int]]:
+        """Return the consumer holding each flight's entry and its delivery count (XPENDING), by stream and entry;
+        one nobody holds is left out."""
+        ids = sorted({(flight.stream, flight.entry_id) for flight in flights if flight.entry_id is not None})
         if not ids:
             return {}
         async with self._redis.pipeline(transaction=False) as pipe:
-            for entry_id in ids:
-                pipe.xpending_range(self._keys.batches, GROUP, entry_id, entry_id, 1)
+            for stream, entry_id in ids:
+                pipe.xpending_range(stream, GROUP, entry_id, entry_id, 1)
             replies = await kept(pipe.execute())
-        holders: dict[bytes, tuple[str, int]] = {}
-        for entry_id, reply in zip(ids, replies, strict=True):
+        holders: dict[tuple[str, bytes], tuple[str, int]] = {}
+        for key, reply in zip(ids, replies, strict=True):
             for item in reply:
                 name = item["consumer"]
-                holders[entry_id] = (
+                holders[key] = (
                     name.decode() if isinstance(name, bytes) else str(name),
                     int(item["times_delivered"]),
                 )
         return holders
 
     def _dispatch(
-        self, worker: str, message: BatchEvent, plain: Mapping[str, str], holders: Mapping[bytes, tuple[str, int]]
+        self,
+        worker: str,
+        message: BatchEvent,
+        plain: Mapping[str, str],
+        holders: Mapping[tuple[str, bytes], tuple[str, int]],
     ) -> None:
         """Take one event of ``worker``'s stream for the batch it names, if that worker may speak for the batch."""
         flight = self._awaited(message.batch_id)
@@ -617,7 +678,7 @@ class ClusterPool:
             )
             return
         assert flight.entry_id is not None
-        holder, deliveries = holders.get(flight.entry_id, ("", 0))
+        holder, deliveries = holders.get((flight.stream, flight.entry_id), ("", 0))
         if (flight.holder if isinstance(message, Progress) else holder) != sender:
             self._strikes.once(
                 worker,
@@ -637,6 +698,12 @@ class ClusterPool:
                 log.warning("Dropped batch %d from worker %s: it serves another revision", message.batch_id, sender)
                 self._give_up(flight, WorkerLost(f"worker {sender} serves another revision", blameless=True))
                 return
+            if (mismatch := self._serves_other(sender, flight)) is not None:
+                self._strike(
+                    worker, f"rendered batch {message.batch_id} of another revision than it serves ({mismatch})"
+                )
+                self._give_up(flight, WorkerLost(f"worker {sender} serves another revision", blameless=True))
+                return
             result = checked(message, flight.call.specs, max_bytes=self._max_bytes)
             if isinstance(result, str):
                 self._strike(worker, f"batch {message.batch_id} came back with {result}")
@@ -644,7 +711,7 @@ class ClusterPool:
                 return
             self._strikes.clear(worker)
             info = self._workers.get(sender)
-            facts = {"worker": sender, "revision": self.revision, "dtype": info.dtype if info is not None else None}
+            facts = {"worker": sender, "revision": flight.revision, "dtype": info.dtype if info is not None else None}
             message = result
         elif isinstance(message, Failed):
             if message.kind not in _FIXED:
@@ -655,7 +722,7 @@ class ClusterPool:
             message = Failed(message.batch_id, message.kind, _FIXED[message.kind])
         answer(flight.call, flight.future, message, facts)
         if isinstance(message, Rendered | Failed):
-            self._finished.append(flight.entry_id)
+            self._finished.append((flight.stream, flight.entry_id))
             self._spawn(self._send_stops())
 
     # Batches held too long, taken over, or by a refused worker
@@ -664,13 +731,13 @@ class ClusterPool:
         """Look at who holds each batch sent: give up those past their deadline, held by a refused worker, or taken
         from the bot's hands; fail those that stopped ``MAX_CRASHES`` workers."""
         flights = [flight for flight in self._flights.values() if self._awaited(flight.batch_id) is flight]
-        holders = await self._holders_of([flight.entry_id for flight in flights])
+        holders = await self._holders_of(flights)
         now = time.monotonic()
         for flight in flights:
             if flight.future.done():
                 continue
             assert flight.entry_id is not None
-            holding = holders.get(flight.entry_id)
+            holding = holders.get((flight.stream, flight.entry_id))
             if holding is None:
                 if flight.holding is not None:
                     log.warning(
@@ -687,6 +754,9 @@ class ClusterPool:
             flight.holding = holder
             if worker in self._strikes.refused:
                 self._give_up(flight, WorkerLost(f"worker {worker} is refused", blameless=True))
+            elif (mismatch := self._serves_other(holder, flight)) is not None:
+                self._strike(worker, f"took batch {flight.batch_id} of another revision than it serves ({mismatch})")
+                self._give_up(flight, WorkerLost(f"worker {worker} serves another revision", blameless=True))
             elif flight.started and deliveries - flight.deliveries >= MAX_CRASHES:
                 log.warning(
                     "Batch %d stopped %d workers: its jobs fail", flight.batch_id, deliveries - flight.deliveries
@@ -702,11 +772,17 @@ class ClusterPool:
                 self._strike(worker, f"held batch {flight.batch_id} past its deadline of {flight.deadline:.0f} s")
                 self._give_up(flight, WorkerLost(f"worker {worker} held it past its deadline", blameless=True))
 
+    def _serves_other(self, holder: str, flight: _Flight) -> str | None:
+        """Return the revision a consumer holding a batch announces when it is not the batch's (every batches stream
+        is open to every worker); None when it is, or when it announces none (as before candidates)."""
+        info = self._workers.get(holder)
+        return None if info is None or info.revision == flight.revision else str(info.revision)
+
     def _give_up(self, flight: _Flight, error: Exception) -> None:
         """Fail a batch (the scheduler puts its jobs back in line, or fails them) and take it back from the workers."""
         if not flight.future.done():
             flight.future.set_exception(error)
-        self._abandoned.append((flight.batch_id, flight.entry_id))
+        self._abandoned.append((flight.batch_id, flight.stream, flight.entry_id))
         self._spawn(self._send_stops())
 
     def _strike(self, worker: str, why: str) -> None:

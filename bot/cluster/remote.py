@@ -5,8 +5,9 @@ scheduler's ``Worker`` seam (a benchmark can plug in a cheap one). ``WorkerHost`
 cluster, in the protocol of ``wire``:
 
 - announce: every heartbeat, one ``WorkerInfo`` per device under ``{prefix}:worker:{name}``, with a TTL;
-- pin: pull only while the bot's ``BotInfo`` names a revision; when it names another one than the local engine
-  serves, stop and raise ``PinRefused``;
+- pin: pull only while the bot's ``BotInfo`` names a revision; pull from the production revision's batches stream
+  when the local engine serves it, from a candidate's when it serves that candidate (``BotInfo.candidates``), and
+  otherwise stop and raise ``PinRefused``;
 - pull: each device is a consumer of the group ``workers`` that holds at most ``depth`` entries (one rendering, the
   next being prepared); a consumer with room first claims an entry a silent worker held past its lease
   (XAUTOCLAIM), else reads a new one (XREADGROUP), and hands it to ``held.Batches`` (render, publish, renew, give
@@ -127,6 +128,7 @@ class _Consumer:
     room: asyncio.Event = field(default_factory=asyncio.Event)  # set while it holds fewer entries than its depth
     up: bool = True  # False from losing its local process until that is ready again
     cursor: str = "0-0"  # where the next look for stale entries starts in the group's pending list
+    stream: str = ""  # the batches stream of the revision it serves, once the bot announced it
 
     @property
     def depth(self) -> int:
@@ -315,17 +317,27 @@ class WorkerHost:
             self._pinned.clear()
             self._waiting("no bot" if bot is None else "no pin")
             return
+        streams: list[str] = []
         for consumer in self.consumers:
             served = consumer.executor.served().revision
-            if served != bot.revision:
+            stream = bot.stream_of(self._keys, served)
+            if stream is None:
+                candidates = f" (or a candidate: {', '.join(bot.candidates)})" if bot.candidates else ""
                 self._fail(
                     PinRefused(
-                        f"Refused by the bot: this worker serves revision {served}, the bot is pinned to {bot.revision}"
+                        f"Refused by the bot: this worker serves revision {served}, the bot is pinned to "
+                        f"{bot.revision}{candidates}"
                     )
                 )
                 return
+            streams.append(stream)
+        for consumer, stream in zip(self.consumers, streams, strict=True):
+            if consumer.stream != stream:
+                consumer.stream, consumer.cursor = stream, "0-0"
         if not self._pinned.is_set():
-            log.info("Serving the bot's session %s (model %s, revision %s)", bot.session, bot.model, bot.revision)
+            served = self.consumers[0].executor.served().revision
+            role = "production" if served == bot.revision else "candidate"
+            log.info("Serving the bot's session %s (model %s, %s revision %s)", bot.session, bot.model, role, served)
             self._waiting_for = None
             self._pinned.set()
 
@@ -347,7 +359,7 @@ class WorkerHost:
                 continue
             if self._stopping.is_set():
                 # Brought by a read that began before the stop: not started, so given back with the rest.
-                consumer.held[entry[0]] = Held(entry[0], "", None, renewing=True)
+                consumer.held[entry[0]] = Held(entry[0], "", None, consumer.stream, renewing=True)
                 continue
             self._hold(consumer, *entry)
 
@@ -378,7 +390,7 @@ class WorkerHost:
 
     async def _claim_stale(self, consumer: _Consumer) -> tuple[str, Mapping[bytes, bytes]] | None:
         reply: Any = await self._redis.xautoclaim(
-            self._keys.batches, GROUP, consumer.name, self._lease_ms, start_id=consumer.cursor, count=1
+            consumer.stream, GROUP, consumer.name, self._lease_ms, start_id=consumer.cursor, count=1
         )
         consumer.cursor = _text(reply[0])
         for entry, fields in reply[1]:
@@ -394,7 +406,7 @@ class WorkerHost:
     async def _read(self, consumer: _Consumer) -> tuple[str, Mapping[bytes, bytes]] | None:
         # [[stream, [(entry, fields)]]] in RESP2, what ``connect`` speaks; None when nothing came.
         reply: Any = await self._redis.xreadgroup(
-            GROUP, consumer.name, {self._keys.batches: ">"}, count=1, block=_READ_BLOCK_MS
+            GROUP, consumer.name, {consumer.stream: ">"}, count=1, block=_READ_BLOCK_MS
         )
         for entry, fields in entries(reply):
             return _text(entry), fields
@@ -411,7 +423,7 @@ class WorkerHost:
     # One batch
 
     def _hold(self, consumer: _Consumer, entry: str, fields: Mapping[bytes, bytes]) -> None:
-        held = Held.read(entry, fields)
+        held = Held.read(entry, fields, consumer.stream)
         consumer.held[entry] = held
         consumer.update()
         held.task = asyncio.create_task(self._serve(consumer, held), name=f"cluster-batch-{entry}")
@@ -455,7 +467,7 @@ class WorkerHost:
         with contextlib.suppress(*unreachable_errors(), ResponseError, TimeoutError):
             async with asyncio.timeout(_LAST_WRITES_SECONDS):
                 for consumer in self.consumers:
-                    given = [held.entry for owner, held in unfinished if owner is consumer and held.renewing]
+                    given = [held for owner, held in unfinished if owner is consumer and held.renewing]
                     if given:
                         await self._batches.give_back(consumer.name, given)
                         log.info("Gave back %d batch(es) for another worker to take at once", len(given))

@@ -9,8 +9,11 @@ The bot (one per cluster) and any number of ``sygil-bot worker`` processes share
                                     entry renews its lease (XCLAIM … JUSTID) while it renders; the bot acknowledges
                                     and deletes it once it took the outcome. Each entry carries a ``nonce``, new at
                                     every dispatch, that the worker's events must repeat.
-``{prefix}:bot``                    the bot's announcement (``BotInfo``, with a TTL): its session, model and the
-                                    revision workers must serve. Without it, workers wait.
+``{prefix}:batches:{tag}``          the same, for the batches of a candidate revision (``model.candidates``), ``tag``
+                                    its short form (``revision.tag``): a worker pulls only from its revision's stream,
+                                    and the bot takes outcomes only from workers announcing that revision.
+``{prefix}:bot``                    the bot's announcement (``BotInfo``, with a TTL): its session, model, the revision
+                                    workers must serve and the candidates they may serve. Without it, workers wait.
 ``{prefix}:stop:{session}:{batch}`` set when nobody wants a batch any more; the worker stops it at its next step.
 ``{prefix}:w:{worker}:…``           what worker ``worker`` writes, and it alone (its Redis ACL user has that name):
 ``{prefix}:w:{worker}:beat:{device}``  a heartbeat per device (``WorkerInfo``, with a TTL);
@@ -37,6 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bot.engine.protocol import Message, decode, encode
+from bot.engine.revision import tag
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,15 @@ class Keys:
     @property
     def batches(self) -> str:
         return f"{self.prefix}:batches"
+
+    def batches_of(self, candidate: str | None) -> str:
+        """The batches stream of a revision: the production one's (None), or a candidate's (an exact revision)."""
+        return self.batches if candidate is None else f"{self.batches}:{tag(candidate)}"
+
+    @property
+    def candidate_batches(self) -> str:
+        """The pattern matching every candidate revision's batches stream."""
+        return f"{self.batches}:*"
 
     @property
     def bot(self) -> str:
@@ -118,6 +131,7 @@ class BotInfo:
     model: str
     revision: str | None  # the exact revision workers must serve; None until the first worker pins it
     lease: float  # seconds a batch may stay with a silent worker before another claims it
+    candidates: tuple[str, ...] = ()  # exact revisions a worker may serve instead, pulling from their own streams
 
     def dump(self) -> str:
         return json.dumps(asdict(self))
@@ -125,7 +139,24 @@ class BotInfo:
     @classmethod
     def load(cls, text: str | bytes) -> BotInfo:
         data = json.loads(text)
-        return cls(str(data["session"]), str(data["model"]), data["revision"], float(data["lease"]))
+        candidates = data.get("candidates", [])  # an older bot announces none
+        if not isinstance(candidates, list) or not all(isinstance(item, str) for item in candidates):  # pyright: ignore[reportUnknownVariableType]
+            raise TypeError("candidates must be a list of revisions")
+        return cls(
+            str(data["session"]),
+            str(data["model"]),
+            data["revision"],
+            float(data["lease"]),
+            tuple(candidates),  # pyright: ignore[reportUnknownArgumentType]
+        )
+
+    def stream_of(self, keys: Keys, revision: str | None) -> str | None:
+        """Return the batches stream a worker serving ``revision`` pulls from; None when the bot wants none of it."""
+        if revision is None:
+            return None
+        if revision == self.revision:
+            return keys.batches
+        return keys.batches_of(revision) if revision in self.candidates else None
 
     @classmethod
     def read(cls, raw: object) -> BotInfo | None:

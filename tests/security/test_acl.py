@@ -63,12 +63,17 @@ async def cluster(server: RedisServer) -> AsyncIterator[Cluster]:
         yield Cluster(admin, bot, worker, other)
 
 
+CANDIDATE = "b" * 40  # a candidate revision (model.candidates): its batches have a stream of their own
+
 FORBIDDEN = {
     "FLUSHALL": ["FLUSHALL"],
     "FLUSHDB": ["FLUSHDB"],
     "set the pin": ["SET", KEYS.bot, "forged"],
     "delete the pin": ["DEL", KEYS.bot],
     "add a batch": ["XADD", KEYS.batches, "*", "data", "{}"],
+    "add a candidate's batch": ["XADD", KEYS.batches_of(CANDIDATE), "*", "data", "{}"],
+    "read a candidate's batches outside the group": ["XRANGE", KEYS.batches_of(CANDIDATE), "-", "+"],
+    "a stream beside the batches": ["XADD", f"{KEYS.batches}x", "*", "data", "{}"],
     "delete a batch": ["XDEL", KEYS.batches, "0-1"],
     "trim the batches": ["XTRIM", KEYS.batches, "MAXLEN", "0"],
     "read all batches": ["XRANGE", KEYS.batches, "-", "+"],
@@ -154,6 +159,18 @@ async def test_a_worker_may_do_all_the_worker_protocol_needs(cluster: Cluster) -
     assert await worker.xadd(events, {"data": "{}", "b0": b"\x89PNG"}, maxlen=1000, approximate=True)
     assert await worker.xack(KEYS.batches, GROUP, entry_id) == 1
     assert await worker.delete(beat, events) == 2
+
+
+async def test_a_worker_takes_a_candidate_revisions_batches_as_a_consumer(cluster: Cluster) -> None:
+    stream, device = KEYS.batches_of(CANDIDATE), f"{ME}/cuda:0"
+    await create_group(cluster.bot, stream)
+    await cluster.bot.xadd(stream, {"data": "{}"})
+    reply: Any = await cluster.worker.xreadgroup(GROUP, device, {stream: ">"}, count=1)
+    ((entry_id, _),) = entries(reply)
+    assert await cluster.worker.xclaim(stream, GROUP, device, 0, [entry_id], justid=True) == [entry_id]
+    assert await cluster.worker.xack(stream, GROUP, entry_id) == 1
+    with pytest.raises(NoPermissionError):
+        await cluster.worker.xdel(stream, entry_id)
 
 
 async def test_a_worker_on_another_database_connects_with_select(server: RedisServer) -> None:
@@ -271,6 +288,11 @@ def test_revoke_worker_refuses_its_url_closes_its_connection_and_removes_its_key
         admin.xgroup_create(KEYS.batches, GROUP, id="0", mkstream=True)
         entry_id = admin.xadd(KEYS.batches, {"data": "{}"})
         assert worker.xreadgroup(GROUP, f"{ME}/cuda:0", {KEYS.batches: ">"}, count=1)
+        # It held a candidate revision's batch too, on another device.
+        candidate = KEYS.batches_of(CANDIDATE)
+        admin.xgroup_create(candidate, GROUP, id="0", mkstream=True)
+        candidate_entry = admin.xadd(candidate, {"data": "{}"})
+        assert worker.xreadgroup(GROUP, f"{ME}/cuda:1", {candidate: ">"}, count=1)
         worker.set(KEYS.beat(ME, "cuda:0"), "{}", ex=60)
         worker.xadd(KEYS.events(ME, SESSION), {"data": "{}"})
         other.set(KEYS.beat(OTHER, "cuda:0"), "{}", ex=60)
@@ -285,8 +307,8 @@ def test_revoke_worker_refuses_its_url_closes_its_connection_and_removes_its_key
         status, out, err = cli("revoke-worker", ME, "--admin", server.url)
         assert status == 0, err
         assert out.splitlines() == [
-            f"Revoked worker {ME}: its user is deleted, 1 connection closed, 2 keys and 1 consumer removed, "
-            "1 batch left for the other workers to take."
+            f"Revoked worker {ME}: its user is deleted, 1 connection closed, 2 keys and 2 consumers removed, "
+            "2 batches left for the other workers to take."
         ]
         with pytest.raises(redis.ConnectionError):  # the open connection was closed by Redis
             connection.send_command("PING")
@@ -301,6 +323,9 @@ def test_revoke_worker_refuses_its_url_closes_its_connection_and_removes_its_key
         # Its batch is not lost: another worker's next XAUTOCLAIM (any lease under a year) takes it at once.
         claimed = other.xautoclaim(KEYS.batches, GROUP, f"{OTHER}/cuda:0", 3_600_000, count=10, justid=True)
         assert claimed == [entry_id]
+        assert [consumer["name"] for consumer in admin.xinfo_consumers(candidate, GROUP)] == [REVOKED_HOLDER.encode()]
+        claimed = other.xautoclaim(candidate, GROUP, f"{OTHER}/cuda:0", 3_600_000, count=10, justid=True)
+        assert claimed == [candidate_entry]
         assert cli("workers", "--admin", server.url)[1].splitlines() == [
             f"{OTHER}: connected (1 connection), heartbeats from cuda:0"
         ]

@@ -105,3 +105,16 @@ def test_the_test_redis_server_stops_and_starts_on_its_port(redis_server: RedisS
     redis_server.start()
     assert client.get("k") is None  # a restarted Redis is empty: the cluster must not count on its data
     client.close()
+
+
+def test_the_announcement_names_each_revisions_stream() -> None:
+    keys = Keys("sygil")
+    production, candidate = "a" * 40, "sha256:" + "b" * 64
+    info = BotInfo.load(BotInfo("s", "m", production, 30.0, (candidate,)).dump())
+    assert info.candidates == (candidate,)
+    assert info.stream_of(keys, production) == "sygil:batches"
+    assert info.stream_of(keys, candidate) == "sygil:batches:sha256-bbbbbbbbbbbb"
+    assert info.stream_of(keys, "c" * 40) is None and info.stream_of(keys, None) is None
+    # An older bot's announcement has no candidates; a malformed list is no announcement.
+    assert BotInfo.load('{"session": "s", "model": "m", "revision": null, "lease": 3}').candidates == ()
+    assert BotInfo.read('{"session": "s", "model": "m", "revision": null, "lease": 3, "candidates": [1]}') is None
