@@ -105,3 +105,21 @@ def test_cluster_benchmark_prints_json_for_each_worker_count() -> None:
     assert report["throughput"][0]["speedup_over_one_worker"] == 1.0
     overhead = report["overhead"]
     assert overhead["batches"] == 10 and overhead["cluster_round_trip_ms_mean"] > 0
+
+
+def test_arena_benchmark_prints_json_with_the_ratio_to_the_baseline() -> None:
+    report = run_bench(
+        "bench/arena.py",
+        *("--requests", "30", "--users", "5", "--rate", "0.5", "--batch-cost", "0.02", "--image-cost", "0.005"),
+    )
+    assert report["benchmark"] == "arena"
+    baseline, arena = report["baseline"], report["arena"]
+    assert baseline["rate"] == 0 and baseline["pairs"] == 0 and baseline["images"] == baseline["requests"] == 30
+    assert baseline["candidate_batches"] == 0
+    # Each pair posts two images, both counted; the candidate worker rendered one of each.
+    assert arena["rate"] == 0.5 and 0 < arena["pairs"] <= 30 and arena["images"] == 30 + arena["pairs"]
+    assert arena["candidate_batches"] > 0
+    for run in (baseline, arena):
+        assert run["requests"] == 30 and run["images_per_s"] > 0 and run["requests_per_s"] > 0
+        assert run["violations"] == []
+    assert report["arena_to_baseline_images_per_s"] > 0
