@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bot.admission import Admission, InvalidRequest, Requester
-from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig
+from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig, VariationConfig
 from bot.engine.executor import Progress, ThreadWorker
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, PromptRejected, QueueFull, Refused
@@ -161,7 +161,7 @@ async def test_variation_is_img2img_from_the_image(service: ImageService) -> Non
     job = await service.source(job_id=parent.job.id, index=0, guild_id=GUILD)
     admission = service.admit_remix(asker(), kind=JobKind.VARIATION, parent=job, index=0)
     request = admission.request
-    assert request.settings.mode is Mode.IMG2IMG and request.settings.strength == GENERATION.variation_strength
+    assert request.settings.mode is Mode.IMG2IMG and request.settings.strength == VariationConfig().subtle
     with pytest.raises(ValueError, match="init image"):
         await service.enqueue(admission)
     buffer = io.BytesIO()
