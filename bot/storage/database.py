@@ -179,9 +179,14 @@ class Database(Jobs, Rules, Votes, Stats, Feedback, Arena):
                 try:
                     async with self._db.executescript(script):
                         pass
-                except sqlite3.Error:
+                except sqlite3.Error as error:
                     if self._db.in_transaction:
                         await self._execute("ROLLBACK")
+                    if "foreign_key_violations" in str(error):
+                        raise StorageError(
+                            f"database migration {number:04d} stopped, nothing changed: rows of the database refer to "
+                            "rows that do not exist (`PRAGMA foreign_key_check` in the sqlite3 shell lists them)"
+                        ) from None
                     raise
                 current = number
         finally:
