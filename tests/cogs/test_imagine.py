@@ -10,7 +10,7 @@ import pytest
 
 from bot.engine.types import Mode
 from bot.jobs import JobKind, JobStatus
-from cogs.imagine.buttons import CancelButton, RemixButton, VoteButton
+from cogs.imagine.buttons import CancelButton, Remix, RemixButton, VoteButton
 from tests.cogs.conftest import Harness, all_delivered, final_message, job_id_of, job_when, pngs, remix_result
 
 
@@ -305,8 +305,8 @@ async def test_forged_custom_ids_are_answered_not_crashed(harness: Harness) -> N
 
 def test_custom_ids_round_trip_through_their_templates() -> None:
     for item in (
-        RemixButton(12, 3, JobKind.REROLL),
-        RemixButton(12, 0, JobKind.VARIATION),
+        RemixButton(12, 3, Remix.REROLL),
+        RemixButton(12, 0, Remix.VARIATION),
         VoteButton(12, 1, "down"),
         CancelButton(12),
     ):

@@ -17,7 +17,7 @@ from tests.fakediscord import FakeDiscord, FakeInteraction, Message
 
 def made_with(message: Message) -> dict[str, Any]:
     """Return the settings written into a result's first PNG (its ``sygil`` text chunk)."""
-    return json.loads(pngs(message)[0].text["sygil"])
+    return json.loads(pngs(message)[0].text["sygil"])  # type: ignore[attr-defined]
 
 
 async def answer(interaction: FakeInteraction) -> str:
