@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-from bot.config import GenerationConfig, PromptsConfig
+from bot.config import GenerationConfig, PromptsConfig, UpscaleConfig, VariationConfig
 from bot.engine.types import Mode, Settings
 from bot.errors import BotError, JobNotFound, PromptRejected, Refused
 from bot.jobs import Job, JobKind
@@ -24,6 +24,7 @@ from bot.scheduler import Place, Scheduler
 from bot.storage import Database
 
 MAX_SEED = 2**32 - 1
+MAX_SIDE = 2048  # pixels: the most Settings (and a variation's source image) allow
 
 
 class InvalidRequest(BotError):
@@ -103,6 +104,8 @@ class Admissions:
     moderation: Moderation
     usage: Usage
     generation: GenerationConfig
+    variation: VariationConfig
+    upscale: UpscaleConfig
     tokenizer: Tokenizer | None
     prompts: PromptsConfig
     accepting: bool  # False once the bot is stopping
@@ -233,31 +236,34 @@ class Admissions:
             raise JobNotFound("That image is no longer in the database, so it cannot be reused.")
         return job
 
-    def admit_remix(self, requester: Requester, *, kind: JobKind, parent: Job, index: int) -> Admission:
+    def admit_remix(
+        self, requester: Requester, *, kind: JobKind, parent: Job, index: int, strength: float | None = None
+    ) -> Admission:
         """Admit a new job from one image: a reroll (same prompt and settings, new seed) or a variation.
 
-        A variation is img2img from that image (the caller supplies its PNG to ``enqueue``). A reroll is always
-        txt2img, also of a variation: the variation's own source image belongs to another message. The prompt is
-        checked again, against today's blocklist and this channel's rules.
+        A variation is img2img from that image (the caller supplies its PNG to ``enqueue``) at ``strength`` (a Vary
+        button's: ``variation.subtle`` when None). A reroll is always txt2img, also of a variation: the variation's
+        own source image belongs to another message; a reroll of an upscale renders at the size its source had. The
+        prompt is checked again, against today's blocklist and this channel's rules.
         """
         if kind not in (JobKind.REROLL, JobKind.VARIATION):
             raise ValueError(f"a remix is a reroll or a variation, not {kind}")
         self.check_access(requester)
         self.check_open(requester)
-        rules = self.rules(
-            guild_id=requester.guild_id, channel_id=requester.channel_id, age_restricted=requester.age_restricted
-        )
-        checked = self.check_prompts(parent.prompt, parent.negative_prompt, rules)
+        checked = self._recheck(requester, parent)
         source = parent.settings
         variation = kind is JobKind.VARIATION
+        halve = not variation and parent.kind is JobKind.UPSCALE
         settings = Settings(
             steps=source.steps,
             guidance=source.guidance,
-            width=source.width,
-            height=source.height,
+            width=source.width // 2 if halve else source.width,
+            height=source.height // 2 if halve else source.height,
             mode=Mode.IMG2IMG if variation else Mode.TXT2IMG,
-            strength=self.generation.variation_strength if variation else source.strength,
+            strength=(self.variation.subtle if strength is None else strength) if variation else source.strength,
         )
+        if variation:
+            _check_denoises(settings, "A variation")
         request = Request(
             kind=kind,
             user_id=requester.user_id,
@@ -273,6 +279,57 @@ class Admissions:
         )
         return self._take_place(requester, request)
 
+    def admit_upscale(self, requester: Requester, *, parent: Job, index: int) -> Admission:
+        """Admit an Upscale x2 of one image: img2img from it (the caller supplies its PNG to ``enqueue``) at twice its
+        width and height, at ``upscale.strength``, with its prompt, negative prompt, seed, steps and guidance.
+
+        Diffusers runs ``int(steps * strength)`` of the steps from the image, so the steps scale with the strength;
+        the charge is the pixels x steps rule's, four times the image's own. An upscale of an upscale, or one past
+        2048 pixels a side, is refused.
+        """
+        self.check_access(requester)
+        self.check_open(requester)
+        if parent.kind is JobKind.UPSCALE:
+            raise Refused("That image is already an upscale; upscale the image it came from instead.")
+        source = parent.settings
+        width, height = source.width * 2, source.height * 2
+        if max(width, height) > MAX_SIDE:
+            raise Refused(
+                f"An upscale of this {source.width}×{source.height} image would be {width}×{height}, more than "
+                f"{MAX_SIDE} pixels a side."
+            )
+        checked = self._recheck(requester, parent)
+        settings = Settings(
+            steps=source.steps,
+            guidance=source.guidance,
+            width=width,
+            height=height,
+            mode=Mode.IMG2IMG,
+            strength=self.upscale.strength,
+        )
+        _check_denoises(settings, "An upscale")
+        request = Request(
+            kind=JobKind.UPSCALE,
+            user_id=requester.user_id,
+            guild_id=requester.guild_id,
+            channel_id=requester.channel_id,
+            prompt=checked.prompt,
+            negative=checked.negative,
+            seed=(parent.seed + index) % (MAX_SEED + 1),  # the image's own: its images have consecutive seeds
+            count=1,
+            settings=settings,
+            parent=(parent.id, index),
+            tags=checked.tags,
+        )
+        return self._take_place(requester, request, what="this upscale")
+
+    def _recheck(self, requester: Requester, parent: Job) -> CheckedPrompts:
+        """Check a parent's prompts again, against today's blocklist and this channel's rules."""
+        rules = self.rules(
+            guild_id=requester.guild_id, channel_id=requester.channel_id, age_restricted=requester.age_restricted
+        )
+        return self.check_prompts(parent.prompt, parent.negative_prompt, rules)
+
     def allowance(self, requester: Requester) -> Allowance:
         """Return a user's limits, what they used in the last hour, and when another image fits."""
         limits = self.moderation.limits(requester.guild_id, requester.user_id, requester.role_ids)
@@ -286,7 +343,7 @@ class Admissions:
             limits=limits, used=used, queued=queued, next_free=frees if frees is None or frees > now else None
         )
 
-    def _take_place(self, requester: Requester, request: Request) -> Admission:
+    def _take_place(self, requester: Requester, request: Request, *, what: str | None = None) -> Admission:
         limits = self.moderation.limits(requester.guild_id, requester.user_id, requester.role_ids)
         if request.count > limits.max_count:
             raise Refused(
@@ -311,10 +368,12 @@ class Admissions:
         now = self.usage.clock()
         if frees > now:
             used = self.usage.used(guild_id=request.guild_id, user_id=request.user_id)
-            what = "another image" if request.count == 1 else f"these {request.count} images"
+            if what is None:
+                what = "another image" if request.count == 1 else f"these {request.count} images"
+            counts = f" (it counts as {describe_images(cost)} images)" if cost > request.count else ""
             raise Refused(
                 f"You have used {describe_images(used)} of your {hourly} {DESCRIPTIONS['images_per_hour']}. "
-                f"You can make {what} in {describe_wait(frees - now)}."
+                f"You can make {what}{counts} in {describe_wait(frees - now)}."
             )
         place = self.scheduler.reserve(user_id=request.user_id, guild_id=request.guild_id, max_queued=limits.max_queued)
         charge = self.usage.charge(guild_id=request.guild_id, user_id=request.user_id, cost=cost)
@@ -331,6 +390,15 @@ class Admissions:
 def because(reason: str | None) -> str:
     """Add a moderator's reason to a message, shown as written (it formats and mentions nothing)."""
     return f": {inert(reason)}" if reason else ""
+
+
+def _check_denoises(settings: Settings, what: str) -> None:
+    """Refuse img2img settings under which diffusers would run no denoising step (``int(steps * strength)``)."""
+    if int(settings.steps * settings.strength) < 1:
+        raise InvalidRequest(
+            f"{what} of an image made with {settings.steps} step{_s(settings.steps)} at strength "
+            f"{settings.strength:g} would run no denoising step; make the image with more steps first."
+        )
 
 
 def _s(count: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -17,6 +18,7 @@ from bot.engine.types import ATTENTIONS, EngineOptions
 from bot.errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DISCORD_API = "https://discord.com/api/v10"
 DISCORD_GATEWAY = "wss://gateway.discord.gg/"
@@ -59,6 +61,7 @@ class GenerationConfig:
     max_count: int = 4
     default_count: int = 1
     sizes: tuple[str, ...] = ("512x512", "512x768", "768x512", "640x640")
+    # Deprecated: the one Variation's strength before [variation]; read as variation.subtle when [variation] is absent.
     variation_strength: float = 0.6
 
     def size(self, name: str) -> tuple[int, int]:
@@ -67,6 +70,21 @@ class GenerationConfig:
         if match is None:
             raise ValueError(f"size must look like 512x768, got {name!r}")
         return int(match["width"]), int(match["height"])
+
+
+@dataclass(frozen=True, slots=True)
+class VariationConfig:
+    """How far each Vary button moves from its image (img2img strength)."""
+
+    subtle: float = 0.35
+    strong: float = 0.7
+
+
+@dataclass(frozen=True, slots=True)
+class UpscaleConfig:
+    """Upscale x2: img2img of an image at twice its width and height (hires fix), at this strength."""
+
+    strength: float = 0.35
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +169,8 @@ class Config:
     discord: DiscordConfig = DiscordConfig()
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
+    variation: VariationConfig = VariationConfig()
+    upscale: UpscaleConfig = UpscaleConfig()
     prompts: PromptsConfig = PromptsConfig()
     queue: QueueConfig = QueueConfig()
     engine: EngineConfig = EngineConfig()
@@ -206,6 +226,8 @@ class Config:
                 source,
             ),
             generation=reader.section("generation", GenerationConfig, {"sizes": _sizes}),
+            variation=_variation(reader.section("variation", VariationConfig), data, source),
+            upscale=reader.section("upscale", UpscaleConfig),
             prompts=reader.section("prompts", PromptsConfig, {"blocklist": _terms, "rating_channels": _ids}),
             queue=reader.section("queue", QueueConfig),
             engine=reader.section(
@@ -291,6 +313,8 @@ _SECTIONS = (
     "discord",
     "model",
     "generation",
+    "variation",
+    "upscale",
     "prompts",
     "queue",
     "engine",
@@ -300,6 +324,29 @@ _SECTIONS = (
     "arena",
     "cluster",
 )
+
+
+def _variation(variation: VariationConfig, data: Mapping[str, Any], source: str) -> VariationConfig:
+    """Read the older generation.variation_strength as the subtle strength when the file has no [variation]."""
+    generation = data.get("generation", {})
+    if not isinstance(generation, dict) or "variation_strength" not in generation:
+        return variation
+    if "variation" in data:
+        log.warning(
+            "%s: generation.variation_strength is ignored: [variation] sets the strengths (subtle, strong); "
+            "remove generation.variation_strength",
+            source,
+        )
+        return variation
+    strength = _convert(generation["variation_strength"], float)  # pyright: ignore[reportUnknownArgumentType]
+    log.warning(
+        "%s: generation.variation_strength is deprecated: it is read as variation.subtle = %g; write "
+        "[variation] subtle = %g (and strong) instead",
+        source,
+        strength,
+        strength,
+    )
+    return replace(variation, subtle=strength)
 
 
 def _cluster(cluster: ClusterConfig, environ: Mapping[str, str], source: str) -> ClusterConfig:
@@ -527,6 +574,13 @@ def _check(config: Config, source: str) -> None:
         fail("generation.default_count", f"must be between 1 and generation.max_count ({gen.max_count})")
     if not 0 < gen.variation_strength <= 1:
         fail("generation.variation_strength", f"must be in (0, 1], got {gen.variation_strength}")
+    for key, strength in (
+        ("variation.subtle", config.variation.subtle),
+        ("variation.strong", config.variation.strong),
+        ("upscale.strength", config.upscale.strength),
+    ):
+        if not 0 < strength <= 1:
+            fail(key, f"must be more than 0 and at most 1 (an img2img strength), got {strength:g}")
     queue = config.queue
     if queue.max_batch < gen.max_count:
         fail("queue.max_batch", f"must be at least generation.max_count ({gen.max_count}), got {queue.max_batch}")

@@ -11,7 +11,8 @@ from bot.engine.types import Settings
 class JobKind(enum.StrEnum):
     IMAGINE = "imagine"
     REROLL = "reroll"
-    VARIATION = "variation"
+    VARIATION = "variation"  # img2img from one image at a Vary strength (subtle or strong), new seed
+    UPSCALE = "upscale"  # img2img from one image at twice its width and height, same seed (hires fix)
 
 
 class JobStatus(enum.StrEnum):

@@ -16,7 +16,7 @@ from pathlib import Path
 from bot.admission import MAX_SEED, Admission, Admissions, Requester, because
 from bot.arena import Choice, Reveal, Standings, record_pair, standings
 from bot.arena import vote as arena_vote
-from bot.config import Config, GenerationConfig, PromptsConfig
+from bot.config import Config, GenerationConfig, PromptsConfig, UpscaleConfig, VariationConfig
 from bot.engine.images import open_init_image
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, Refused
@@ -124,6 +124,8 @@ async def open_service(
         moderation=moderation,
         usage=usage,
         generation=config.generation,
+        variation=config.variation,
+        upscale=config.upscale,
         model=model,
         scheduler_name=config.model.scheduler,
         tokenizer=tokenizer,
@@ -150,12 +152,16 @@ class ImageService(Admissions):
         prompts: PromptsConfig | None = None,
         image_folder: Path | None = None,
         forget_deleted: bool = False,
+        variation: VariationConfig | None = None,
+        upscale: UpscaleConfig | None = None,
     ) -> None:
         self.db = db
         self.scheduler = scheduler
         self.moderation = moderation
         self.usage = usage
         self.generation = generation
+        self.variation = variation or VariationConfig()
+        self.upscale = upscale or UpscaleConfig()
         self.model = model
         self.scheduler_name = scheduler_name
         self.tokenizer = tokenizer

@@ -172,9 +172,9 @@ async def test_sigterm_finishes_the_batch_in_hand_and_old_buttons_work_after_eac
         write_config(config, server, tiny_model_dir, database, extra="[queue]\nshutdown_grace = 2")
         async with bot_process(config, server, log, holds=holds) as process:
             await server.wait_for_message(lambda m: m.interaction_id == waiting.id and bool(m.attachments), 120)
-            reroll = await server.click(message.id, f"imagine:reroll:{job_id}:1")
+            reroll = await server.click(message.id, f"imagine:reroll:{job_id}:0")
             rerolled = await remix_result(server, reroll, within=120)
-            assert "Reroll of image 2" in rerolled.content
+            assert "Reroll of image 1" in rerolled.content
             assert rerolled.reference is not None and rerolled.reference["message_id"] == str(message.id)
             vote = await server.click(message.id, f"imagine:vote:{job_id}:1:down")
             assert (await vote.wait_response())["type"] == 7
@@ -228,9 +228,14 @@ async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: 
             slow = await server.slash("imagine", {"prompt": f"species:whale, {holds.word('whale')}"}, user_id=sculptor)
             await holds.wait("whale")
             rendering = await status(server, slow, "Rendering")
-            variation = await server.click(source.id, f"imagine:variation:{source_job}:0", user_id=painter)
+            variation = await server.click(source.id, f"imagine:subtle:{source_job}:0", user_id=painter)
+            upscale = await server.click(source.id, f"imagine:upscale:{source_job}:0", user_id=painter)
             cat = await server.slash("imagine", {"prompt": "species:cat"}, user_id=admin)
-            accepted = [rendering, await status(server, variation, "Queued"), await status(server, cat, "Queued")]
+            accepted = [
+                rendering,
+                *[await status(server, remix, "Queued") for remix in (variation, upscale)],
+                await status(server, cat, "Queued"),
+            ]
             accepted_jobs = [job_of(message) for message in accepted]
             # And one killed the moment Discord shows it is accepted: the job was stored before that.
             last = await server.slash("imagine", {"prompt": "species:last moment"}, user_id=sculptor)
@@ -248,6 +253,9 @@ async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: 
                 )
             varied = await remix_result(server, variation, within=120)
             assert varied.reference is not None and varied.reference["message_id"] == str(source.id)
+            upscaled = await remix_result(server, upscale, within=120)
+            assert upscaled.reference is not None and upscaled.reference["message_id"] == str(source.id)
+            assert Image.open(io.BytesIO(upscaled.attachments[0].data)).size == (128, 128)
             # In its thinking message, or in the channel if the bot died before learning that message's id.
             final = await server.wait_for_message(lambda m: "last moment" in m.content and bool(m.attachments), 120)
             last_job = int(final.attachments[0].filename.split("_")[1])
@@ -260,7 +268,8 @@ async def test_kill_9_loses_nothing_and_delivers_every_job_once(tiny_model_dir: 
         counts = attachment_jobs(server)
         assert delivered_before == {source_job: 1}
         assert counts == {source_job: 1, **dict.fromkeys([*accepted_jobs, last_job], 1)}
-        assert "Variation of image 1" in varied.content
+        assert "Subtle variation (strength 0.35) of image 1" in varied.content
+        assert f"Upscale ×2 of image 1 from job {source_job}" in upscaled.content
         assert server.violations == []
 
     async with await Database.open(database) as db:

@@ -354,8 +354,7 @@ class Engine:
             latents = output.images
             assert isinstance(latents, torch.Tensor)  # output_type="latent"
             vae = self._pipe.vae
-            decoded = vae.decode(latents / vae.config["scaling_factor"], return_dict=False)[0]
-            assert isinstance(decoded, torch.Tensor)
+            decoded = _decode(vae, latents / vae.config["scaling_factor"])
             # The same arithmetic as diffusers' postprocess (denormalise in the model's dtype, then float32 * 255,
             # round half to even), on the device: a quarter of the bytes cross to the CPU, and this is the sync.
             pixels = ((decoded * 0.5 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
@@ -423,3 +422,20 @@ class Engine:
 
     def _encode(self, spec: ImageSpec, pixels: NDArray[np.uint8]) -> bytes:
         return encode_png(spec, pixels, scheduler=self.scheduler_name, model_id=self.model_id, revision=self.revision)
+
+
+def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Decode latents to pixels; in overlapping tiles of the VAE's own sample size past twice its area per image.
+
+    An upscale (1024² for SD 1.5) then needs the decoder's memory of one 512² tile per image, not of the whole
+    image, so a batch of them fits wherever a batch at 512² does. Every size /imagine offers stays under the
+    threshold and decodes in one piece, as before, pixel for pixel. The tiles run the decoder in place (compiled or
+    eager), so a warmed-up upscale size compiles its tile shapes at warm-up.
+    """
+    tile = vae.tile_latent_min_size
+    if latents.shape[-1] * latents.shape[-2] > 2 * tile * tile:
+        decoded = vae.tiled_decode(latents, return_dict=False)[0]
+    else:
+        decoded = vae.decode(latents, return_dict=False)[0]
+    assert isinstance(decoded, torch.Tensor)
+    return decoded

@@ -25,6 +25,11 @@ from bot.storage.files import create_private, private_folder
 
 log = logging.getLogger(__name__)
 
+# Fails the migration's transaction (a CHECK constraint) if it left any foreign key dangling.
+_FOREIGN_KEY_CHECK = (
+    "CREATE TEMP TABLE migration_check (foreign_key_violations INTEGER CHECK (foreign_key_violations = 0)); "
+    "INSERT INTO migration_check SELECT COUNT(*) FROM pragma_foreign_key_check; DROP TABLE temp.migration_check;"
+)
 _MIGRATION_NAME = re.compile(r"(?P<number>\d{4})_[a-z0-9_]+\.sql")
 
 
@@ -153,13 +158,38 @@ class Database(Jobs, Rules, Votes, Stats, Feedback, Arena):
         return int(row[0]) if row else 0
 
     async def migrate(self) -> int:
-        """Apply every migration numbered above ``PRAGMA user_version``, each in one transaction."""
+        """Apply every migration numbered above ``PRAGMA user_version``, each in one transaction.
+
+        Foreign keys are off meanwhile, as SQLite's procedure for rebuilding a table asks (dropping the old jobs
+        table must not cascade to its images), and each migration checks them before it commits: one that would
+        leave a dangling reference fails and changes nothing.
+        """
         current = await self.schema_version()
-        for number, sql in migrations():
-            if number <= current:
-                continue
-            log.info("Applying database migration %04d", number)
-            async with self._db.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;"):
-                pass
-            current = number
+        pending = [(number, sql) for number, sql in migrations() if number > current]
+        if not pending:
+            return current
+        async with self._db.execute("PRAGMA foreign_keys") as cursor:
+            row = await cursor.fetchone()
+        enforced = bool(row and row[0])
+        await self._execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: set before BEGIN
+        try:
+            for number, sql in pending:
+                log.info("Applying database migration %04d", number)
+                script = f"BEGIN; {sql}; {_FOREIGN_KEY_CHECK} PRAGMA user_version = {number}; COMMIT;"
+                try:
+                    async with self._db.executescript(script):
+                        pass
+                except sqlite3.Error as error:
+                    if self._db.in_transaction:
+                        await self._execute("ROLLBACK")
+                    if "foreign_key_violations" in str(error):
+                        raise StorageError(
+                            f"database migration {number:04d} stopped, nothing changed: rows of the database refer to "
+                            "rows that do not exist (`PRAGMA foreign_key_check` in the sqlite3 shell lists them)"
+                        ) from None
+                    raise
+                current = number
+        finally:
+            if enforced:
+                await self._execute("PRAGMA foreign_keys = ON")
         return current

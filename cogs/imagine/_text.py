@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import discord
 
+from bot.config import VariationConfig
 from bot.engine.types import Mode, RenderedImage
 from bot.jobs import Job, JobKind
 from bot.limits import describe_wait
@@ -23,16 +24,18 @@ def _echo(text: str) -> str:
     return text if len(text) <= _ECHO_LIMIT else text[: _ECHO_LIMIT - 1] + "…"
 
 
-def result_text(job: Job, images: Sequence[RenderedImage], notes: Sequence[str] = ()) -> str:
-    """Describe a finished job: the prompt echoed (it never pings: messages go out with no allowed mentions)."""
+def result_text(
+    job: Job, images: Sequence[RenderedImage], notes: Sequence[str] = (), variation: VariationConfig | None = None
+) -> str:
+    """Describe a finished job: the prompt echoed (it never pings: messages go out with no allowed mentions).
+
+    ``variation`` names a variation's strength subtle or strong (the config's Vary strengths)."""
     settings = job.settings
     lines = [f"**{_echo(job.prompt)}**"]
     if job.negative_prompt:
         lines.append(f"Negative: {_echo(job.negative_prompt)}")
-    if job.kind is JobKind.REROLL and job.parent_index is not None:
-        lines.append(f"Reroll of image {job.parent_index + 1} from job {job.parent_job_id}")
-    elif job.kind is JobKind.VARIATION and job.parent_index is not None:
-        lines.append(f"Variation of image {job.parent_index + 1} from job {job.parent_job_id}")
+    if job.parent_index is not None:
+        lines.append(f"{remix_name(job, variation)} of image {job.parent_index + 1} from job {job.parent_job_id}")
     seeds = ", ".join(str(image.seed) for image in images)
     details = [
         f"<@{job.user_id}>",
@@ -51,6 +54,20 @@ def result_text(job: Job, images: Sequence[RenderedImage], notes: Sequence[str] 
         lines.append(f"⚠️ The safety checker withheld image {', '.join(withheld)}.")
     lines.extend(f"ℹ️ {note}" for note in notes)
     return "\n".join(lines)[:2000]
+
+
+def remix_name(job: Job, variation: VariationConfig | None = None) -> str:
+    """Name what a job made from its parent image: an upscale, a reroll, or a subtle or strong variation."""
+    if job.kind is JobKind.UPSCALE:
+        return "Upscale ×2"
+    if job.kind is JobKind.VARIATION:
+        strength = job.settings.strength
+        variation = variation or VariationConfig()
+        which = "Subtle variation" if strength == variation.subtle else "Strong variation"
+        if strength not in (variation.subtle, variation.strong):
+            which = "Variation"  # made under other strengths than today's config
+        return f"{which} (strength {strength:g})"
+    return "Reroll"
 
 
 def _place(position: int) -> str:

@@ -1,11 +1,12 @@
 """The buttons on a result and what each does: every button is a DynamicItem whose state is its custom_id.
 
-A click goes through the service (``bot.service``); a reroll or a variation is a new job, which the delivery
+A click goes through the service (``bot.service``); a reroll, a variation or an upscale is a new job, which the delivery
 (``bot.deliveries``) accepts and posts. Errors are answered here: those of a DynamicItem never reach the tree.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,13 +29,27 @@ log = logging.getLogger(__name__)
 
 _ID = r"(?P<job_id>[1-9][0-9]{0,17}):(?P<index>[0-9])"
 _VOTES = {"up": (1, "👍"), "down": (-1, "👎")}
-_REMIXES = {JobKind.REROLL: ("Reroll", "🔁"), JobKind.VARIATION: ("Variation", "🎨")}
 _NO_PINGS = discord.AllowedMentions.none()
 
 
-def _row(index: int) -> int | None:
-    # A forged custom_id may carry any digit; only real buttons (at most 4 images) are laid out by row.
-    return index if index < 5 else None
+class Remix(enum.StrEnum):
+    """What a remix button makes from one image; its value is the custom_id's action."""
+
+    REROLL = "reroll"
+    SUBTLE = "subtle"
+    STRONG = "strong"
+    UPSCALE = "upscale"
+    VARIATION = "variation"  # the one Variation of results posted before Vary split in two: a subtle one
+
+
+# Label on a one-image result, label on image n of several (n added), emoji.
+_REMIXES = {
+    Remix.REROLL: ("Reroll", "Reroll", "🔁"),
+    Remix.SUBTLE: ("Vary (subtle)", "V{n}", "🎨"),
+    Remix.STRONG: ("Vary (strong)", "V{n} strong", "🌀"),
+    Remix.UPSCALE: ("Upscale", "U{n}", "🔍"),
+    Remix.VARIATION: ("Variation", "Variation {n}", "🎨"),
+}
 
 
 async def _guarded(interaction: discord.Interaction[SygilBot], action: Callable[[], Awaitable[None]]) -> None:
@@ -49,36 +64,36 @@ async def _guarded(interaction: discord.Interaction[SygilBot], action: Callable[
 
 
 class RemixButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:(?P<action>reroll|variation):{_ID}"
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=rf"imagine:(?P<action>reroll|subtle|strong|upscale|variation):{_ID}",
 ):
-    """Make a new image from one image: a reroll (new seed) or a variation (img2img with a new seed)."""
+    """Make a new image from one image: a reroll (new seed), a subtle or strong variation (img2img with a new seed)
+    or an upscale x2 (img2img at twice the size, same seed)."""
 
-    def __init__(self, job_id: int, index: int, kind: JobKind, *, count: int = 1) -> None:
-        if kind not in _REMIXES:
-            raise ValueError(f"a remix button is a reroll or a variation, not {kind}")
-        label, emoji = _REMIXES[kind]
+    def __init__(self, job_id: int, index: int, action: Remix, *, count: int = 1, row: int | None = None) -> None:
+        single, several, emoji = _REMIXES[action]
         super().__init__(
             discord.ui.Button(
-                label=f"{label} {index + 1}" if count > 1 else label,
+                label=single if count == 1 else several.format(n=index + 1),
                 emoji=emoji,
                 style=discord.ButtonStyle.secondary,
-                custom_id=f"imagine:{kind.value}:{job_id}:{index}",
-                row=_row(index),
+                custom_id=f"imagine:{action.value}:{job_id}:{index}",
+                row=row,
             )
         )
         self.job_id = job_id
         self.index = index
-        self.kind = kind
+        self.action = action
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction[SygilBot], item: discord.ui.Button[Any], match: re.Match[str], /
     ) -> Self:
-        return cls(int(match["job_id"]), int(match["index"]), JobKind(match["action"]))
+        return cls(int(match["job_id"]), int(match["index"]), Remix(match["action"]))
 
     async def callback(self, interaction: discord.Interaction[SygilBot]) -> None:  # type: ignore[override]
         await _guarded(
-            interaction, lambda: remix(interaction.client.service, interaction, self.job_id, self.index, self.kind)
+            interaction, lambda: remix(interaction.client.service, interaction, self.job_id, self.index, self.action)
         )
 
 
@@ -108,7 +123,9 @@ class CancelButton(
 class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"imagine:vote:{_ID}:(?P<vote>up|down)"):
     """Vote an image up or down; the same vote again withdraws it."""
 
-    def __init__(self, job_id: int, index: int, vote: str, *, tally: VoteTally | None = None) -> None:
+    def __init__(
+        self, job_id: int, index: int, vote: str, *, tally: VoteTally | None = None, row: int | None = None
+    ) -> None:
         count = 0 if tally is None else (tally.up if vote == "up" else tally.down)
         super().__init__(
             discord.ui.Button(
@@ -116,7 +133,7 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"ima
                 emoji=_VOTES[vote][1],
                 style=discord.ButtonStyle.secondary,
                 custom_id=f"imagine:vote:{job_id}:{index}:{vote}",
-                row=_row(index),
+                row=row,
             )
         )
         self.job_id = job_id
@@ -172,18 +189,38 @@ class JobButton(
 DYNAMIC_ITEMS = (RemixButton, VoteButton, CancelButton, JobButton)
 
 
-def result_view(job_id: int, count: int, tallies: Sequence[VoteTally] | None = None) -> discord.ui.View:
-    """Return the buttons for a result: one row per image."""
+def result_view(
+    job_id: int, count: int, tallies: Sequence[VoteTally] | None = None, *, upscalable: bool = True
+) -> discord.ui.View:
+    """Return the buttons for a result, within Discord's five rows of five.
+
+    One image: Reroll, Vary (subtle), Vary (strong), Upscale; then 👍, 👎, Info, Delete. Several: a row per image
+    (U n, V n, V n strong, 👍, 👎), then Reroll (the same prompt and settings, new seeds), Info and Delete. An
+    upscale (``upscalable`` false) has no Upscale button.
+    """
     # timeout=None and only dynamic items: a finite timeout would unregister the dynamic classes (discord.py 2.7.1).
     view = discord.ui.View(timeout=None)
+    remixes = [Remix.SUBTLE, Remix.STRONG, *([Remix.UPSCALE] if upscalable else [])]
+    if count == 1:
+        tally = tallies[0] if tallies else None
+        for action in (Remix.REROLL, *remixes):
+            view.add_item(RemixButton(job_id, 0, action, row=0))
+        view.add_item(VoteButton(job_id, 0, "up", tally=tally, row=1))
+        view.add_item(VoteButton(job_id, 0, "down", tally=tally, row=1))
+        view.add_item(JobButton(job_id, "info", row=1))
+        view.add_item(JobButton(job_id, "delete", row=1))
+        return view
+    if upscalable:  # U before V, as on the one-image row's right end
+        remixes = [Remix.UPSCALE, Remix.SUBTLE, Remix.STRONG]
     for index in range(count):
         tally = tallies[index] if tallies else None
-        view.add_item(RemixButton(job_id, index, JobKind.REROLL, count=count))
-        view.add_item(RemixButton(job_id, index, JobKind.VARIATION, count=count))
-        view.add_item(VoteButton(job_id, index, "up", tally=tally))
-        view.add_item(VoteButton(job_id, index, "down", tally=tally))
+        for action in remixes:
+            view.add_item(RemixButton(job_id, index, action, count=count, row=index))
+        view.add_item(VoteButton(job_id, index, "up", tally=tally, row=index))
+        view.add_item(VoteButton(job_id, index, "down", tally=tally, row=index))
     # Below the images' rows (at most four): what is done to the whole message.
     row = min(count, 4)
+    view.add_item(RemixButton(job_id, 0, Remix.REROLL, row=row))
     view.add_item(JobButton(job_id, "info", row=row))
     view.add_item(JobButton(job_id, "delete", row=row))
     return view
@@ -200,17 +237,24 @@ def cancel_view(job_id: int) -> discord.ui.View:
 
 
 async def remix(
-    service: ImageService, interaction: discord.Interaction[SygilBot], job_id: int, index: int, kind: JobKind
+    service: ImageService, interaction: discord.Interaction[SygilBot], job_id: int, index: int, action: Remix
 ) -> None:
-    """Queue a reroll or a variation of one image; its result is posted as a reply to the image's message."""
+    """Queue a reroll, a variation or an upscale of one image; its result is posted as a reply to the image's
+    message."""
     deliveries = interaction.client.deliveries
     if deliveries is None:
         raise BotError("Image generation is switched off right now.")
     asker = requester(interaction)
     service.check_access(asker)
     parent = await service.source(job_id=job_id, index=index, guild_id=interaction.guild_id)
-    attachment = _attachment(interaction.message, filename(job_id, index)) if kind is JobKind.VARIATION else None
-    admission = service.admit_remix(asker, kind=kind, parent=parent, index=index)
+    attachment = None if action is Remix.REROLL else _attachment(interaction.message, filename(job_id, index))
+    if action is Remix.REROLL:
+        admission = service.admit_remix(asker, kind=JobKind.REROLL, parent=parent, index=index)
+    elif action is Remix.UPSCALE:
+        admission = service.admit_upscale(asker, parent=parent, index=index)
+    else:
+        strength = service.variation.strong if action is Remix.STRONG else service.variation.subtle
+        admission = service.admit_remix(asker, kind=JobKind.VARIATION, parent=parent, index=index, strength=strength)
     await deliveries.accept(interaction, admission, attachment=attachment, private=True)
 
 
@@ -228,7 +272,9 @@ async def vote(
         # A forged custom_id names another job: its buttons must not replace this message's.
         await interaction.response.send_message(note, ephemeral=True)
         return
-    await interaction.response.edit_message(view=result_view(job_id, len(tallies), tallies))
+    job = await service.job(job_id=job_id)
+    upscalable = job is None or job.kind is not JobKind.UPSCALE
+    await interaction.response.edit_message(view=result_view(job_id, len(tallies), tallies, upscalable=upscalable))
     await interaction.followup.send(note, ephemeral=True)
 
 
@@ -284,4 +330,4 @@ def _attachment(message: discord.Message | None, name: str) -> discord.Attachmen
     for attachment in message.attachments if message else ():
         if attachment.filename == name:
             return attachment
-    raise BotError("That image is no longer attached to the message, so I cannot make a variation of it.")
+    raise BotError("That image is no longer attached to the message, so I cannot start from it.")

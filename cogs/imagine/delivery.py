@@ -20,7 +20,7 @@ import discord
 from bot.admission import Admission, because
 from bot.engine.types import RenderedImage
 from bot.errors import BotError, JobCancelled
-from bot.jobs import Job, Reply
+from bot.jobs import Job, JobKind, Reply
 from bot.service import Queued
 from cogs._posting import wind_down
 from cogs.imagine._text import filename, result_text, status_interval, status_text
@@ -211,11 +211,12 @@ class Deliveries:
         files = [
             discord.File(io.BytesIO(image.png), filename=filename(job.id, i)) for i, image in enumerate(images or [])
         ]
-        text = content if content is not None else result_text(job, images or [], notes)
+        text = content if content is not None else result_text(job, images or [], notes, self.bot.config.variation)
         remix = job.parent_job_id is not None
+        upscalable = job.kind is not JobKind.UPSCALE
         if _alive(job.reply) and not (remix and files):
             try:
-                view = result_view(job.id, len(files)) if files else None
+                view = result_view(job.id, len(files), upscalable=upscalable) if files else None
                 message = await self._edit_reply(job, content=text, files=files, view=view, clear_view=view is None)
                 return message.id
             except discord.HTTPException as exc:
@@ -233,7 +234,7 @@ class Deliveries:
         message = await channel.send(  # pyright: ignore[reportCallIssue]
             content=text,
             files=files,
-            view=result_view(job.id, len(files)) if files else discord.utils.MISSING,
+            view=result_view(job.id, len(files), upscalable=upscalable) if files else discord.utils.MISSING,
             allowed_mentions=_NO_PINGS,
             nonce=f"sygil-job-{job.id}",
             reference=await self._parent_message(job),  # pyright: ignore[reportArgumentType]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ def test_example_config_loads_with_defaults() -> None:
     assert config.queue.server_share == 0.5
     assert (config.moderation.max_images_per_hour, config.moderation.max_queued) == (600, 32)
     assert config.stats.min_votes == 3
+    assert (config.variation.subtle, config.variation.strong, config.upscale.strength) == (0.35, 0.7, 0.35)
     assert config.engine_options() == EngineOptions(warmup_batches=(1, 2, 4, 8), warmup_sizes=((512, 512),))
 
 
@@ -284,3 +286,38 @@ def test_bad_candidates_are_named_in_one_line(tmp_path: Path, text: str, message
     with pytest.raises(ConfigError) as caught:
         Config.load(write(tmp_path, text.replace("{folder}", str(tmp_path / "model"))), environ=ENV)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_vary_and_upscale_strengths_are_read_and_checked(tmp_path: Path) -> None:
+    defaults = Config.load(write(tmp_path, ""), environ=ENV)
+    assert (defaults.variation.subtle, defaults.variation.strong, defaults.upscale.strength) == (0.35, 0.7, 0.35)
+    config = Config.load(
+        write(tmp_path, "[variation]\nsubtle = 0.2\nstrong = 1\n[upscale]\nstrength = 0.5\n"), environ=ENV
+    )
+    assert (config.variation.subtle, config.variation.strong, config.upscale.strength) == (0.2, 1.0, 0.5)
+    for text, message in (
+        (
+            "[variation]\nstrong = 0\n",
+            "variation.strong: must be more than 0 and at most 1 (an img2img strength), got 0",
+        ),
+        ("[upscale]\nstrength = 1.5\n", "upscale.strength: must be more than 0 and at most 1"),
+        ('[variation]\nsubtle = "a bit"\n', "variation.subtle: must be a number"),
+        ("[upscale]\nfactor = 4\n", "unknown setting upscale.factor"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Config.load(write(tmp_path, text), environ=ENV)
+
+
+def test_the_older_variation_strength_becomes_the_subtle_one_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = Config.load(write(tmp_path, "[generation]\nvariation_strength = 0.5\n"), environ=ENV)
+    assert (config.variation.subtle, config.variation.strong) == (0.5, 0.7)
+    assert "generation.variation_strength is deprecated: it is read as variation.subtle = 0.5" in caplog.text
+    caplog.clear()
+    both = "[generation]\nvariation_strength = 0.5\n[variation]\nsubtle = 0.3\n"
+    config = Config.load(write(tmp_path, both), environ=ENV)
+    assert config.variation.subtle == 0.3
+    assert "generation.variation_strength is ignored: [variation] sets the strengths" in caplog.text
+    with pytest.raises(ConfigError, match=re.escape("generation.variation_strength: must be in (0, 1], got 1.5")):
+        Config.load(write(tmp_path, "[generation]\nvariation_strength = 1.5\n"), environ=ENV)

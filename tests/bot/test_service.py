@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bot.admission import Admission, InvalidRequest, Requester
-from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig
+from bot.config import Config, GenerationConfig, PromptsConfig, QueueConfig, StorageConfig, VariationConfig
 from bot.engine.executor import Progress, ThreadWorker
 from bot.engine.types import ImageSpec, Mode, RenderedImage, Settings
 from bot.errors import JobCancelled, JobNotFound, PromptRejected, QueueFull, Refused
@@ -161,7 +161,7 @@ async def test_variation_is_img2img_from_the_image(service: ImageService) -> Non
     job = await service.source(job_id=parent.job.id, index=0, guild_id=GUILD)
     admission = service.admit_remix(asker(), kind=JobKind.VARIATION, parent=job, index=0)
     request = admission.request
-    assert request.settings.mode is Mode.IMG2IMG and request.settings.strength == GENERATION.variation_strength
+    assert request.settings.mode is Mode.IMG2IMG and request.settings.strength == VariationConfig().subtle
     with pytest.raises(ValueError, match="init image"):
         await service.enqueue(admission)
     buffer = io.BytesIO()
@@ -424,3 +424,44 @@ async def test_kept_images_and_their_folder_are_for_this_user_only(tmp_path: Pat
     modes = {path: stat.S_IMODE(os.stat(path).st_mode) for path in [storage.parent, storage.parent / "images"]}
     modes |= {path: stat.S_IMODE(os.stat(path).st_mode) for path in [storage, *files]}
     assert modes == {storage.parent: 0o700, storage.parent / "images": 0o700} | dict.fromkeys([storage, *files], 0o600)
+
+
+async def test_upscale_is_img2img_at_twice_the_size_from_the_images_seed_and_costs_four_times_as_much(
+    service: ImageService,
+) -> None:
+    parent = await service.enqueue(admit(service, size="768x512", seed=41, count=2, negative="blurry"))
+    await finish(service, parent)
+    job = await service.source(job_id=parent.job.id, index=1, guild_id=GUILD)
+    admission = service.admit_upscale(asker(), parent=job, index=1)
+    request = admission.request
+    assert (request.kind, request.parent, request.seed) == (JobKind.UPSCALE, (job.id, 1), 42)
+    assert (request.prompt, request.negative, request.count) == ("species:seal", "blurry", 1)
+    assert request.settings == Settings(
+        steps=25, guidance=7.0, width=1536, height=1024, mode=Mode.IMG2IMG, strength=0.35
+    )
+    assert admission.charge.cost == 6.0  # 1536x1024 at 25 steps; the 768x512 image counted 1.5
+    assert service.usage.used(guild_id=GUILD, user_id=1) == 3.0 + 6.0
+    service.release(admission)
+    assert service.usage.used(guild_id=GUILD, user_id=1) == 3.0
+
+    wide = dataclasses.replace(job, settings=dataclasses.replace(job.settings, width=1032))
+    with pytest.raises(Refused, match="would be 2064×1024, more than 2048 pixels a side"):
+        service.admit_upscale(asker(), parent=wide, index=0)
+    with pytest.raises(Refused, match="already an upscale"):
+        service.admit_upscale(asker(), parent=dataclasses.replace(job, kind=JobKind.UPSCALE), index=0)
+    # Two steps at strength 0.35 would be int(0.7) = 0 denoising steps in diffusers.
+    short = dataclasses.replace(job, settings=dataclasses.replace(job.settings, steps=2))
+    with pytest.raises(InvalidRequest, match=r"2 steps at strength 0\.35 would run no denoising step"):
+        service.admit_upscale(asker(), parent=short, index=0)
+    assert service.usage.used(guild_id=GUILD, user_id=1) == 3.0  # no refusal charged anything
+
+
+async def test_vary_strengths_come_from_the_config(service: ImageService) -> None:
+    parent = await service.enqueue(admit(service))
+    await finish(service, parent)
+    job = await service.source(job_id=parent.job.id, index=0, guild_id=GUILD)
+    for strength in (None, service.variation.strong):
+        admission = service.admit_remix(asker(), kind=JobKind.VARIATION, parent=job, index=0, strength=strength)
+        assert admission.request.settings.strength == (strength or 0.35)
+        service.release(admission)
+    assert service.variation.strong == 0.7

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import stat
@@ -210,3 +211,124 @@ async def test_img2img_settings_round_trip(tmp_path: Path) -> None:
             parent_index=None,
         )
         assert job.settings == settings and job.kind is JobKind.VARIATION and job.guild_id is None
+
+
+_OLD_JOB = (
+    "INSERT INTO jobs (id, kind, parent_job_id, parent_index, user_id, guild_id, channel_id, prompt, seed, count,"
+    " steps, guidance, width, height, mode, strength, model, scheduler, status, created_at, reply_token, revision)"
+    " VALUES (?, ?, ?, ?, 1, 10, 20, 'species:seal', 7, ?, 20, 6.5, 64, 96, ?, 0.6, 'tiny', 'dpm++', 'done', ?, ?, ?)"
+)
+
+
+def _rows(raw: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
+    tables = ("jobs", "images", "votes", "job_tags", "job_inputs", "arena_pairs", "arena_votes")
+    return {table: raw.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in tables}
+
+
+def _schema(raw: sqlite3.Connection) -> set[tuple[str, str, str]]:
+    return set(raw.execute("SELECT type, name, tbl_name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+
+
+async def test_migration_8_rebuilds_jobs_for_upscales_keeping_every_row_index_trigger_and_foreign_key(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sygil.db"
+    older_database(path, 7)  # what the bot wrote before upscales
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA foreign_keys = ON")
+        raw.execute(_OLD_JOB, (1, "imagine", None, None, 2, "txt2img", 100.0, "token", None))
+        raw.execute(_OLD_JOB, (2, "variation", 1, 1, 1, "img2img", 200.0, None, "refs/pr/4"))
+        raw.executemany(
+            "INSERT INTO images (job_id, idx, seed, created_at) VALUES (?, ?, ?, 300)",
+            [(1, 0, 7), (1, 1, 8), (2, 0, 9)],
+        )
+        raw.execute("INSERT INTO votes (job_id, idx, user_id, vote, updated_at) VALUES (1, 1, 5, 1, 400)")
+        raw.executemany("INSERT INTO job_tags (job_id, namespace, tag) VALUES (?, 'species', 'seal')", [(1,), (2,)])
+        raw.execute("INSERT INTO job_inputs (job_id, init_image) VALUES (2, x'89504e47')")
+        raw.execute(
+            "INSERT INTO arena_pairs (id, guild_id, channel_id, requester_id, left_job_id, left_index, left_revision,"
+            " right_job_id, right_index, right_revision, created_at) VALUES (1, 10, 20, 1, 1, 0, 'a', 2, 0, 'b', 500)"
+        )
+        raw.execute("INSERT INTO arena_votes (pair_id, user_id, choice, voted_at) VALUES (1, 5, 'left', 600)")
+        before, schema = _rows(raw), _schema(raw)
+    raw.close()
+    assert before["images"][1][-2:] == (1, 0) and before["job_tags"][0][-3:] == (1, 0, 1)  # votes counted by triggers
+
+    async with await Database.open(path) as db:
+        assert await db.schema_version() == 8
+        upscale = await db.create_job(
+            kind=JobKind.UPSCALE,
+            user_id=1,
+            guild_id=10,
+            channel_id=20,
+            prompt="species:seal",
+            negative_prompt="",
+            seed=8,
+            count=1,
+            settings=Settings(steps=20, guidance=6.5, width=128, height=192, mode=Mode.IMG2IMG, strength=0.35),
+            model="tiny",
+            scheduler="dpm++",
+            parent_job_id=1,
+            parent_index=1,
+            init_image=b"\x89PNG",
+            tags=[("species", "seal")],
+        )
+        await db.record_images(job_id=upscale.id, seeds=[8], nsfw=[False])
+        assert (await db.get_job(job_id=upscale.id)) == dataclasses.replace(upscale, status=JobStatus.QUEUED)
+        [image] = await db.job_images(job_id=upscale.id)
+        assert (image.seed, upscale.kind) == (8, JobKind.UPSCALE)
+        # Foreign keys are enforced again on the bot's connection once migrated.
+        with pytest.raises(sqlite3.IntegrityError):
+            await make_job_with_parent(db, parent_job_id=999)
+
+    with sqlite3.connect(path) as raw:
+        after = _rows(raw)
+        assert {table: rows[: len(before[table])] for table, rows in after.items()} == before
+        assert _schema(raw) == schema  # every index and trigger is back, nothing left over
+        assert raw.execute("SELECT guild_id, user_id FROM images WHERE job_id = 3").fetchall() == [(10, 1)]
+        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        # The rebuilt table still cascades to its images, inputs, tags and their arena pairs.
+        raw.execute("PRAGMA foreign_keys = ON")
+        raw.execute("DELETE FROM jobs WHERE id = 3")
+        raw.execute("DELETE FROM jobs WHERE id = 2")
+        assert raw.execute("SELECT job_id FROM images ORDER BY 1").fetchall() == [(1,), (1,)]
+        assert raw.execute("SELECT COUNT(*) FROM job_inputs").fetchall() == [(0,)]
+        assert raw.execute("SELECT COUNT(*) FROM arena_pairs").fetchall() == [(0,)]
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            raw.execute(_OLD_JOB, (9, "zoom", None, None, 1, "txt2img", 1.0, None, None))
+    raw.close()
+
+
+async def make_job_with_parent(db: Database, *, parent_job_id: int) -> None:
+    await db.create_job(
+        kind=JobKind.REROLL,
+        user_id=1,
+        guild_id=10,
+        channel_id=20,
+        prompt="species:seal",
+        negative_prompt="",
+        seed=1,
+        count=1,
+        settings=SETTINGS,
+        model="tiny",
+        scheduler="dpm++",
+        parent_job_id=parent_job_id,
+        parent_index=0,
+    )
+
+
+async def test_a_migration_that_would_leave_a_dangling_foreign_key_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "sygil.db"
+    older_database(path, 7)
+    with sqlite3.connect(path) as raw:
+        # Written with foreign keys off (as a hand-edited or damaged file might be): job 1's parent does not exist.
+        raw.execute(_OLD_JOB, (1, "reroll", 42, 0, 1, "txt2img", 100.0, None, None))
+    raw.close()
+    with pytest.raises(StorageError, match="migration 0008 stopped, nothing changed: rows of the database refer to"):
+        await Database.open(path)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchall() == [(7,)]
+        assert "'upscale'" not in raw.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs'").fetchone()[0]
+        assert raw.execute("SELECT id FROM jobs").fetchall() == [(1,)]
+    raw.close()

@@ -48,6 +48,7 @@ class Harness:
     server: FakeDiscord
     database: Path
     render: GatedRender
+    generation: GenerationConfig = GENERATION
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(blocklist=("forbidden",)))
     # The fake has one guild: the whole queue is its share.
     queue: QueueConfig = field(
@@ -65,7 +66,7 @@ class Harness:
         config = Config(
             token=self.server.token,
             discord=self.server.bot_settings(),
-            generation=GENERATION,
+            generation=self.generation,
             prompts=self.prompts,
             queue=self.queue,
             moderation=self.moderation,

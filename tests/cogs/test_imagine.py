@@ -10,7 +10,7 @@ import pytest
 
 from bot.engine.types import Mode
 from bot.jobs import JobKind, JobStatus
-from cogs.imagine.buttons import CancelButton, RemixButton, VoteButton
+from cogs.imagine.buttons import CancelButton, Remix, RemixButton, VoteButton
 from tests.cogs.conftest import Harness, all_delivered, final_message, job_id_of, job_when, pngs, remix_result
 
 
@@ -37,8 +37,8 @@ async def test_imagine_defers_then_posts_images_with_buttons(harness: Harness) -
         assert message.custom_ids == [
             f"imagine:{action}:{job_id}:{index}{suffix}"
             for index in range(2)
-            for action, suffix in (("reroll", ""), ("variation", ""), ("vote", ":up"), ("vote", ":down"))
-        ] + [f"imagine:info:{job_id}", f"imagine:delete:{job_id}"]
+            for action, suffix in (("upscale", ""), ("subtle", ""), ("strong", ""), ("vote", ":up"), ("vote", ":down"))
+        ] + [f"imagine:reroll:{job_id}:0", f"imagine:info:{job_id}", f"imagine:delete:{job_id}"]
         job = await job_when(bot.db, job_id, JobStatus.DONE)
         assert job.message_id == message.id
         assert job.prompt == "species:seal, studio:dc" and job.user_id == server.user_id
@@ -130,10 +130,10 @@ async def test_reroll_and_variation_post_new_images(harness: Harness) -> None:
         assert not rerolled.ephemeral and rerolled.type == 19
         assert rerolled.reference is not None and rerolled.reference["message_id"] == str(original.id)
 
-        variation = await server.click(original.id, f"imagine:variation:{job_id}:0")
+        variation = await server.click(original.id, f"imagine:subtle:{job_id}:0")
         varied = await remix_result(server, variation)
         assert pngs(varied)[0].size == (64, 96)
-        assert "Variation of image 1" in varied.content
+        assert f"Subtle variation (strength 0.35) of image 1 from job {job_id}" in varied.content
         assert varied.reference is not None and varied.reference["message_id"] == str(original.id)
         assert varied.allowed_mentions is not None and varied.allowed_mentions["parse"] == []
 
@@ -150,13 +150,14 @@ async def test_reroll_and_variation_post_new_images(harness: Harness) -> None:
 
         # A remix whose parent's message is deleted while it waits is posted as a plain message.
         harness.render.open.clear()
-        orphan = await server.click(varied.id, f"imagine:variation:{variation_job.id}:0")
+        orphan = await server.click(varied.id, f"imagine:strong:{variation_job.id}:0")
         await server.wait_for_message(lambda m: m.interaction_id == orphan.id and "Rendering" in m.content)
         await server.click(varied.id, f"imagine:delete:{variation_job.id}")
         await server.wait_for_message(lambda m: m.id == varied.id and m.deleted)
         harness.render.open.set()
         plain = await remix_result(server, orphan)
-        assert plain.reference is None and plain.type == 0 and "Variation of image 1" in plain.content
+        assert plain.reference is None and plain.type == 0
+        assert "Strong variation (strength 0.7) of image 1" in plain.content
     assert reroll_job is not None and reroll_job.kind is JobKind.REROLL and reroll_job.parent_job_id == job_id
     assert variation_job is not None and variation_job.settings.mode is Mode.IMG2IMG
     assert variation_job.prompt == reroll_job.prompt == "species:seal"
@@ -189,7 +190,7 @@ async def test_info_shows_what_made_the_images_and_the_parent(harness: Harness) 
         ):
             assert expected in text, (expected, text)
 
-        varied = await remix_result(server, await server.click(original.id, f"imagine:variation:{job_id}:0"))
+        varied = await remix_result(server, await server.click(original.id, f"imagine:subtle:{job_id}:0"))
         info = await server.click(varied.id, f"imagine:info:{job_id_of(varied)}")
         text = (await info.wait_response())["data"]["content"]
         assert f"**Parent:** image 1 of job {job_id} (variation)" in text
@@ -304,8 +305,8 @@ async def test_forged_custom_ids_are_answered_not_crashed(harness: Harness) -> N
 
 def test_custom_ids_round_trip_through_their_templates() -> None:
     for item in (
-        RemixButton(12, 3, JobKind.REROLL),
-        RemixButton(12, 0, JobKind.VARIATION),
+        RemixButton(12, 3, Remix.REROLL),
+        RemixButton(12, 0, Remix.VARIATION),
         VoteButton(12, 1, "down"),
         CancelButton(12),
     ):
