@@ -93,7 +93,7 @@ class Run:
 
 def write_sd15_model(folder: Path, dtype: torch.dtype) -> None:
     """Write an SD 1.5-shaped pipeline with random weights to ``folder``, as a model on disk is laid out."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from bot.engine._tokenizer import write_clip_tokenizer
@@ -104,10 +104,10 @@ def write_sd15_model(folder: Path, dtype: torch.dtype) -> None:
         )
         return {key: value for key, value in data.items() if not key.startswith("_")}
 
-    from diffusers import AutoencoderTiny
-
     torch.manual_seed(0)
-    AutoencoderTiny().to(dtype=dtype).save_pretrained(folder / "taesd")  # TAESD's shapes are the class's defaults
+    taesd = AutoencoderTiny()  # TAESD's shapes are the class's defaults
+    torch.nn.Module.to(taesd, dtype=dtype)  # diffusers wraps ModelMixin.to in a way pyright misreads
+    taesd.save_pretrained(folder / "taesd")
     unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config("unet")))
     vae = cast(AutoencoderKL, AutoencoderKL.from_config(config("vae")))
     text = {key: value for key, value in config("text_encoder").items() if key != "architectures"}
