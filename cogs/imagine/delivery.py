@@ -167,8 +167,8 @@ class Deliveries:
                     await asyncio.wait({finished}, timeout=wait)
                     continue  # and show what is newest then
                 files = None
-                if newest is not frame and newest is not None:
-                    files = [discord.File(io.BytesIO(newest.jpeg), filename=PREVIEW_FILENAME)]
+                if newest is not frame:  # a new frame; none: back in line after its worker died, so the old one goes
+                    files = [discord.File(io.BytesIO(newest.jpeg), filename=PREVIEW_FILENAME)] if newest else []
                 try:
                     await self._edit_reply(job, content=text, view=None if shown else cancel_view(job.id), files=files)
                 except discord.HTTPException as exc:
