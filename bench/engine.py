@@ -14,6 +14,13 @@ it): images/s and the ratio to (a), p50/p95 latency of the users' requests, the 
 warm-up time, peak GPU memory, and the fraction of the FLOP limit reached (one CFG image-step at 512x512 costs
 1.61 TFLOP in the SD 1.5 UNet; ``--peak-tflops`` is the card's dense fp16 rate, ~790 measured on H100/H200).
 
+(d) live previews: (b) again with the first of ``--configs``, previews off and then with each decoder in
+``--previews`` (a frame every ``--preview-every`` steps of every job's image, as the scheduler asks for them, at
+most one per ``--preview-interval`` seconds: 0, the default, is the worst case), in ``--preview-rounds`` rounds of
+all of them one after another in this run; each setting's best round, and its ratio to the best with previews off.
+The TAESD is the tiny model's with ``--tiny``, else one with TAESD's real shapes and random weights (it decodes
+exactly as fast as the real one).
+
     python bench/engine.py --device cuda --dtype float16 --users 16         # every setting, on a GPU
     python bench/engine.py --device cuda --configs eager,tuned,compiled     # a subset
     python bench/engine.py --tiny --steps 2 --users 3 --configs eager,tuned # the tiny test model, a CPU smoke run
@@ -47,7 +54,7 @@ import torch
 
 from bot.engine import Engine, EngineOptions, ImageSpec, Settings, make_tiny_model
 from bot.engine.process import WorkerProcess
-from bot.engine.protocol import WorkerSettings
+from bot.engine.protocol import PreviewOptions, WorkerSettings
 from bot.scheduler import Scheduler
 from bot.scheduler.batches import Batch
 
@@ -87,7 +94,7 @@ class Run:
 
 def write_sd15_model(folder: Path, dtype: torch.dtype) -> None:
     """Write an SD 1.5-shaped pipeline with random weights to ``folder``, as a model on disk is laid out."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from bot.engine._tokenizer import write_clip_tokenizer
@@ -99,6 +106,9 @@ def write_sd15_model(folder: Path, dtype: torch.dtype) -> None:
         return {key: value for key, value in data.items() if not key.startswith("_")}
 
     torch.manual_seed(0)
+    taesd = AutoencoderTiny()  # TAESD's shapes are the class's defaults
+    torch.nn.Module.to(taesd, dtype=dtype)  # diffusers wraps ModelMixin.to in a way pyright misreads
+    taesd.save_pretrained(folder / "taesd")
     unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config("unet")))
     vae = cast(AutoencoderKL, AutoencoderKL.from_config(config("vae")))
     text = {key: value for key, value in config("text_encoder").items() if key != "architectures"}
@@ -249,6 +259,12 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense fp16 TFLOP/s")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test model at 64 px (a CPU smoke run)")
     parser.add_argument("--profile", default=None, help="also profile one batch of max_batch with this setting")
+    parser.add_argument(
+        "--previews", default="latent2rgb,taesd", help="preview decoders to measure against previews off; empty: none"
+    )
+    parser.add_argument("--preview-every", type=int, default=5, help="steps between preview frames")
+    parser.add_argument("--preview-interval", type=float, default=0.0, help="seconds between frames, at least")
+    parser.add_argument("--preview-rounds", type=int, default=3, help="rounds of every preview setting; best counts")
     args = parser.parse_args()
     if args.configs is None:
         on_gpu = args.device.startswith("cuda")
@@ -298,6 +314,61 @@ def main() -> int:
                 options=options,
             )
             runs.append(asyncio.run(serve(name, worker, images, args.max_batch, args.lone)))
+        previews = None
+        decoders = [name.strip() for name in args.previews.split(",") if name.strip()]
+        if decoders:
+            name = names[0]
+            options = EngineOptions(
+                **ENGINE_CONFIGS[name],
+                warmup_batches=batch_sizes,
+                warmup_sizes=((size, size),),
+                compile_cache=str(folder / "compile-cache"),
+            )
+            # Rounds of off, then each decoder, one after another: whatever else the machine does then (a shared
+            # CPU) falls on every setting alike, and each setting's best round is its figure.
+            rounds: dict[str, list[Run]] = {decoder: [] for decoder in ["off", *decoders]}
+            for _ in range(args.preview_rounds):
+                for decoder, runs_of in rounds.items():
+                    preview = None
+                    if decoder != "off":
+                        preview = PreviewOptions(
+                            decoder=decoder,
+                            taesd=str(folder / "taesd"),
+                            every=args.preview_every,
+                            min_interval=args.preview_interval,
+                        )
+                    worker = WorkerSettings(
+                        model_id=str(folder),
+                        device=args.device,
+                        dtype=dtype,
+                        scheduler=args.scheduler,
+                        safety_checker=False,
+                        options=options,
+                        preview=preview,
+                    )
+                    runs_of.append(asyncio.run(serve(f"{name}+{decoder}", worker, images, args.max_batch, args.lone)))
+            off = max(run.images_per_second for run in rounds["off"])
+            measured: list[dict[str, Any]] = []
+            for decoder, runs_of in rounds.items():
+                best_round = max(runs_of, key=lambda run: run.images_per_second)
+                measured.append(
+                    {
+                        "decoder": decoder,
+                        "images_per_second": best_round.images_per_second,
+                        "ratio_to_off": round(best_round.images_per_second / off, 3),
+                        "rounds_images_per_second": [run.images_per_second for run in runs_of],
+                        "latency_p50_s": best_round.latency_p50_s,
+                        "lone_latency_p50_s": best_round.lone_latency_p50_s,
+                        "batches": best_round.batches,
+                    }
+                )
+            previews = {
+                "config": name,
+                "every": args.preview_every,
+                "min_interval": args.preview_interval,
+                "rounds": args.preview_rounds,
+                "runs": measured,
+            }
         profiled = None
         if args.profile:
             options = EngineOptions(
@@ -340,6 +411,7 @@ def main() -> int:
         "best": best.name,
         "best_images_per_second": best.images_per_second,
         "best_ratio_to_baseline": round(best.images_per_second / baseline, 2),
+        "previews": previews,
         "profile": profiled,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from bot.cluster.broker import parse as parse_broker
 from bot.cluster.wire import exact_revision, valid_name
+from bot.engine.protocol import PREVIEW_DECODERS, PreviewOptions
 from bot.engine.revision import names_folder, tag
 from bot.engine.types import ATTENTIONS, EngineOptions
 from bot.errors import ConfigError
@@ -146,6 +147,31 @@ class ArenaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PreviewConfig:
+    """The image forming in the status message while a job renders."""
+
+    decoder: str = "taesd"  # "taesd" | "latent2rgb" (no weights, blurry) | "off"
+    taesd: str = "madebyollin/taesd"  # hub id or folder of a diffusers AutoencoderTiny
+    every: int = 5  # steps between frames
+    min_interval: float = 2.0  # seconds between edits of a status message (Discord rate-limits edits)
+    max_side: int = 256  # pixels of the frame's longer side
+    quality: int = 70  # JPEG quality
+
+    def options(self) -> PreviewOptions | None:
+        """Return what a worker needs to draw frames, or None when previews are off."""
+        if self.decoder == "off":
+            return None
+        return PreviewOptions(
+            decoder=self.decoder,
+            taesd=self.taesd,
+            every=self.every,
+            min_interval=self.min_interval,
+            max_side=self.max_side,
+            quality=self.quality,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """Remote GPU workers through Redis Streams; an empty broker (the default) keeps the workers in this process."""
 
@@ -179,6 +205,7 @@ class Config:
     stats: StatsConfig = StatsConfig()
     arena: ArenaConfig = ArenaConfig()
     cluster: ClusterConfig = ClusterConfig()
+    preview: PreviewConfig = PreviewConfig()
 
     @classmethod
     def load(cls, path: Path, *, environ: Mapping[str, str] = os.environ, require_token: bool = True) -> Config:
@@ -242,6 +269,7 @@ class Config:
                 environ,
                 source,
             ),
+            preview=reader.section("preview", PreviewConfig),
         )
         reader.finish()
         _check(config, source)
@@ -323,6 +351,7 @@ _SECTIONS = (
     "stats",
     "arena",
     "cluster",
+    "preview",
 )
 
 
@@ -621,3 +650,17 @@ def _check(config: Config, source: str) -> None:
         fail("arena.rate", f"must be between 0 and 1 (a share of /imagine requests), got {config.arena.rate}")
     if config.arena.max_votes_per_day < 1:
         fail("arena.max_votes_per_day", f"must be at least 1, got {config.arena.max_votes_per_day}")
+    _check_preview(config.preview, fail)
+
+
+def _check_preview(preview: PreviewConfig, fail: Callable[[str, str], None]) -> None:
+    if preview.decoder not in PREVIEW_DECODERS:
+        fail("preview.decoder", f"must be one of {', '.join(PREVIEW_DECODERS)}, got {preview.decoder!r}")
+    if preview.every < 1:
+        fail("preview.every", f"must be at least 1 (steps between frames), got {preview.every}")
+    if not 0 <= preview.min_interval <= 3600:
+        fail("preview.min_interval", f"must be between 0 and 3600 seconds, got {preview.min_interval:g}")
+    if not 16 <= preview.max_side <= 1024:
+        fail("preview.max_side", f"must be between 16 and 1024 pixels, got {preview.max_side}")
+    if not 1 <= preview.quality <= 95:
+        fail("preview.quality", f"must be between 1 and 95 (JPEG quality), got {preview.quality}")

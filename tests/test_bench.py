@@ -79,7 +79,8 @@ def test_engine_benchmark_prints_json_for_a_setting_and_its_profile() -> None:
     report = run_bench(
         "bench/engine.py",
         *("--tiny", "--steps", "2", "--users", "3", "--lone", "2", "--max-batch", "2"),
-        *("--configs", "tuned", "--profile", "tuned"),
+        *("--configs", "tuned", "--profile", "tuned", "--previews", "taesd", "--preview-every", "1"),
+        *("--preview-rounds", "1"),
     )
     assert report["benchmark"] == "engine" and report["device"] == "cpu"
     assert report["baseline_one_per_call_images_per_second"] > 0
@@ -88,6 +89,11 @@ def test_engine_benchmark_prints_json_for_a_setting_and_its_profile() -> None:
     assert run["images_per_second"] > 0 and run["ratio_to_baseline"] > 0
     assert sum(run["batches"]) == 3 and run["warm_up_seconds"] > 0
     assert 0 < run["lone_latency_p50_s"] <= run["lone_latency_p95_s"]
+    previews = report["previews"]
+    assert (previews["config"], previews["every"], previews["min_interval"], previews["rounds"]) == ("tuned", 1, 0.0, 1)
+    off, taesd = previews["runs"]
+    assert (off["decoder"], off["ratio_to_off"], taesd["decoder"]) == ("off", 1.0, "taesd")
+    assert taesd["images_per_second"] > 0 and taesd["ratio_to_off"] > 0 and sum(taesd["batches"]) == 3
     profiled = report["profile"]
     assert profiled["config"] == "tuned" and profiled["images"] == 2 and profiled["denoise_s"] > 0
     assert profiled["top_ops"] and all(op["seconds"] >= 0 for op in profiled["top_ops"])

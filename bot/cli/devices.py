@@ -52,6 +52,7 @@ async def start_workers(
                 options=config.engine_options(compile_cache=config.storage.path.parent / "compile-cache"),
                 threads=threads if device == "cpu" else None,
                 verbose=log.isEnabledFor(logging.DEBUG),
+                preview=config.preview.options(),
             ),
             name=_name(f"{index}:{device}" if len(devices) > 1 else device, candidate),
             announce=not config.cluster.enabled,  # `sygil-bot worker` announces each device as a cluster worker

@@ -117,7 +117,11 @@ async def start_cluster(config: Config, stack: contextlib.AsyncExitStack) -> lis
     cluster = config.cluster
     log.info("Cluster mode: broker %s, prefix %s; the workers load the model", redacted(cluster.broker), cluster.prefix)
     pool = ClusterPool(
-        cluster, model=config.model.id, revision=config.model.revision, candidates=config.model.candidates
+        cluster,
+        model=config.model.id,
+        revision=config.model.revision,
+        candidates=config.model.candidates,
+        preview=config.preview,
     )
     await stack.enter_async_context(pool)
     return list(pool.lanes)  # the production revision's workers, and each candidate's

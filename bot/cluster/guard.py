@@ -4,6 +4,8 @@
   large: a worker that writes a 300 MiB "image" costs the bot a marker, not 300 MiB of memory.
 - ``checked`` lets a ``Rendered`` through only with one real PNG per spec, each of the size asked for and at most
   ``cluster.max_image_mib``; the seeds are the bot's own, never the worker's (its other facts are for the stats).
+- ``checked_preview`` lets a preview frame through only as a JPEG that decodes, at most ``preview.max_side`` pixels a
+  side and ``MAX_PREVIEW_BYTES``; the pool takes frames only from the worker holding the batch, a few a second at most.
 - ``deadline`` is how long a worker may hold a batch: the lease plus ``cluster.seconds_per_step`` per step and
   megapixel.
 - ``Strikes`` counts a worker's bad results and missed deadlines in a row; at ``cluster.strikes`` it is refused.
@@ -14,13 +16,17 @@ Every text a worker wrote reaches a log only through ``wire.shown``; none reache
 
 from __future__ import annotations
 
+import io
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
+from PIL import Image
+
 from bot.engine.images import check_rendered
-from bot.engine.protocol import Rendered
+from bot.engine.protocol import MAX_PREVIEW_BYTES, Preview, Rendered
 from bot.engine.types import ImageSpec, RenderedImage
 
 if TYPE_CHECKING:
@@ -146,6 +152,24 @@ def checked(event: Rendered, specs: Sequence[ImageSpec], *, max_bytes: int) -> R
             return f"image {index + 1}: {problem}"
         images.append(replace(image, seed=spec.seed, nsfw=image.nsfw is True))
     return replace(event, images=tuple(images))
+
+
+def checked_preview(event: Preview, *, max_side: int) -> str | None:
+    """Return None for a worker's preview frame fit to show (a JPEG that decodes, at most ``max_side`` pixels a side
+    and ``MAX_PREVIEW_BYTES``), else why not (for the log)."""
+    jpeg = event.jpeg
+    if len(jpeg) > MAX_PREVIEW_BYTES:
+        return f"a frame of {len(jpeg)} bytes, over the limit of {MAX_PREVIEW_BYTES}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(jpeg), formats=["JPEG"]) as image:
+                if max(image.size) > max_side:  # read from the header, before decoding anything
+                    return f"a frame of {image.width}×{image.height} pixels, over {max_side} a side"
+                image.load()
+    except Exception as error:  # whatever Pillow raises for bytes it cannot decode
+        return f"a frame that is not a JPEG that decodes ({type(error).__name__})"
+    return None
 
 
 def deadline(specs: Sequence[ImageSpec], *, lease: float, seconds_per_step: float) -> float:

@@ -4,7 +4,8 @@
 
 - render: a batch of an earlier bot session is dropped unrendered, one stopped before it started fails at once, and
   the rest render on the consumer's local executor;
-- publish: ``Started``, ``Progress`` (at most four a second) and then ``Rendered`` or ``Failed`` go, in order, to
+- publish: ``Started``, ``Progress`` (at most four a second), ``Preview`` frames (as the local worker throttles them)
+  and then ``Rendered`` or ``Failed`` go, in order, to
   this worker's ``{prefix}:w:{worker}:events:{session}``, each with the entry's nonce. The bot takes them only while
   this worker's consumer holds the entry, so the entry stays pending until the bot acknowledges and deletes it. The
   outcome is retried for up to a lease while Redis is away; the rest is tried once. An entry dropped unrendered (of an
@@ -33,7 +34,7 @@ from redis.typing import EncodableT, FieldT, StreamIdT
 from bot.cluster.broker import UNREACHABLE, Retry, no_group, unreachable_errors
 from bot.cluster.wire import GROUP, BotInfo, Keys, pack, unpack, worker_of
 from bot.engine.executor import Call, Worker, WorkerLost, failed, rendered
-from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started
+from bot.engine.protocol import Failed, FailureKind, Message, Preview, Progress, RenderBatch, Rendered, Started
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,10 @@ class Batches:
         def on_progress(step: int, total: int) -> None:
             events.progress(batch.batch_id, step, total)
 
-        call = Call(batch.specs, on_started, on_progress)
+        def on_preview(index: int, step: int, total: int, jpeg: bytes) -> None:
+            events.send(Preview(batch.batch_id, index, step, total, jpeg))
+
+        call = Call(batch.specs, on_started, on_progress, previews=batch.previews, on_preview=on_preview)
         held.call = call
         try:
             images = await worker.render(call)
@@ -234,7 +238,7 @@ class Batches:
             pipe.expire(key, self._events_ttl)  # outlives a bot that stopped only by this long
             await pipe.execute()
 
-        if isinstance(message, Started | Progress):
+        if isinstance(message, Started | Progress | Preview):
             return await self._retry.once(add()) is not UNREACHABLE
         return await self._retry.persist(add, self._lease)
 

@@ -24,14 +24,14 @@ import math
 import secrets
 import time
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
 
 from redis.typing import EncodableT, FieldT
 
 from bot.cluster.broker import Backoff, Outage, connect, create_group, end, kept, redacted, unreachable_errors
-from bot.cluster.guard import Reader, Strikes, checked, deadline
+from bot.cluster.guard import Reader, Strikes, checked, checked_preview, deadline
 from bot.cluster.wire import (
     GROUP,
     BotInfo,
@@ -44,9 +44,9 @@ from bot.cluster.wire import (
     unpack,
     worker_of,
 )
-from bot.config import ClusterConfig
+from bot.config import ClusterConfig, PreviewConfig
 from bot.engine.executor import BatchEvent, Call, RenderStopped, WorkerLost, answer
-from bot.engine.protocol import Failed, FailureKind, Progress, RenderBatch, Rendered, Started
+from bot.engine.protocol import Failed, FailureKind, Preview, Progress, RenderBatch, Rendered, Started
 from bot.engine.revision import tag
 from bot.engine.types import RenderedImage
 from bot.errors import RenderFailed
@@ -58,6 +58,7 @@ MAX_DEPTH = 2  # batches one device of a worker is given at once, whatever depth
 MAX_DEVICES = 8  # devices (consumers) counted per worker
 MAX_CRASHES = 3  # times a started batch may be taken over from a worker that died holding it
 _BROKEN = unreachable_errors()
+_PREVIEW_FLOOR = 0.25  # seconds between two frames of one image the bot takes from a worker, at least
 # Between two reads of the workers' events streams that found nothing: with batches out, and with none. Not a
 # blocking XREAD: that would hand the bot whatever a worker wrote, however large (``guard.Reader`` caps it).
 _POLL_SECONDS = (0.005, 0.1)
@@ -91,6 +92,7 @@ class _Flight:
     holding: str | None = None  # the consumer holding its entry when last looked at
     held_since: float | None = None  # time.monotonic() when that consumer was first seen holding it
     deliveries: int = 0  # the entry's delivery count when it started
+    framed: dict[int, float] = field(default_factory=lambda: dict[int, float]())  # spec index → last frame taken
 
 
 class _Trouble(Exception):
@@ -128,6 +130,7 @@ class ClusterPool:
         name: str = "cluster",
         max_images: int = 8,
         candidates: Sequence[str] = (),
+        preview: PreviewConfig | None = None,
     ) -> None:
         if not config.enabled:
             raise ValueError("a cluster needs cluster.broker")
@@ -160,6 +163,9 @@ class ClusterPool:
         self._known: dict[str, float] = {}  # worker → when its heartbeat was last seen: its events stream is read
         self._first_seen: dict[str, float] = {}  # consumer → when first seen: the first pins a branch's revision
         self._max_bytes = round(config.max_image_mib * 2**20)
+        preview = preview or PreviewConfig()
+        self._preview_side = preview.max_side
+        self._preview_gap = max(_PREVIEW_FLOOR, preview.min_interval / 2)
         self._reader = Reader(self._redis, max_image_bytes=self._max_bytes, max_images=max_images)
         self._started_ms = int(time.time() * 1000)
         self._finished: list[tuple[str, bytes]] = []  # (stream, entry) whose outcome was taken: ack and delete them
@@ -270,7 +276,8 @@ class ClusterPool:
         call.when_stopped(lambda: self._stop(flight))
         try:
             try:
-                fields = pack(RenderBatch(batch_id, call.specs), session=self.session, nonce=flight.nonce)
+                batch = RenderBatch(batch_id, call.specs, call.previews)
+                fields = pack(batch, session=self.session, nonce=flight.nonce)
                 entry: dict[FieldT, EncodableT] = {**fields}
                 entry_id = await kept(self._redis.xadd(stream, entry))
             except _BROKEN as error:
@@ -679,7 +686,7 @@ class ClusterPool:
             return
         assert flight.entry_id is not None
         holder, deliveries = holders.get((flight.stream, flight.entry_id), ("", 0))
-        if (flight.holder if isinstance(message, Progress) else holder) != sender:
+        if (flight.holder if isinstance(message, Progress | Preview) else holder) != sender:
             self._strikes.once(
                 worker,
                 "holder",
@@ -713,6 +720,9 @@ class ClusterPool:
             info = self._workers.get(sender)
             facts = {"worker": sender, "revision": flight.revision, "dtype": info.dtype if info is not None else None}
             message = result
+        elif isinstance(message, Preview):
+            if not self._take_frame(worker, flight, message):
+                return
         elif isinstance(message, Failed):
             if message.kind not in _FIXED:
                 return
@@ -724,6 +734,22 @@ class ClusterPool:
         if isinstance(message, Rendered | Failed):
             self._finished.append((flight.stream, flight.entry_id))
             self._spawn(self._send_stops())
+
+    def _take_frame(self, worker: str, flight: _Flight, frame: Preview) -> bool:
+        """Return whether to show a worker's preview frame: of an image asked for, not too soon after that image's
+        last one, and a small JPEG that decodes. A bad frame is dropped (said once per worker); the batch goes on."""
+        now = time.monotonic()
+        if (
+            frame.index not in flight.call.previews
+            or now - flight.framed.get(frame.index, -math.inf) < self._preview_gap
+        ):
+            return False
+        problem = checked_preview(frame, max_side=self._preview_side)
+        if problem is not None:
+            self._strikes.once(worker, "preview", "Dropped preview frames of worker %s: %s", worker, problem)
+            return False
+        flight.framed[frame.index] = now
+        return True
 
     # Batches held too long, taken over, or by a refused worker
 

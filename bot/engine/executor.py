@@ -21,6 +21,7 @@ from bot.engine.types import ImageSpec, RenderedImage
 from bot.errors import BotError, OutOfMemory, RenderFailed
 
 Progress = Callable[[int, int], None]
+OnPreview = Callable[[int, int, int, bytes], None]  # (spec index, step, total, JPEG)
 
 
 class Render(Protocol):
@@ -91,6 +92,8 @@ class Call:
     specs: tuple[ImageSpec, ...]
     on_started: Callable[[], None]
     on_progress: Progress
+    previews: tuple[int, ...] = ()  # the specs whose images the scheduler wants to see forming
+    on_preview: OnPreview | None = None  # a frame of one of them: index, step, total, JPEG bytes
     stopping: bool = False
     # What the worker says about how it rendered: "revision", "dtype", "compiled", and where known "seconds" (its own
     # time from start to last PNG), "peak_memory" (bytes) and "worker" (the name of the remote worker that rendered
@@ -151,7 +154,7 @@ class ThreadWorker:
 
 # The bot's side: a batch's events, as a worker process or a remote worker sends them, answer its call.
 
-BatchEvent = protocol.Started | protocol.Progress | Rendered | Failed
+BatchEvent = protocol.Started | protocol.Progress | protocol.Preview | Rendered | Failed
 
 # What the scheduler is given for each way a batch can fail.
 _RAISED: Mapping[FailureKind, Callable[[str], Exception]] = {
@@ -167,7 +170,8 @@ def answer(
     event: BatchEvent,
     facts: Mapping[str, object] | None = None,
 ) -> bool:
-    """Pass one event of a batch on: its start and progress to the call, its outcome to the future awaiting it.
+    """Pass one event of a batch on: its start, progress and preview frames to the call, its outcome to the future
+    awaiting it (a frame after the outcome, or of an image the call did not ask for, is dropped).
 
     ``facts`` are what the caller knows of the worker that rendered it (``Call.facts``), added to the call's with the
     outcome's own. Return False for an outcome that came after the future was already answered (it is dropped).
@@ -176,6 +180,10 @@ def answer(
         call.on_started()
     elif isinstance(event, protocol.Progress):
         call.on_progress(event.step, event.total)
+    elif isinstance(event, protocol.Preview):
+        if future.done() or call.on_preview is None or event.index not in call.previews:
+            return False
+        call.on_preview(event.index, event.step, event.total, event.jpeg)
     elif future.done():
         return False
     elif isinstance(event, Rendered):

@@ -77,6 +77,20 @@ def _pad(specs: Sequence[ImageSpec], size: int) -> tuple[ImageSpec, ...]:
     return (*specs, *[specs[-1]] * (size - len(specs)))
 
 
+LatentsHook = Callable[[int, int, torch.Tensor], None]  # (step, total, latents) after each step
+
+
+def _denoised(scheduler: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Return the scheduler's estimate of the clean latents when it keeps one (DPM-Solver++ keeps its data
+    predictions), which shows the image far earlier than the noisy latents do; else the latents."""
+    outputs = getattr(scheduler, "model_outputs", None)
+    if getattr(scheduler.config, "algorithm_type", None) == "dpmsolver++" and outputs:
+        last = outputs[-1]
+        if isinstance(last, torch.Tensor) and last.shape == latents.shape:
+            return last
+    return latents
+
+
 def _images(count: int) -> str:
     return "1 image" if count == 1 else f"{count} images"
 
@@ -268,9 +282,19 @@ class Engine:
         settings = _check_batch(specs)
         return self._prepare(specs, settings, self._compiled_batch(len(specs), settings))
 
-    def denoise(self, prepared: Prepared, progress: Callable[[int, int], None] | None = None) -> Decoded:
-        """Run the UNet over a prepared batch and decode it to CPU pixels; progress may raise to stop the batch."""
-        return self._denoise(prepared, progress)
+    def denoise(
+        self,
+        prepared: Prepared,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        latents: LatentsHook | None = None,
+    ) -> Decoded:
+        """Run the UNet over a prepared batch and decode it to CPU pixels; progress may raise to stop the batch.
+
+        ``latents`` sees each step's latents after ``progress`` (on this thread, for previews): the denoised estimate
+        where the scheduler keeps one (DPM-Solver++), else the noisy latents.
+        """
+        return self._denoise(prepared, progress, latents)
 
     def finish(self, decoded: Decoded) -> list[RenderedImage]:
         """Run the safety checker and encode PNGs with their metadata, dropping padding images."""
@@ -316,12 +340,19 @@ class Engine:
             compiled=compiled_batch is not None,
         )
 
-    def _denoise(self, prepared: Prepared, progress: Callable[[int, int], None] | None = None) -> Decoded:
+    def _denoise(
+        self,
+        prepared: Prepared,
+        progress: Callable[[int, int], None] | None = None,
+        latents_hook: LatentsHook | None = None,
+    ) -> Decoded:
         settings = prepared.settings
 
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             if progress is not None:
                 progress(step + 1, pipe.num_timesteps)
+            if latents_hook is not None:
+                latents_hook(step + 1, pipe.num_timesteps, _denoised(pipe.scheduler, callback_kwargs["latents"]))
             return callback_kwargs
 
         common: dict[str, Any] = {
@@ -331,7 +362,7 @@ class Engine:
             "guidance_scale": settings.guidance,
             "generator": list(prepared.generators),
             "output_type": "latent",
-            "callback_on_step_end": on_step_end if progress is not None else None,
+            "callback_on_step_end": on_step_end if progress is not None or latents_hook is not None else None,
         }
         img2img = settings.mode is Mode.IMG2IMG
         pipe = self._img2img if img2img else self._pipe

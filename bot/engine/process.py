@@ -157,7 +157,7 @@ class WorkerProcess:
         self._calls[batch_id] = (call, future)
         call.when_stopped(lambda: self._send(StopBatch(batch_id)))
         try:
-            self._send(RenderBatch(batch_id, call.specs))
+            self._send(RenderBatch(batch_id, call.specs, call.previews))
             return await future
         finally:
             self._calls.pop(batch_id, None)

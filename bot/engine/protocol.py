@@ -15,6 +15,8 @@ Worker to bot:
     ``LoadFailed``   the model could not be loaded (the message is for the person running the bot)
     ``Started``      a batch went on the GPU
     ``Progress``     a batch finished a denoising step
+    ``Preview``      a small JPEG of one image of a batch as it forms (only of the specs ``RenderBatch.previews``
+                     names, at most every ``PreviewOptions.every`` steps and ``min_interval`` seconds)
     ``Rendered``     a batch's images: PNG bytes, seeds, safety flags, and the GPU seconds they took
     ``Failed``       a batch did not render: out of memory, stopped, or an error whose message is for users
 """
@@ -35,6 +37,41 @@ class FailureKind(enum.StrEnum):
     ERROR = "error"  # this batch cannot render; the message says why
 
 
+PREVIEW_DECODERS = ("taesd", "latent2rgb", "off")
+MAX_PREVIEW_BYTES = 256 * 1024  # a 256 px JPEG is about 10 KiB; anything near this is not a preview
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewOptions:
+    """How a worker draws the images forming while a batch renders; plain data, so it can cross to a worker."""
+
+    decoder: str = "taesd"  # "taesd" | "latent2rgb" | "off"
+    taesd: str = "madebyollin/taesd"  # a hub id or folder of a diffusers AutoencoderTiny
+    every: int = 5  # steps between frames
+    min_interval: float = 2.0  # seconds between frames of one batch, at least
+    max_side: int = 256  # pixels of the JPEG's longer side
+    quality: int = 70  # JPEG quality
+
+    def __post_init__(self) -> None:
+        if self.decoder not in PREVIEW_DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(PREVIEW_DECODERS)}, got {self.decoder!r}")
+        if not isinstance(self.taesd, str) or not self.taesd.strip():  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"taesd must be a hub id or a folder, got {self.taesd!r}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"every must be a whole number of steps >= 1, got {self.every!r}")
+        if isinstance(self.min_interval, bool) or not 0 <= self.min_interval <= 3600:
+            raise ValueError(f"min_interval must be between 0 and 3600 seconds, got {self.min_interval!r}")
+        if isinstance(self.max_side, bool) or not isinstance(self.max_side, int) or not 16 <= self.max_side <= 1024:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"max_side must be a whole number of pixels between 16 and 1024, got {self.max_side!r}")
+        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 95:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"quality must be a whole number between 1 and 95, got {self.quality!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.decoder != "off"
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     """What a worker needs to load its model: given once, when the process starts."""
@@ -51,12 +88,14 @@ class WorkerSettings:
     environ: Mapping[str, str] = field(
         default_factory=lambda: dict[str, str]()
     )  # set in the worker's environment before loading
+    preview: PreviewOptions | None = None  # None: no previews, whatever a batch asks for
 
 
 @dataclass(frozen=True, slots=True)
 class RenderBatch:
     batch_id: int
     specs: tuple[ImageSpec, ...]
+    previews: tuple[int, ...] = ()  # the indices of the specs whose images the bot wants to see forming
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +138,17 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class Preview:
+    """One image of a batch as it forms: spec ``index`` after ``step`` of ``total`` steps, as a small JPEG."""
+
+    batch_id: int
+    index: int
+    step: int
+    total: int
+    jpeg: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Rendered:
     batch_id: int
     images: tuple[RenderedImage, ...]
@@ -115,15 +165,20 @@ class Failed:
 
 
 ToWorker = RenderBatch | StopBatch | Shutdown
-FromWorker = Hello | LoadFailed | Started | Progress | Rendered | Failed
+FromWorker = Hello | LoadFailed | Started | Progress | Preview | Rendered | Failed
 Message = ToWorker | FromWorker
 
 
 def encode(message: Message) -> dict[str, Any]:
     """Return a message as plain data."""
     match message:
-        case RenderBatch(batch_id, specs):
-            return {"type": "render", "batch_id": batch_id, "specs": [_spec_data(spec) for spec in specs]}
+        case RenderBatch(batch_id, specs, previews):
+            return {
+                "type": "render",
+                "batch_id": batch_id,
+                "specs": [_spec_data(spec) for spec in specs],
+                "previews": list(previews),
+            }
         case StopBatch(batch_id):
             return {"type": "stop", "batch_id": batch_id}
         case Shutdown():
@@ -143,6 +198,8 @@ def encode(message: Message) -> dict[str, Any]:
             return {"type": "started", "batch_id": batch_id}
         case Progress(batch_id, step, total):
             return {"type": "progress", "batch_id": batch_id, "step": step, "total": total}
+        case Preview(batch_id, index, step, total, jpeg):
+            return {"type": "preview", "batch_id": batch_id, "index": index, "step": step, "total": total, "jpeg": jpeg}
         case Rendered(batch_id, images, seconds, peak_memory, compiled):
             return {
                 "type": "rendered",
@@ -163,7 +220,8 @@ def decode(data: Mapping[str, Any]) -> Message:
     try:
         kind = data["type"]
         if kind == "render":
-            return RenderBatch(data["batch_id"], tuple(_spec(item) for item in data["specs"]))
+            specs = tuple(_spec(item) for item in data["specs"])
+            return RenderBatch(data["batch_id"], specs, _previews(data.get("previews", []), len(specs)))
         if kind == "stop":
             return StopBatch(data["batch_id"])
         if kind == "shutdown":
@@ -177,6 +235,8 @@ def decode(data: Mapping[str, Any]) -> Message:
             return Started(_int(data, "batch_id"))
         if kind == "progress":
             return Progress(_int(data, "batch_id"), _int(data, "step"), _int(data, "total"))
+        if kind == "preview":
+            return _preview(data)
         if kind == "rendered":
             items: Any = data["images"]
             if not isinstance(items, list):
@@ -199,6 +259,26 @@ def decode(data: Mapping[str, Any]) -> Message:
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"malformed {str(data.get('type', 'untyped'))[:20]!r} message: {error!r}") from None
     raise ValueError(f"unknown message type {kind!r}")
+
+
+def _previews(value: object, count: int) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise TypeError("previews is not a list")
+    indices = tuple(cast(list[object], value))
+    if not all(isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count for index in indices):
+        raise TypeError("previews holds something other than indices of the specs")
+    return cast(tuple[int, ...], indices)
+
+
+def _preview(data: Mapping[str, Any]) -> Preview:
+    """Read a worker's preview frame, strictly: small, a JPEG, of a step within the batch's steps."""
+    index, step, total = _int(data, "index"), _int(data, "step"), _int(data, "total")
+    jpeg = _bytes(data, "jpeg")
+    if index < 0 or not 1 <= step <= total <= 10_000:
+        raise TypeError(f"index {index}, step {step} of {total} is not a step of a batch")
+    if not jpeg.startswith(_JPEG_SIGNATURE) or len(jpeg) > MAX_PREVIEW_BYTES:
+        raise TypeError(f"jpeg is not a JPEG of at most {MAX_PREVIEW_BYTES} bytes")
+    return Preview(_int(data, "batch_id"), index, step, total, jpeg)
 
 
 def _int(data: Mapping[str, Any], key: str) -> int:

@@ -12,7 +12,7 @@ import torch
 
 # diffusers exports its public names through a lazy module that pyright reads as private imports.
 # pyright: reportPrivateImportUsage=false
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -78,6 +78,18 @@ _VAE_CONFIG: dict[str, Any] = {
 }
 
 
+# TAESD (diffusers AutoencoderTiny) with tiny channels and one block per stage: still 4 latent channels and three
+# upsamplings (x8), so the preview decoder reads the tiny model's latents; about 5,000 random weights.
+_TAESD_CONFIG: dict[str, Any] = {
+    "encoder_block_out_channels": [4, 4, 4, 4],
+    "decoder_block_out_channels": [4, 4, 4, 4],
+    "num_encoder_blocks": [1, 1, 1, 1],
+    "num_decoder_blocks": [1, 1, 1, 1],
+    "latent_channels": 4,
+}
+TAESD_FOLDER = "taesd"  # beside the pipeline's components: what preview.taesd names for the tiny model
+
+
 def _text_config() -> CLIPTextConfig:
     """Return the CLIP ViT-L/14 text config with tiny widths: same vocabulary, same 77 positions."""
     return CLIPTextConfig(
@@ -123,7 +135,8 @@ def _feature_extractor() -> CLIPImageProcessor:
 
 
 def make_tiny_model(path: Path) -> None:
-    """Write a tiny random-weights SD 1.5-shaped pipeline with the real CLIP tokenizer to path."""
+    """Write a tiny random-weights SD 1.5-shaped pipeline with the real CLIP tokenizer to path, and a tiny TAESD for
+    its previews in path/taesd."""
     # fork_rng keeps the caller's global RNG untouched while fixing every weight to the same seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
@@ -131,6 +144,7 @@ def make_tiny_model(path: Path) -> None:
         vae = AutoencoderKL(**_VAE_CONFIG)
         text_encoder = CLIPTextModel(_text_config())
         safety_checker = _safety_checker()
+        taesd = AutoencoderTiny(**_TAESD_CONFIG)
     with tempfile.TemporaryDirectory() as folder:
         write_clip_tokenizer(Path(folder))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
@@ -154,4 +168,5 @@ def make_tiny_model(path: Path) -> None:
     # tokenizer folder is the four plain CLIP files, which both transformers 4 and 5 load.
     shutil.rmtree(path / "tokenizer")
     write_clip_tokenizer(path / "tokenizer")
+    taesd.save_pretrained(path / TAESD_FOLDER, safe_serialization=True)
     log.debug("wrote a tiny Stable Diffusion pipeline to %s", path)  # `make-tiny-model` says so itself

@@ -15,19 +15,23 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
 
 from bot.engine.executor import RenderStopped, failed
+from bot.engine.loading import DTYPES
 from bot.engine.pipeline import Decoded, Engine, Prepared
+from bot.engine.preview import Previewer
 from bot.engine.protocol import (
     Failed,
     FailureKind,
     FromWorker,
     Hello,
     LoadFailed,
+    Preview,
     Progress,
     RenderBatch,
     Rendered,
@@ -49,6 +53,9 @@ _OOM_PROMPT = "SYGIL_TEST_OOM_PROMPT"  # batches holding a prompt with this text
 # bot or remote worker host that started this process, batch id) to NAME.held in this folder, and goes on once
 # NAME.release exists there (or stops, if asked). So a test catches a batch mid-render however fast the machine is.
 _HOLD_DIR = "SYGIL_TEST_HOLD_DIR"
+# With steps listed here ("5,10"), such a batch holds at each of them instead, after that step's preview frame (if
+# any) went to the bot: it writes NAME.STEP.held and waits for NAME.STEP.release.
+_HOLD_STEPS = "SYGIL_TEST_HOLD_STEPS"
 _HOLD_WORD = re.compile(r"\bhold-([a-z0-9]+)\b")
 _HOLD_POLL = 0.01
 EXIT_CUDA_FAULT = 70
@@ -94,6 +101,9 @@ class _Worker:
         self._oom_prompt = os.environ.get(_OOM_PROMPT, "")
         hold_dir = os.environ.get(_HOLD_DIR, "")
         self._hold_dir = Path(hold_dir) if hold_dir else None
+        steps = os.environ.get(_HOLD_STEPS, "")
+        self._hold_steps = frozenset(int(step) for step in steps.split(",") if step.strip()) if steps else None
+        self._previewer: Previewer | None = None
 
     def run(self) -> None:
         settings = self._settings
@@ -111,6 +121,9 @@ class _Worker:
                 revision=settings.revision,
             )
             engine.warm_up()
+            if settings.preview is not None:
+                dtype = DTYPES.get(settings.dtype, torch.float32)
+                self._previewer = Previewer.load(settings.preview, device=settings.device, dtype=dtype)
         except BotError as error:
             self._send(LoadFailed(str(error), unreachable=isinstance(error, HubUnreachable)))
             return
@@ -202,17 +215,27 @@ class _Worker:
             if self._wants_stop(batch_id):
                 raise RenderStopped
             self._send(Progress(batch_id, step, total))
-            if step == 1 and self._hold_dir is not None:
+            if step == 1 and self._hold_dir is not None and self._hold_steps is None:
                 self._hold(batch)
 
+        frames = _Frames(self, batch)
+        holds = self._hold_dir is not None and self._hold_steps is not None
         try:
-            decoded = engine.denoise(prepared, progress)
+            decoded = engine.denoise(prepared, progress, latents=frames if frames.wanted or holds else None)
         except Exception as error:
             self._fail(batch, error)
             return
-        finisher.submit(self._finish, engine, batch, decoded, started, prepared.compiled)
+        finisher.submit(self._finish, engine, batch, decoded, started, prepared.compiled, frames)
 
-    def _finish(self, engine: Engine, batch: RenderBatch, decoded: Decoded, started: float, compiled: bool) -> None:
+    def _finish(
+        self,
+        engine: Engine,
+        batch: RenderBatch,
+        decoded: Decoded,
+        started: float,
+        compiled: bool,
+        frames: _Frames,
+    ) -> None:
         try:
             images = engine.finish(decoded)
         except Exception as error:
@@ -221,6 +244,7 @@ class _Worker:
         finally:
             self._stopped.discard(batch.batch_id)
         seconds = time.perf_counter() - started
+        frames.wait()  # the bot gets no frame after the images
         self._send(Rendered(batch.batch_id, tuple(images), seconds, engine.peak_memory(), compiled))
 
     def _wants_stop(self, batch_id: int) -> bool:
@@ -259,15 +283,16 @@ class _Worker:
         if self._oom_prompt and any(self._oom_prompt in spec.prompt for spec in batch.specs):
             raise torch.OutOfMemoryError(f"injected: a prompt holds {self._oom_prompt!r}")
 
-    def _hold(self, batch: RenderBatch) -> None:
+    def _hold(self, batch: RenderBatch, step: int | None = None) -> None:
         """Wait, mid-render, until the test releases each hold this batch's prompts name (see ``_HOLD_DIR``)."""
         assert self._hold_dir is not None
         names = sorted({name for spec in batch.specs for name in _HOLD_WORD.findall(spec.prompt)})
         for name in names:
-            release = self._hold_dir / f"{name}.release"
+            hold = name if step is None else f"{name}.{step}"
+            release = self._hold_dir / f"{hold}.release"
             if release.exists():
                 continue
-            with (self._hold_dir / f"{name}.held").open("a", encoding="utf-8") as held:
+            with (self._hold_dir / f"{hold}.held").open("a", encoding="utf-8") as held:
                 # The bot or `sygil-bot worker` that started this process (its parent is the forkserver).
                 parent = multiprocessing.parent_process()
                 held.write(f"{os.getpid()} {parent.pid if parent else os.getppid()} {batch.batch_id}\n")
@@ -284,6 +309,57 @@ class _Worker:
             except (BrokenPipeError, OSError):
                 # The bot is gone; nobody will read this. Exit without a traceback.
                 os._exit(0)
+
+
+class _Frames:
+    """A batch's preview frames: which steps get one (every ``preview.every`` steps, at most one per
+    ``preview.min_interval`` seconds, none at the last step), decoded on the GPU thread, encoded and sent beside it."""
+
+    def __init__(self, worker: _Worker, batch: RenderBatch) -> None:
+        self._worker = worker
+        self._batch = batch
+        previewer = worker._previewer  # pyright: ignore[reportPrivateUsage]
+        self._previewer = previewer if batch.previews else None
+        self._last: float | None = None  # when the batch's last frame was decoded
+        self._pending: list[concurrent.futures.Future[None]] = []
+
+    @property
+    def wanted(self) -> bool:
+        return self._previewer is not None
+
+    def due(self, step: int, total: int, now: float) -> bool:
+        previewer = self._previewer
+        if previewer is None or step % previewer.options.every or step >= total:
+            return False
+        return self._last is None or now - self._last >= previewer.options.min_interval
+
+    def __call__(self, step: int, total: int, latents: torch.Tensor) -> None:
+        """Send a frame of the step's latents if one is due; then hold the batch there if a test asks to."""
+        previewer, batch = self._previewer, self._batch
+        if previewer is not None and self.due(step, total, time.monotonic()):
+            self._last = time.monotonic()
+            try:
+                pixels = previewer.decode(latents, batch.previews)
+            except Exception:  # out of memory in the preview decoder, say: the batch goes on without frames
+                log.warning("Decoding a preview frame failed; this batch goes on without them", exc_info=True)
+                self._previewer = None
+            else:
+                for index, image in zip(batch.previews, pixels, strict=True):
+                    self._pending.append(previewer.send(image, self._deliver(index, step, total)))
+        worker = self._worker
+        if worker._hold_steps is not None and step in worker._hold_steps:  # pyright: ignore[reportPrivateUsage]
+            self.wait()
+            worker._hold(batch, step)  # pyright: ignore[reportPrivateUsage]
+
+    def _deliver(self, index: int, step: int, total: int) -> Callable[[bytes], None]:
+        def deliver(jpeg: bytes) -> None:
+            self._worker._send(Preview(self._batch.batch_id, index, step, total, jpeg))  # pyright: ignore[reportPrivateUsage]
+
+        return deliver
+
+    def wait(self) -> None:
+        """Return once every frame so far has gone to the bot."""
+        concurrent.futures.wait(self._pending)
 
 
 def _size(batch: RenderBatch) -> str:

@@ -526,6 +526,7 @@ class Scheduler:
                         continue
                 ticket.started.clear()
                 ticket.step = 0
+                ticket.preview = None
             self._line.put_back(ticket)
         self._touch()
         self._wakeup.set()

@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bot.engine.executor import Call, RenderStopped, Worker, WorkerLost
@@ -47,6 +47,15 @@ class Rendering:
     revision: str | None = None
     dtype: str | None = None
     compiled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """The look at a job's first image while it renders: a small JPEG after ``step`` of ``total`` steps."""
+
+    jpeg: bytes = field(repr=False)
+    step: int
+    total: int
 
 
 @dataclass(eq=False, slots=True)
@@ -200,7 +209,19 @@ class Runner:
                 ticket.step = step
                 ticket.total_steps = total
 
-        running = Running(worker, tickets, Call(specs, on_started, on_progress), estimate)
+        # Each job's first image in this call is the one its requester watches form.
+        firsts: dict[int, Ticket] = {}
+        for index, (ticket, _) in enumerate(pairs):
+            if ticket not in firsts.values():
+                firsts[index] = ticket
+
+        def on_preview(index: int, step: int, total: int, jpeg: bytes) -> None:
+            ticket = firsts.get(index)
+            if ticket is not None and not ticket.result.done():
+                ticket.show(Frame(jpeg, step, total))
+
+        call = Call(specs, on_started, on_progress, previews=tuple(firsts), on_preview=on_preview)
+        running = Running(worker, tickets, call, estimate)
         for ticket in tickets:
             ticket.step = 0
             ticket.total_steps = settings.steps

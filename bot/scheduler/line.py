@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from bot.engine.types import ImageSpec, RenderedImage, Settings
-from bot.scheduler.batches import Rendering
+from bot.scheduler.batches import Frame, Rendering
 
 
 @dataclass(eq=False, slots=True)
@@ -30,6 +30,14 @@ class Ticket:
     attempts: int = 0  # workers that died while holding it
     revision: str | None = None  # the model revision it asked for (a candidate); None: the production one
     renders: list[Rendering] = field(default_factory=lambda: list[Rendering]())  # per image, once rendered
+    preview: Frame | None = None  # the newest frame of its first image while it renders; never stored
+    new_preview: asyncio.Event = field(default_factory=asyncio.Event)  # set when ``preview`` changes
+
+    def show(self, frame: Frame) -> None:
+        """Keep a newer frame of the image forming (an older one is dropped) and wake whoever shows it."""
+        if self.preview is None or frame.step >= self.preview.step:
+            self.preview = frame
+            self.new_preview.set()
 
     @property
     def settings(self) -> Settings:

@@ -15,6 +15,9 @@ from bot.storage import ImageRecord
 _ECHO_LIMIT = 600
 
 
+PREVIEW_FILENAME = "preview.jpg"  # the frame of the image forming in a status message
+
+
 def filename(job_id: int, index: int) -> str:
     return f"sygil_{job_id}_{index}.png"
 

@@ -23,7 +23,7 @@ from bot.errors import BotError, JobCancelled
 from bot.jobs import Job, JobKind, Reply
 from bot.service import Queued
 from cogs._posting import wind_down
-from cogs.imagine._text import filename, result_text, status_interval, status_text
+from cogs.imagine._text import PREVIEW_FILENAME, filename, result_text, status_interval, status_text
 from cogs.imagine.buttons import cancel_view, result_view
 
 if TYPE_CHECKING:
@@ -121,18 +121,9 @@ class Deliveries:
         finished = asyncio.ensure_future(self.service.wait(queued))
         # A job rendered before a restart may already show its images: no status over them while it renders again.
         quiet = queued.restored and await self.service.rendered(job_id=job.id)
-        shown = ""
         try:
-            while not quiet and not finished.done() and _alive(job.reply):
-                text = self._status(queued)
-                if text != shown:
-                    try:
-                        await self._edit_reply(job, content=text, view=None if shown else cancel_view(job.id))
-                    except discord.HTTPException as exc:
-                        log.warning("Could not update the status of job %d: %s", job.id, exc)
-                        break
-                    shown = text
-                await asyncio.wait({finished}, timeout=status_interval(self.service.scheduler.position(job.id)))
+            if not quiet:
+                await self._show_status(queued, finished)
             images = await finished
         except asyncio.CancelledError:
             finished.cancel()
@@ -154,6 +145,47 @@ class Deliveries:
         self._posting_now()
         message_id = await self._post(job, images=images, notes=queued.warnings)
         await self.service.complete(queued, message_id=message_id)
+
+    async def _show_status(self, queued: Queued, finished: asyncio.Future[list[RenderedImage]]) -> None:
+        """Keep the job's message saying where it is, and while it renders the newest frame of its image forming,
+        until its outcome is known.
+
+        Edits come at least ``preview.min_interval`` apart (counted from when Discord answered the last one, so
+        however the requests are delayed on the way), each with the newest frame: older ones are dropped, so no
+        queue of edits builds up. The loop ends before the outcome is posted, which replaces the frame.
+        """
+        job, ticket = queued.job, queued.ticket
+        interval = self.bot.config.preview.min_interval
+        shown, frame = "", None
+        edited: float | None = None  # when Discord answered the last edit
+        while not finished.done() and _alive(job.reply):
+            ticket.new_preview.clear()  # before reading the frame: one arriving later sets it again
+            text, newest = self._status(queued), ticket.preview
+            if text != shown or newest is not frame:
+                wait = 0.0 if edited is None else edited + interval - time.monotonic()
+                if wait > 0:
+                    await asyncio.wait({finished}, timeout=wait)
+                    continue  # and show what is newest then
+                files = None
+                if newest is not frame:  # a new frame; none: back in line after its worker died, so the old one goes
+                    files = [discord.File(io.BytesIO(newest.jpeg), filename=PREVIEW_FILENAME)] if newest else []
+                try:
+                    await self._edit_reply(job, content=text, view=None if shown else cancel_view(job.id), files=files)
+                except discord.HTTPException as exc:
+                    log.warning("Could not update the status of job %d: %s", job.id, exc)
+                    return
+                edited = time.monotonic()
+                shown, frame = text, newest
+            # Wake for the outcome or a new frame; the text alone is looked at again after a while.
+            framed = asyncio.ensure_future(ticket.new_preview.wait())
+            try:
+                await asyncio.wait(
+                    {finished, framed},
+                    timeout=status_interval(self.service.scheduler.position(job.id)),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                framed.cancel()
 
     def _posting_now(self) -> None:
         task = asyncio.current_task()
@@ -242,8 +274,8 @@ class Deliveries:
         if not remix and job.reply is not None and job.reply.message_id is not None:
             await self._retire_status(channel, job.reply.message_id, message.jump_url)
         elif remix and _alive(job.reply):
-            try:
-                await self._edit_reply(job, content=f"➡️ Posted: {message.jump_url}", clear_view=True)
+            try:  # no files: the last preview frame goes too
+                await self._edit_reply(job, content=f"➡️ Posted: {message.jump_url}", files=[], clear_view=True)
             except discord.HTTPException as exc:
                 log.info("Could not point the status of job %d at its result: %s", job.id, exc)
         return message.id
@@ -269,7 +301,7 @@ class Deliveries:
             return
         try:
             await channel.get_partial_message(message_id).edit(
-                content=f"➡️ Posted below: {result_url}", view=None, allowed_mentions=_NO_PINGS
+                content=f"➡️ Posted below: {result_url}", view=None, attachments=[], allowed_mentions=_NO_PINGS
             )
         except discord.HTTPException as exc:
             log.info("Could not update the old status message %d: %s", message_id, exc)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import DISCORD_API, Config
+from bot.engine.protocol import PreviewOptions
 from bot.engine.types import EngineOptions
 from bot.errors import ConfigError
 
@@ -321,3 +322,34 @@ def test_the_older_variation_strength_becomes_the_subtle_one_with_a_warning(
     assert "generation.variation_strength is ignored: [variation] sets the strengths" in caplog.text
     with pytest.raises(ConfigError, match=re.escape("generation.variation_strength: must be in (0, 1], got 1.5")):
         Config.load(write(tmp_path, "[generation]\nvariation_strength = 1.5\n"), environ=ENV)
+
+
+def test_preview_settings_default_to_what_the_example_says_and_reach_the_workers(tmp_path: Path) -> None:
+    preview = Config.load(Path("config.example.toml"), environ={"DISCORD_TOKEN": "t"}).preview
+    assert preview.options() == PreviewOptions(
+        decoder="taesd", taesd="madebyollin/taesd", every=5, min_interval=2.0, max_side=256, quality=70
+    )
+    path = write(tmp_path, '[preview]\ndecoder = "latent2rgb"\nevery = 3\nmin_interval = 0.5\n')
+    options = Config.load(path, environ={"DISCORD_TOKEN": "t"}).preview.options()
+    assert options is not None and (options.decoder, options.every, options.min_interval) == ("latent2rgb", 3, 0.5)
+    path = write(tmp_path, '[preview]\ndecoder = "off"\n')
+    assert Config.load(path, environ={"DISCORD_TOKEN": "t"}).preview.options() is None
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('decoder = "vae"', "preview.decoder: must be one of taesd, latent2rgb, off, got 'vae'"),
+        ("every = 0", "preview.every: must be at least 1"),
+        ("every = 2.5", "preview.every: must be a whole number"),
+        ("min_interval = -1", "preview.min_interval: must be between 0 and 3600 seconds"),
+        ("max_side = 4096", "preview.max_side: must be between 16 and 1024 pixels"),
+        ("quality = 0", "preview.quality: must be between 1 and 95"),
+        ('taesd = ""', "preview.taesd: must be a non-empty string"),
+        ("size = 3", "unknown setting preview.size"),
+    ],
+)
+def test_bad_preview_settings_are_named(tmp_path: Path, section: str, message: str) -> None:
+    path = write(tmp_path, f"[preview]\n{section}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(path, environ={"DISCORD_TOKEN": "t"})

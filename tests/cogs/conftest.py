@@ -15,14 +15,23 @@ import pytest
 from PIL import Image
 
 from bot.client import SygilBot
-from bot.config import ArenaConfig, Config, GenerationConfig, ModerationConfig, PromptsConfig, QueueConfig
+from bot.config import (
+    ArenaConfig,
+    Config,
+    GenerationConfig,
+    ModerationConfig,
+    PreviewConfig,
+    PromptsConfig,
+    QueueConfig,
+)
 from bot.engine import Engine
-from bot.engine.executor import Progress, ThreadWorker
+from bot.engine.executor import Progress, ThreadWorker, Worker
 from bot.engine.types import ImageSpec, RenderedImage
 from bot.jobs import Job, JobStatus
 from bot.scheduler import Scheduler
 from bot.service import open_service
 from bot.storage import Database
+from cogs.imagine._text import PREVIEW_FILENAME
 from tests.fakediscord import FakeDiscord, FakeInteraction, Message, point_discord_at, run_bot
 
 GENERATION = GenerationConfig(default_steps=3, max_steps=8, sizes=("64x64", "64x96"), max_count=4)
@@ -59,6 +68,11 @@ class Harness:
     # A candidate revision served beside production by a second worker thread (model.candidates), named so.
     candidate: GatedRender | None = None
     candidate_name: str = "candidate"
+    generation: GenerationConfig = GENERATION
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    # A worker the test started (a worker process, to draw previews and hold batches mid-render) instead of the
+    # gated thread; the test closes it.
+    worker: Worker | None = None
 
     @contextlib.asynccontextmanager
     async def bot(self) -> AsyncIterator[SygilBot]:
@@ -71,13 +85,16 @@ class Harness:
             queue=self.queue,
             moderation=self.moderation,
             arena=self.arena,
+            preview=self.preview,
         )
         engine = self.render.engine
         facts = {"revision": engine.revision, "dtype": "float32", "compiled": False}
-        workers = [ThreadWorker(self.render, name="cpu", facts=facts)]
+        threads = [ThreadWorker(self.render, name="cpu", facts=facts)] if self.worker is None else []
+        workers: list[Worker] = [*threads] if self.worker is None else [self.worker]
         if self.candidate is not None:
             facts = {"revision": self.candidate.engine.revision, "dtype": "float32", "compiled": False}
-            workers.append(ThreadWorker(self.candidate, name="cpu+candidate", facts=facts, serves=self.candidate_name))
+            threads.append(ThreadWorker(self.candidate, name="cpu+candidate", facts=facts, serves=self.candidate_name))
+            workers.append(threads[-1])
         async with (
             await Database.open(self.database) as db,
             contextlib.AsyncExitStack() as stack,  # closes the workers after the scheduler stops handing them batches
@@ -88,7 +105,7 @@ class Harness:
                 server_share=self.queue.server_share,
             ) as scheduler,
         ):
-            for worker in workers:
+            for worker in threads:
                 stack.push_async_callback(worker.close)
             service = await open_service(
                 config, db=db, scheduler=scheduler, model="tiny", tokenizer=self.render.engine.tokenizer
@@ -125,7 +142,11 @@ async def harness(engine: Engine, tmp_path: Path) -> AsyncIterator[Harness]:
 
 
 async def final_message(server: FakeDiscord, interaction: FakeInteraction, within: float = 60) -> Message:
-    return await server.wait_for_message(lambda m: m.interaction_id == interaction.id and bool(m.attachments), within)
+    """Return the message holding an interaction's images (a preview frame in its status message is not one)."""
+    return await server.wait_for_message(
+        lambda m: m.interaction_id == interaction.id and any(a.filename != PREVIEW_FILENAME for a in m.attachments),
+        within,
+    )
 
 
 async def remix_result(server: FakeDiscord, interaction: FakeInteraction, within: float = 60) -> Message:

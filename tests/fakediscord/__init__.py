@@ -34,6 +34,9 @@ over ``attachment_size_limit`` (Discord answers too-large uploads with 413, not 
 25 characters; 50008 (400) a message to a category. Routes the fake does not implement answer 404 and record a
 ``Violation`` with code 0.
 
+Every message keeps its ``history``: a ``Revision`` (monotonic time at the fake, content, attachments) for its creation
+and for each edit, so a test can see what a message showed over time and how far apart its edits came.
+
 Discord behaviours it mimics: the first followup after a deferral (type 5) fills in the "thinking" message
 instead of posting a new one, keeping the deferral's ephemeral flag; type 6/7 callbacks make the clicked message
 the ``@original``; ephemeral messages are left out of ``server.messages(channel_id)`` unless asked for.
@@ -64,7 +67,7 @@ does, so discord.py hands the callback a ``discord.Object``.
 from __future__ import annotations
 
 from ._harness import capture_discord_errors, point_discord_at, run_bot, serve_in_thread
-from ._models import Attachment, FakeInteraction, Message, RecordedRequest, Violation
+from ._models import Attachment, FakeInteraction, Message, RecordedRequest, Revision, Violation
 from ._server import FakeDiscord
 
 __all__ = [
@@ -73,6 +76,7 @@ __all__ = [
     "FakeInteraction",
     "Message",
     "RecordedRequest",
+    "Revision",
     "Violation",
     "capture_discord_errors",
     "point_discord_at",

@@ -102,9 +102,23 @@ def walk_components(components: list[dict[str, Any]]) -> Iterator[dict[str, Any]
             yield component["accessory"]
 
 
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """What a message looked like after its creation or one edit, and when (``time.monotonic()`` at the fake)."""
+
+    at: float
+    content: str
+    attachments: tuple[Attachment, ...]
+    edit: bool
+
+    @property
+    def filenames(self) -> list[str]:
+        return [attachment.filename for attachment in self.attachments]
+
+
 @dataclass(slots=True, eq=False)
 class Message:
-    """A message in the fake's store; ``edits`` counts PATCHes."""
+    """A message in the fake's store; ``edits`` counts PATCHes, ``history`` keeps every version of it."""
 
     id: int
     channel_id: int
@@ -124,6 +138,7 @@ class Message:
     deleted: bool = False
     timestamp: str = field(default_factory=iso_now)
     edited_timestamp: str | None = None
+    history: list[Revision] = field(default_factory=list)
 
     @property
     def ephemeral(self) -> bool:

@@ -31,6 +31,7 @@ from ._models import (
     InteractionKind,
     Message,
     RecordedRequest,
+    Revision,
     Snowflakes,
     Violation,
     iso_now,
@@ -843,6 +844,7 @@ class FakeDiscord:
             message.flags = body.get("flags") or 0
             if not (message.content or message.embeds or message.attachments or message.components):
                 raise Refusal(400, 50006, "Cannot send an empty message")
+        message.history.append(Revision(time.monotonic(), message.content, tuple(message.attachments), edit))
         self._messages.setdefault(message.id, message)
         return message
 

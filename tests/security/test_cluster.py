@@ -31,9 +31,9 @@ from bot.cluster.broker import connect
 from bot.cluster.pool import ClusterPool
 from bot.cluster.remote import Executor, Served, WorkerHost
 from bot.cluster.wire import GROUP, BotInfo, Keys, pack, unpack
-from bot.config import ClusterConfig, Config, GenerationConfig, QueueConfig
+from bot.config import ClusterConfig, Config, GenerationConfig, PreviewConfig, QueueConfig
 from bot.engine.executor import ThreadWorker
-from bot.engine.protocol import Failed, FailureKind, Message, RenderBatch, Rendered, Started
+from bot.engine.protocol import Failed, FailureKind, Message, Preview, RenderBatch, Rendered, Started
 from bot.engine.types import ImageSpec, RenderedImage, Settings
 from bot.errors import RenderFailed
 from bot.prompts import Tokenizer
@@ -458,3 +458,48 @@ async def test_only_the_holder_with_the_nonce_may_answer(cluster: Cluster, caplo
         images = await result(ticket)
         assert images[0].seed == 1, "the seed is the bot's, not what the worker says"
         await until(lambda: admin.xlen(KEYS.batches) == 0, what="the bot acknowledged and deleted the entry")
+
+
+def jpeg(size: int, colour: str = "red") -> bytes:
+    output = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(output, format="JPEG")
+    return output.getvalue()
+
+
+async def test_preview_frames_count_only_from_the_holder_small_real_and_seldom(cluster: Cluster) -> None:
+    """A worker's preview frames reach the job only from the worker holding the batch, as small JPEGs that decode,
+    of the image asked for, and a few a second at most; the rest are dropped and the batch goes on."""
+    preview = PreviewConfig(min_interval=60.0, max_side=64)
+    pool = ClusterPool(config(cluster.bot_url), model=MODEL, revision=REVISION, preview=preview)
+    async with (
+        pool,
+        Scheduler(workers=[pool], max_batch=1) as scheduler,
+        mallory(cluster.mallory_url) as attacker,
+    ):
+        await attacker.beat()
+        await until(lambda: bool(pool.workers))
+        ticket = submit(scheduler, 1, "a")
+        _, batch, plain = await attacker.take()
+        assert batch.previews == (0,), "the bot asks for each job's first image"
+        session, nonce = pool.session, plain["nonce"]
+        await attacker.event(session, Preview(batch.batch_id, 0, 20, 25, jpeg(32)), nonce)  # before Started: no holder
+        await attacker.event(session, Started(batch.batch_id), nonce)
+        await until(ticket.started.is_set, what="started")
+        bad = [
+            Preview(batch.batch_id, 0, 21, 25, jpeg(128)),  # larger than preview.max_side
+            Preview(batch.batch_id, 0, 22, 25, b"\xff\xd8\xff" + HTML),  # a JPEG's first bytes, then anything
+            Preview(batch.batch_id, 3, 23, 25, jpeg(32)),  # an image nobody asked for
+        ]
+        for frame in bad:
+            await attacker.event(session, frame, nonce)
+        forged = Preview(batch.batch_id, 0, 24, 25, jpeg(32))
+        await attacker.send(session, {**pack(forged, worker="mallory/cuda:1", nonce=nonce)})  # not the holder
+        good = jpeg(32, "blue")
+        await attacker.event(session, Preview(batch.batch_id, 0, 5, 25, good), nonce)
+        await attacker.event(session, Preview(batch.batch_id, 0, 10, 25, jpeg(32)), nonce)  # too soon after it
+        await until(lambda: ticket.preview is not None, what="a frame shown")
+        await asyncio.sleep(5 * HEARTBEAT)  # every event above has been read
+        assert ticket.preview is not None and (ticket.preview.step, ticket.preview.jpeg) == (5, good)
+        done = Rendered(batch.batch_id, (RenderedImage(honest_png(batch.specs[0]), 1),), 0.1)
+        await attacker.event(session, done, nonce)
+        assert len(await result(ticket)) == 1

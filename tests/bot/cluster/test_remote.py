@@ -31,7 +31,18 @@ from bot.config import ClusterConfig
 from bot.engine import EngineOptions, ImageSpec, RenderedImage, Settings
 from bot.engine.executor import ThreadWorker
 from bot.engine.process import WorkerProcess
-from bot.engine.protocol import Failed, FailureKind, Message, Progress, RenderBatch, Rendered, Started, WorkerSettings
+from bot.engine.protocol import (
+    Failed,
+    FailureKind,
+    Message,
+    Preview,
+    PreviewOptions,
+    Progress,
+    RenderBatch,
+    Rendered,
+    Started,
+    WorkerSettings,
+)
 from bot.engine.revision import folder_revision
 from bot.errors import ConfigError
 from tests.holds import Holds
@@ -95,8 +106,11 @@ class FakeBot:
         await create_group(self.client, KEYS.batches)
         await self.client.set(KEYS.bot, BotInfo(session or self.session, "tiny", revision, LEASE).dump())
 
-    async def send(self, batch_id: int, specs: Sequence[ImageSpec], *, session: str | None = None) -> str:
-        fields: dict[Any, Any] = pack(RenderBatch(batch_id, tuple(specs)), session=session or self.session)
+    async def send(
+        self, batch_id: int, specs: Sequence[ImageSpec], *, session: str | None = None, previews: tuple[int, ...] = ()
+    ) -> str:
+        batch = RenderBatch(batch_id, tuple(specs), previews)
+        fields: dict[Any, Any] = pack(batch, session=session or self.session)
         entry = await self.client.xadd(KEYS.batches, fields)
         self.entries[batch_id] = entry.decode() if isinstance(entry, bytes) else entry
         return self.entries[batch_id]
@@ -233,6 +247,28 @@ async def test_a_pinned_worker_announces_itself_renders_and_acknowledges(
         assert {plain["worker"] for _, plain in events} == {name}
         await bot.settled()
     assert not await client.exists(beat(name)), "a clean stop deletes the heartbeat"
+
+
+async def test_preview_frames_of_the_images_asked_for_go_through_redis_before_the_images(
+    redis_server: RedisServer, client: Redis, tiny_model_dir: Path, revision: str
+) -> None:
+    settings = WorkerSettings(
+        model_id=str(tiny_model_dir),
+        device="cpu",
+        threads=1,
+        options=EngineOptions(warmup_batches=(1,), warmup_sizes=((64, 64),), warmup_steps=1),
+        preview=PreviewOptions(decoder="latent2rgb", every=1, min_interval=0),
+    )
+    bot = FakeBot(client)
+    async with WorkerProcess(settings) as drawing, serving(redis_server, process_executor(drawing)) as (host, _):
+        await bot.announce(revision)
+        await bot.send(1, [_spec("species:seal", 7), _spec("studio:dc", 8)], previews=(1,))
+        messages = [message for message, _ in await bot.finished(1)]
+        frames = [(m.index, m.step, m.jpeg[:3]) for m in messages if isinstance(m, Preview)]
+        assert frames == [(1, 1, b"\xff\xd8\xff"), (1, 2, b"\xff\xd8\xff")]  # none at the last step
+        assert isinstance(messages[-1], Rendered)
+        await bot.settled()
+        assert host.names
 
 
 async def test_a_worker_waits_for_the_bot_and_its_pin_then_pulls(
