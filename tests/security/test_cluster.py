@@ -185,12 +185,14 @@ async def until(check: Callable[[], object], within: float = 20.0, what: str = "
         await asyncio.sleep(0.02)
 
 
-async def held_by(admin: Any, consumer: str, within: float = 10.0) -> bytes:
-    """Return the entry the consumer holds, once it holds one."""
+async def held_by(admin: Any, consumer: str, within: float = 10.0, *, after: bytes | None = None) -> bytes:
+    """Return the entry the consumer holds, once it holds one; with ``after``, one newer than that entry (the bot
+    acknowledges a finished batch's entry a moment after posting its images)."""
     found: list[bytes] = []
+    start = "-" if after is None else b"(" + after
 
     def check() -> bool:
-        pending = admin.xpending_range(KEYS.batches, GROUP, "-", "+", 10, consumername=consumer)
+        pending = admin.xpending_range(KEYS.batches, GROUP, start, "+", 10, consumername=consumer)
         found[:] = [item["message_id"] for item in pending]
         return bool(found)
 
@@ -290,7 +292,7 @@ async def test_forged_stolen_and_poisoned_results_never_reach_discord(
         # 4. A stolen batch: she claims the entry the honest worker holds, so she holds it, and answers with HTML.
         gate.clear()
         second = await server.slash("imagine", {"prompt": "species:owl", "seed": 2})
-        entry = await held_by(admin, "honest/cuda:0")
+        entry = await held_by(admin, "honest/cuda:0", after=entry)
         batch, plain = await attacker.steal(entry)
         await attacker.event(session, Started(batch.batch_id), plain["nonce"])
         await attacker.event(
@@ -303,7 +305,7 @@ async def test_forged_stolen_and_poisoned_results_never_reach_discord(
         # 5. Another stolen batch, answered with a failure whose text is a phishing link: users see fixed words.
         gate.clear()
         third = await server.slash("imagine", {"prompt": "species:fox", "seed": 3})
-        entry = await held_by(admin, "honest/cuda:0")
+        entry = await held_by(admin, "honest/cuda:0", after=entry)
         batch, plain = await attacker.steal(entry)
         await attacker.event(session, Failed(batch.batch_id, FailureKind.ERROR, PHISHING), plain["nonce"])
         failed = await outcome(server, third)
