@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -54,6 +54,9 @@ class Held:
     call: Call | None = None  # once handed to the local executor
     renewing: bool = True  # False once the entry is no longer this consumer's (taken over, or Redis lost it)
     task: asyncio.Task[None] | None = None
+    # When this consumer last took or renewed it (time.monotonic()): an entry still its own has been idle at least
+    # this long in Redis, one taken by another worker since has not.
+    claimed_at: float = field(default_factory=time.monotonic)
 
     @classmethod
     def read(cls, entry: str, fields: Mapping[bytes, bytes], stream: str = "") -> Held:
@@ -146,9 +149,32 @@ class Batches:
                 if item.call is not None and not item.call.stopping:
                     log.info("Stopping batch %d: the bot no longer wants it", item.batch.batch_id)
                     item.call.stop()
-        for stream in dict.fromkeys(self._stream(item) for item in mine):
-            ids: list[StreamIdT] = [item.entry for item in mine if self._stream(item) == stream]
-            await self._redis.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
+        if not mine:
+            return
+        # Checking and claiming are two commands, and another worker may take an entry between them (one that found
+        # this worker unheard past its lease, or a hostile one): each claim asks for an entry idle at least as long
+        # as it has been since this consumer last claimed it, which a taken entry has not been, so none is taken back.
+        pipe = self._redis.pipeline(transaction=False)
+        now = time.monotonic()
+        for item in mine:
+            idle_ms = max(0, int((now - item.claimed_at) * 1000) - 1)
+            pipe.xclaim(self._stream(item), GROUP, consumer, idle_ms, [item.entry], justid=True)
+        claims = await pipe.execute(raise_on_error=False)
+        now = time.monotonic()
+        for item, claimed in zip(mine, claims, strict=True):
+            if isinstance(claimed, Exception):
+                if not (isinstance(claimed, ResponseError) and no_group(claimed)):
+                    raise claimed
+            elif claimed:
+                item.claimed_at = now
+            else:
+                assert item.batch is not None
+                item.renewing = False
+                log.warning(
+                    "Batch %d is no longer this worker's: another worker took it as its lease was renewed. Finishing "
+                    "it anyway; the bot keeps the first result",
+                    item.batch.batch_id,
+                )
 
     async def give_back(self, consumer: str, held: Sequence[Held]) -> None:
         """Make entries claimable by any worker now, instead of when their lease runs out."""
