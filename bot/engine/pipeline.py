@@ -394,22 +394,31 @@ class Engine:
 
     def _finish(self, decoded: Decoded) -> list[RenderedImage]:
         specs = decoded.specs[: decoded.real]
-        pixels = decoded.pixels[: decoded.real]
-        flags: list[bool] = [False] * len(specs)
-        checker = self._pipe.safety_checker
-        extractor = self._pipe.feature_extractor
-        if checker is not None and extractor is not None:
-            features = extractor([Image.fromarray(image) for image in pixels], return_tensors="pt")
-            with torch.inference_mode(), self._on(self._finish_stream):
-                clip_input = features.pixel_values.to(device=self.device, dtype=checker.dtype)
-                # The checker blacks out what it flags, in place, as in diffusers' pipeline: hand it a copy.
-                pixels, verdicts = checker(images=pixels.copy(), clip_input=clip_input)
-            flags = [bool(flag) for flag in verdicts]
+        pixels, flags = self.screen(decoded.pixels[: decoded.real])
         pngs = self._encoders.map(self._encode, specs, pixels)
         return [
             RenderedImage(png=png, seed=spec.seed, nsfw=nsfw)
             for spec, png, nsfw in zip(specs, pngs, flags, strict=True)
         ]
+
+    @property
+    def checks_safety(self) -> bool:
+        """Return whether the model's safety checker is loaded (``model.safety_checker``)."""
+        return self._pipe.safety_checker is not None and self._pipe.feature_extractor is not None
+
+    def screen(self, pixels: NDArray[np.uint8]) -> tuple[NDArray[np.uint8], list[bool]]:
+        """Run the safety checker over uint8 RGB images (images, height, width, 3): return them with the flagged ones
+        blacked out, and which were flagged (none without a checker). Safe beside a denoise, on its own stream."""
+        checker = self._pipe.safety_checker
+        extractor = self._pipe.feature_extractor
+        if checker is None or extractor is None:
+            return pixels, [False] * len(pixels)
+        features = extractor([Image.fromarray(image) for image in pixels], return_tensors="pt")
+        with torch.inference_mode(), self._on(self._finish_stream):
+            clip_input = features.pixel_values.to(device=self.device, dtype=checker.dtype)
+            # The checker blacks out what it flags, in place, as in diffusers' pipeline: hand it a copy.
+            checked, verdicts = checker(images=pixels.copy(), clip_input=clip_input)
+        return checked, [bool(flag) for flag in verdicts]
 
     @contextlib.contextmanager
     def _modules(self, pipe: StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, modules: Any) -> Iterator[None]:

@@ -43,6 +43,9 @@ class Previewer:
 
     def __init__(self, options: PreviewOptions, *, device: str, taesd: AutoencoderTiny | None = None) -> None:
         self.options = options
+        # Whether a frame shows what the safety checker would withhold from the result (set by the worker when the
+        # model has one): such a frame is never sent, so a preview never shows what the result will not.
+        self.unsafe: Callable[[NDArray[np.uint8]], bool] | None = None
         self.device = device
         self.decoder = "taesd" if taesd is not None else "latent2rgb"
         self._taesd = taesd
@@ -97,11 +100,15 @@ class Previewer:
         return self._encoder.submit(jpeg, pixels, self.options.max_side, self.options.quality)
 
     def send(self, pixels: NDArray[np.uint8], deliver: Callable[[bytes], None]) -> concurrent.futures.Future[None]:
-        """Encode one image's pixels as ``encode`` does and hand the JPEG to ``deliver``, both off the calling thread;
-        the future is done once it was delivered."""
+        """Encode one image's pixels as ``encode`` does and hand the JPEG to ``deliver``, both off the calling thread,
+        unless ``unsafe`` says the frame shows what the safety checker withholds; the future is done once it was
+        delivered or dropped."""
 
         def run() -> None:
             try:
+                if self.unsafe is not None and self.unsafe(pixels):
+                    log.debug("A preview frame was flagged by the safety checker; not sent")
+                    return
                 deliver(jpeg(pixels, self.options.max_side, self.options.quality))
             except Exception:  # a lost frame is no reason to lose the batch
                 log.exception("Encoding a preview frame failed")

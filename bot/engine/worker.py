@@ -124,6 +124,8 @@ class _Worker:
             if settings.preview is not None:
                 dtype = DTYPES.get(settings.dtype, torch.float32)
                 self._previewer = Previewer.load(settings.preview, device=settings.device, dtype=dtype)
+                if self._previewer is not None and engine.checks_safety:
+                    self._previewer.unsafe = lambda pixels: engine.screen(pixels[None])[1][0]
         except BotError as error:
             self._send(LoadFailed(str(error), unreachable=isinstance(error, HubUnreachable)))
             return

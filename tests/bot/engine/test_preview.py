@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,36 @@ async def test_the_worker_sends_frames_every_n_steps_of_the_images_asked_for_and
         assert _frame(few[0].jpeg).size == (32, 32)
         # A batch asking for no frames gets none.
         assert await _frames(frequent, specs[:1], ()) == []
+
+
+def _flagging_model(tiny_model_dir: Path, folder: Path) -> Path:
+    """Return a copy of the tiny model whose safety checker flags every image."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    shutil.copytree(tiny_model_dir, folder)
+    checker = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker")
+    assert isinstance(checker, StableDiffusionSafetyChecker)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-1e3)  # every concept's threshold far below any similarity
+        checker.special_care_embeds_weights.fill_(-1e3)
+    checker.save_pretrained(folder / "safety_checker")
+    return folder
+
+
+async def test_no_frame_shows_what_the_safety_checker_withholds(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = _flagging_model(tiny_model_dir, tmp_path / "flagging")
+    seven = Settings(steps=7, width=64, height=64)
+    spec = ImageSpec(prompt="species:fox", negative_prompt="", seed=1, settings=seven)
+    every_other = PreviewOptions(decoder="taesd", taesd=str(tiny_model_dir / "taesd"), every=2, min_interval=0)
+    frames: list[Preview] = []
+    call = Call(
+        (spec,),
+        lambda: None,
+        lambda step, total: None,
+        previews=(0,),
+        on_preview=lambda index, step, total, jpeg: frames.append(Preview(0, index, step, total, jpeg)),
+    )
+    async with WorkerProcess(_worker_settings(model, every_other)) as worker:
+        [image] = await asyncio.wait_for(worker.render(call), 60)
+    assert image.nsfw, "the result is withheld"
+    assert frames == [], "and no frame of it was shown while it rendered"
