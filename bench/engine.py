@@ -297,33 +297,31 @@ def main() -> int:
         # The sizes this run forms: a lone request and full batches (a partial batch would run uncompiled). Each
         # compiled shape costs a minute or so of warm-up on a GPU, which a lent GPU's minutes cannot spare.
         batch_sizes = tuple(sorted({1, args.max_batch}))
-        runs: list[Run] = []
-        for name in names:
+
+        def worker_settings(name: str, preview: PreviewOptions | None = None) -> WorkerSettings:
             options = EngineOptions(
                 **ENGINE_CONFIGS[name],
                 warmup_batches=batch_sizes,
                 warmup_sizes=((size, size),),
                 compile_cache=str(folder / "compile-cache"),
             )
-            worker = WorkerSettings(
+            return WorkerSettings(
                 model_id=str(folder),
                 device=args.device,
                 dtype=dtype,
                 scheduler=args.scheduler,
                 safety_checker=False,
                 options=options,
+                preview=preview,
             )
-            runs.append(asyncio.run(serve(name, worker, images, args.max_batch, args.lone)))
+
+        runs: list[Run] = []
+        for name in names:
+            runs.append(asyncio.run(serve(name, worker_settings(name), images, args.max_batch, args.lone)))
         previews = None
         decoders = [name.strip() for name in args.previews.split(",") if name.strip()]
         if decoders:
             name = names[0]
-            options = EngineOptions(
-                **ENGINE_CONFIGS[name],
-                warmup_batches=batch_sizes,
-                warmup_sizes=((size, size),),
-                compile_cache=str(folder / "compile-cache"),
-            )
             # Rounds of off, then each decoder, one after another: whatever else the machine does then (a shared
             # CPU) falls on every setting alike, and each setting's best round is its figure.
             rounds: dict[str, list[Run]] = {decoder: [] for decoder in ["off", *decoders]}
@@ -337,15 +335,7 @@ def main() -> int:
                             every=args.preview_every,
                             min_interval=args.preview_interval,
                         )
-                    worker = WorkerSettings(
-                        model_id=str(folder),
-                        device=args.device,
-                        dtype=dtype,
-                        scheduler=args.scheduler,
-                        safety_checker=False,
-                        options=options,
-                        preview=preview,
-                    )
+                    worker = worker_settings(name, preview)
                     runs_of.append(asyncio.run(serve(f"{name}+{decoder}", worker, images, args.max_batch, args.lone)))
             off = max(run.images_per_second for run in rounds["off"])
             measured: list[dict[str, Any]] = []
