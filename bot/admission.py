@@ -207,10 +207,7 @@ class Admissions:
         self.check_access(requester)
         self.check_open(requester)
         settings, count = self.check_settings(steps=steps, guidance=guidance, size=size, count=count)
-        rules = self.rules(
-            guild_id=requester.guild_id, channel_id=requester.channel_id, age_restricted=requester.age_restricted
-        )
-        checked = self.check_prompts(prompt, negative, rules)
+        checked = self._check_here(requester, prompt, negative)
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}, not {seed}.")
         request = Request(
@@ -325,10 +322,14 @@ class Admissions:
 
     def _recheck(self, requester: Requester, parent: Job) -> CheckedPrompts:
         """Check a parent's prompts again, against today's blocklist and this channel's rules."""
+        return self._check_here(requester, parent.prompt, parent.negative_prompt)
+
+    def _check_here(self, requester: Requester, prompt: str, negative: str | None) -> CheckedPrompts:
+        """Check prompts against the rules of the requester's server and channel."""
         rules = self.rules(
             guild_id=requester.guild_id, channel_id=requester.channel_id, age_restricted=requester.age_restricted
         )
-        return self.check_prompts(parent.prompt, parent.negative_prompt, rules)
+        return self.check_prompts(prompt, negative, rules)
 
     def allowance(self, requester: Requester) -> Allowance:
         """Return a user's limits, what they used in the last hour, and when another image fits."""
