@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from typing import Any
@@ -184,3 +185,28 @@ def test_remix_custom_ids_round_trip_and_the_older_variation_id_still_matches() 
     assert RemixButton.__discord_ui_compiled_template__.fullmatch("imagine:variation:12:0") is not None
     assert RemixButton.__discord_ui_compiled_template__.fullmatch("imagine:upscale:12:0:x") is None
     assert RemixButton.__discord_ui_compiled_template__.fullmatch("imagine:zoom:12:0") is None
+
+
+async def test_a_burst_of_upscale_clicks_takes_only_the_members_places_and_refuses_the_rest_privately(
+    harness: Harness,
+) -> None:
+    server = harness.server
+    async with harness.bot():
+        original = await final_message(server, await server.slash("imagine", {"prompt": "species:seal", "steps": 6}))
+        job_id = job_id_of(original)
+        harness.render.open.clear()
+        # Twenty clicks in the same moment; the member may have 3 jobs queued (queue.max_per_user).
+        clicks = await asyncio.gather(*(server.click(original.id, f"imagine:upscale:{job_id}:0") for _ in range(20)))
+        responses = await asyncio.gather(*(click.wait_response() for click in clicks))
+        assert all(click.ephemeral for click in clicks), "every answer is private"
+        accepted = [click for click in clicks if click.deferred]
+        answered = zip(clicks, responses, strict=True)
+        refusals = [response["data"]["content"] for click, response in answered if not click.deferred]
+        assert len(accepted) == 3 and len(refusals) == 17
+        assert all("You already have 3 jobs" in text for text in refusals)
+        harness.render.open.set()
+        results = await asyncio.gather(*(remix_result(server, click) for click in accepted))
+    assert all(m.reference is not None and m.reference["message_id"] == str(original.id) for m in results)
+    assert all(pngs(message)[0].size == (128, 128) for message in results)
+    public = [message for message in server.messages(server.channel_id) if not message.ephemeral]
+    assert len(public) == 4, "the original and the three upscales: nothing public of the refused clicks"
